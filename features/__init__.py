@@ -1,0 +1,59 @@
+"""Feature retrieval for online scoring: cache, one Redis round trip, defaults."""
+
+from features.connection import open_redis
+from features.errors import (
+    FeatureError,
+    FeatureStoreUnavailable,
+    FeatureWriteError,
+    InvalidEntityId,
+)
+from features.ondemand import model_inputs
+from features.settings import Settings
+from features.spec import (
+    ENTITY_ID_MAX_LEN,
+    ENTITY_ID_PATTERN,
+    GROUPS,
+    MERCHANT_RISK,
+    MODEL_FEATURES,
+    STORED_FEATURES,
+    USER_FEATURES,
+    Dtype,
+    Feature,
+    FeatureGroup,
+    describe_skew,
+    fingerprint,
+    schema,
+    validate_entity_id,
+)
+from features.store import FeatureRows, FeatureStore, GroupRead, Reason, Source
+from features.writer import FeatureWriter
+
+__all__ = [
+    "ENTITY_ID_MAX_LEN",
+    "ENTITY_ID_PATTERN",
+    "GROUPS",
+    "MERCHANT_RISK",
+    "MODEL_FEATURES",
+    "STORED_FEATURES",
+    "USER_FEATURES",
+    "Dtype",
+    "Feature",
+    "FeatureError",
+    "FeatureGroup",
+    "FeatureRows",
+    "FeatureStore",
+    "FeatureStoreUnavailable",
+    "FeatureWriteError",
+    "FeatureWriter",
+    "GroupRead",
+    "InvalidEntityId",
+    "Reason",
+    "Settings",
+    "Source",
+    "describe_skew",
+    "fingerprint",
+    "model_inputs",
+    "open_redis",
+    "schema",
+    "validate_entity_id",
+]

@@ -1,0 +1,30 @@
+"""Errors raised by the feature layer.
+
+FeatureError
+├── InvalidEntityId           a client-supplied id that may not become a key
+├── FeatureStoreUnavailable   Redis did not answer in time, or answered with an error
+└── FeatureWriteError         a write was not applied; nothing was reported as written
+"""
+
+from __future__ import annotations
+
+
+class FeatureError(Exception):
+    """Base of every error the feature layer raises."""
+
+
+class InvalidEntityId(FeatureError, ValueError):
+    """An entity id that fails validation; `field` names the offending input."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+class FeatureStoreUnavailable(FeatureError):
+    """The online store could not be read."""
+
+
+class FeatureWriteError(FeatureError):
+    """The online store rejected or did not acknowledge a write."""

@@ -1,0 +1,67 @@
+"""On-demand features, computed inline from the request and stored values.
+
+The same function builds model inputs for training (models/train.py) and for serving,
+so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+
+from features.spec import MODEL_FEATURES, ON_DEMAND_FEATURES, STORED_FEATURES
+
+_STORED_INDEX = {f.name: i for i, f in enumerate(STORED_FEATURES)}
+_ON_DEMAND = {f.name: f.default for f in ON_DEMAND_FEATURES}
+_MAX_LOGIN_AGE_S = 30 * 86400.0
+_MAX_RATIO = 1000.0
+_SECONDS_PER_DAY = 86400
+_EPOCH_THURSDAY = 3  # 1970-01-01 was a Thursday; Monday is 0
+
+# Columns of the stored matrix that reach the model, in model order.
+_MODEL_STORED_COLUMNS = np.array(
+    [_STORED_INDEX[f.name] for f in MODEL_FEATURES if f.name in _STORED_INDEX],
+    dtype=np.intp,
+)
+
+
+def on_demand(
+    stored: npt.NDArray[np.float64],
+    amount: npt.NDArray[np.float64],
+    timestamp: npt.NDArray[np.float64],
+) -> npt.NDArray[np.float32]:
+    """On-demand columns, in ON_DEMAND_FEATURES order, for rows of stored values."""
+    last_login = stored[:, _STORED_INDEX["last_login_ts"]]
+    avg_tx = stored[:, _STORED_INDEX["avg_tx_90d"]]
+    ts = timestamp.astype(np.int64)
+
+    # A login time of 0 is the default, meaning unknown; a future one is clock skew.
+    since_login = np.where(
+        last_login > 0,
+        np.clip(timestamp - last_login, 0.0, _MAX_LOGIN_AGE_S),
+        _ON_DEMAND["seconds_since_last_login"],
+    )
+    hour = (ts % _SECONDS_PER_DAY) // 3600
+    weekday = (ts // _SECONDS_PER_DAY + _EPOCH_THURSDAY) % 7
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(
+            avg_tx > 0,
+            np.clip(amount / avg_tx, 0.0, _MAX_RATIO),
+            _ON_DEMAND["amount_to_avg_ratio"],
+        )
+    return np.column_stack([since_login, hour, weekday >= 5, ratio]).astype(np.float32)
+
+
+def model_inputs(
+    stored: npt.NDArray[np.float64],
+    amount: npt.NDArray[np.float64],
+    timestamp: npt.NDArray[np.float64],
+) -> npt.NDArray[np.float32]:
+    """The model's input matrix, in MODEL_FEATURES order."""
+    return np.hstack(
+        [
+            stored[:, _MODEL_STORED_COLUMNS].astype(np.float32),
+            amount.astype(np.float32)[:, None],
+            on_demand(stored, amount, timestamp),
+        ]
+    )

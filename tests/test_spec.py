@@ -1,0 +1,151 @@
+"""Feature definitions, ids, settings, on-demand features: no I/O."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+import pytest
+
+import features
+from features import spec
+from features.errors import InvalidEntityId
+from features.ondemand import model_inputs, on_demand
+from features.settings import Settings
+
+
+def test_public_names_are_pinned() -> None:
+    assert sorted(features.__all__) == sorted(
+        [
+            "ENTITY_ID_MAX_LEN", "ENTITY_ID_PATTERN", "GROUPS", "MERCHANT_RISK",
+            "MODEL_FEATURES", "STORED_FEATURES", "USER_FEATURES", "Dtype", "Feature",
+            "FeatureError", "FeatureGroup", "FeatureRows", "FeatureStore",
+            "FeatureStoreUnavailable", "FeatureWriteError", "FeatureWriter", "GroupRead",
+            "InvalidEntityId", "Reason", "Settings", "Source", "describe_skew",
+            "fingerprint", "model_inputs", "open_redis", "schema", "validate_entity_id",
+        ]
+    )  # fmt: skip
+
+
+def test_keys_and_ttls_follow_the_groups() -> None:
+    assert spec.USER_FEATURES.key("u12345") == "user:u12345:features"
+    assert spec.MERCHANT_RISK.key("m1") == "merchant:m1:risk"
+    for group in spec.GROUPS:
+        assert group.ttl_s == 2 * group.freshness_s
+        assert group.defaults.dtype == np.float64
+        assert not group.defaults.flags.writeable
+
+
+def test_user_group_holds_the_seed_features() -> None:
+    assert spec.USER_FEATURES.field_names == (
+        "tx_count_1h", "tx_sum_1h", "tx_count_24h", "tx_sum_24h", "account_age_days",
+        "avg_tx_90d", "distinct_merchants_7d", "credit_score_bucket", "is_premium",
+        "last_login_ts",
+    )  # fmt: skip
+    assert (
+        dict(zip(spec.USER_FEATURES.field_names, spec.USER_FEATURES.defaults, strict=True))[
+            "credit_score_bucket"
+        ]
+        == 2
+    )
+
+
+def test_model_features_are_unique_and_exclude_raw_timestamps() -> None:
+    names = [f.name for f in spec.MODEL_FEATURES]
+    assert len(names) == len(set(names))
+    assert "last_login_ts" not in names
+    assert {"amount", "seconds_since_last_login", "hour_of_day"} <= set(names)
+
+
+@pytest.mark.parametrize("good", ["u1", "U_12-3.x", "a" * 64, "0"])
+def test_valid_entity_ids_pass(good: str) -> None:
+    assert spec.validate_entity_id("user_id", good) == good
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["", "*", "u1:features", "u:1", "{u1}", "u 1", "u\r\nFLUSHALL", "u\x00", "a" * 65,
+     "é", "ü1", "-u", ".u", "u1*", None, 12, b"u1"],
+)  # fmt: skip
+def test_hostile_entity_ids_are_rejected_naming_the_field(bad: object) -> None:
+    with pytest.raises(InvalidEntityId) as info:
+        spec.validate_entity_id("merchant_id", bad)
+    assert info.value.field == "merchant_id"
+    assert str(info.value).startswith("merchant_id: ")
+
+
+def test_fingerprint_changes_with_any_default() -> None:
+    base = spec.fingerprint()
+    assert base == spec.fingerprint()
+    changed = tuple(
+        dataclasses.replace(f, default=f.default + 1) if f.name == "credit_score_bucket" else f
+        for f in spec.MODEL_FEATURES
+    )
+    assert spec.fingerprint(changed) != base
+
+
+def test_describe_skew_names_each_difference() -> None:
+    trained = spec.schema()
+    assert spec.describe_skew(trained) == []
+    trained[0] = {**trained[0], "default": 99.0}
+    trained.append({"name": "retired", "dtype": "float32", "default": 0.0})
+    diffs = spec.describe_skew(trained)
+    assert any("default of 'tx_count_1h'" in d and "99.0" in d for d in diffs)
+    assert any("'retired' is in the model but not in features/" in d for d in diffs)
+    swapped = spec.schema()
+    swapped[0], swapped[1] = swapped[1], swapped[0]
+    assert spec.describe_skew(swapped) == ["feature order differs"]
+
+
+def _stored(**values: float) -> np.ndarray:
+    row = np.array([f.default for f in spec.STORED_FEATURES], dtype=np.float64)
+    for name, value in values.items():
+        row[[f.name for f in spec.STORED_FEATURES].index(name)] = value
+    return row[None, :]
+
+
+def test_on_demand_features_from_request_and_stored_values() -> None:
+    saturday_1430_utc = 1_764_945_000.0  # 2025-12-05 is a Friday; +1 day below
+    ts = np.array([saturday_1430_utc + 86400])
+    stored = _stored(last_login_ts=saturday_1430_utc, avg_tx_90d=40.0)
+    since, hour, weekend, ratio = on_demand(stored, np.array([100.0]), ts)[0]
+    assert since == 86400
+    assert hour == time.gmtime(ts[0]).tm_hour
+    assert weekend == (time.gmtime(ts[0]).tm_wday >= 5) == 1
+    assert ratio == pytest.approx(2.5)
+
+
+def test_on_demand_defaults_when_stored_inputs_are_defaults() -> None:
+    since, _, _, ratio = on_demand(_stored(), np.array([100.0]), np.array([1.7e9]))[0]
+    defaults = {f.name: f.default for f in spec.ON_DEMAND_FEATURES}
+    assert since == defaults["seconds_since_last_login"]
+    assert ratio == defaults["amount_to_avg_ratio"]
+
+
+def test_model_inputs_follow_model_order() -> None:
+    stored = _stored(tx_count_1h=3, mcc_risk_score=0.7)
+    x = model_inputs(stored, np.array([12.5]), np.array([1.7e9]))
+    assert x.shape == (1, len(spec.MODEL_FEATURES)) and x.dtype == np.float32
+    names = [f.name for f in spec.MODEL_FEATURES]
+    assert x[0, names.index("tx_count_1h")] == 3
+    assert x[0, names.index("mcc_risk_score")] == pytest.approx(0.7)
+    assert x[0, names.index("amount")] == 12.5
+
+
+def test_settings_from_env_parses_and_names_bad_keys() -> None:
+    s = Settings.from_env(
+        {"FEATURES_CACHE_TTL_S": "2.5", "FEATURES_MAX_BATCH": "10", "REDIS_URL": "redis://h:1/0"}
+    )
+    assert (s.cache_ttl_s, s.max_batch, s.redis_url) == (2.5, 10, "redis://h:1/0")
+    assert Settings.from_env({"FEATURES_REDIS_URL": "redis://a/0", "REDIS_URL": "x"}).redis_url == (
+        "redis://a/0"
+    )
+    assert Settings.from_env({}) == Settings()
+    for env, key in [
+        ({"FEATURES_MAX_BATCH": "ten"}, "FEATURES_MAX_BATCH"),
+        ({"FEATURES_CACHE_TTL_S": "nan"}, "FEATURES_CACHE_TTL_S"),
+        ({"FEATURES_REDIS_SOCKET_TIMEOUT_S": "0"}, "FEATURES_REDIS_SOCKET_TIMEOUT_S"),
+    ]:
+        with pytest.raises(ValueError, match=key):
+            Settings.from_env(env)

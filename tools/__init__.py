@@ -1,0 +1,1 @@
+"""Development tools: an embedded redis-server and the `make serve` launcher."""

