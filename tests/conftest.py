@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
+import httpx
 import pytest
 import redis
 import redis.asyncio as aioredis
 
 from features import Settings, open_redis
-from tools.redis_server import RedisServer
+from tools.redis_server import RedisServer, free_port
 
+ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 
 
@@ -73,3 +79,77 @@ def command_calls(client: redis.Redis, command: str) -> int:
     stats = client.info("commandstats")
     entry = stats.get(f"cmdstat_{command}")
     return int(entry["calls"]) if entry else 0
+
+
+@pytest.fixture(scope="session")
+def bentoml_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A BentoML home holding a small model trained for the tests."""
+    home = tmp_path_factory.mktemp("bentoml")
+    env = {**os.environ, "BENTOML_HOME": str(home)}
+    subprocess.run(
+        [sys.executable, "-m", "models.train", "--rows", "20000", "--epochs", "3"],
+        env=env,
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
+    yield home
+
+
+class Service:
+    """A `bentoml serve` process on a free loopback port."""
+
+    def __init__(self, home: Path, redis_url: str, **env: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = home / f"serve-{self.port}.log"
+        self.env = {
+            **os.environ,
+            "BENTOML_HOME": str(home),
+            "FEATURES_REDIS_URL": redis_url,
+            **env,
+        }
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout_s: float = 90.0) -> Service:
+        bentoml = str(Path(sys.executable).parent / "bentoml")
+        args = [bentoml, "serve", "service:FraudService", "--host", "127.0.0.1"]
+        with self.log.open("wb") as log:
+            self.process = subprocess.Popen(
+                [*args, "--port", str(self.port)],
+                env=self.env,
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"bentoml serve exited:\n{self.output()}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise TimeoutError(f"bentoml serve not ready:\n{self.output()}")
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()  # the arbiter stops its workers
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@pytest.fixture(scope="session")
+def service(bentoml_home: Path, redis_url: str) -> Iterator[Service]:
+    svc = Service(bentoml_home, redis_url).start()
+    yield svc
+    svc.stop()

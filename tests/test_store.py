@@ -34,8 +34,12 @@ MERCHANT = {"mcc_risk_score": 0.25, "chargeback_rate_90d": 0.01, "merchant_tx_co
 COLUMN = {f.name: i for i, f in enumerate(STORED_FEATURES)}
 
 
-def store_for(client: aioredis.Redis, clock: FakeClock | None = None, **kw: int) -> FeatureStore:
-    return FeatureStore(client, cache_ttl_s=5.0, timer=clock or time.monotonic, **kw)
+def store_for(
+    client: aioredis.Redis, clock: FakeClock | None = None, cache_maxsize: int = 1000
+) -> FeatureStore:
+    return FeatureStore(
+        client, cache_ttl_s=5.0, cache_maxsize=cache_maxsize, timer=clock or time.monotonic
+    )
 
 
 async def seed(client: aioredis.Redis, users: list[str], merchants: list[str]) -> None:
@@ -228,12 +232,13 @@ async def test_writer_sets_ttl_to_twice_the_freshness(client, sync_redis) -> Non
 
 async def test_writer_rejects_bad_values_before_writing(client, sync_redis) -> None:
     writer = FeatureWriter(client)
-    for values, match in [
+    cases: list[tuple[dict[str, float], str]] = [
         ({"nope": 1.0}, "no feature 'nope'"),
         ({"tx_count_1h": 1.5}, "tx_count_1h"),
         ({"is_premium": 2}, "is_premium"),
         ({"tx_sum_1h": float("nan")}, "tx_sum_1h"),
-    ]:
+    ]
+    for values, match in cases:
         with pytest.raises(ValueError, match=match):
             await writer.write(USER_FEATURES, [("u1", USER), ("u2", values)])
     with pytest.raises(InvalidEntityId):

@@ -114,7 +114,7 @@ class RedisServer:
     def stop(self) -> None:
         """Stop the server (SIGTERM, then SIGKILL) and remove its directory."""
         if self.process is not None and self.process.poll() is None:
-            with_signal(self.process, signal.SIGCONT)  # a stopped process would not exit
+            self.process.send_signal(signal.SIGCONT)  # a stopped process would not exit
             self.process.terminate()
             try:
                 self.process.wait(5)
@@ -135,14 +135,6 @@ class RedisServer:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
-
-
-def with_signal(process: subprocess.Popen[bytes], sig: int) -> None:
-    """Send `sig` to a process that may have exited already."""
-    try:
-        process.send_signal(sig)
-    except ProcessLookupError:
-        pass
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,84 @@
+"""Scorer: a saved FraudNet, frozen for inference, with the schema it was trained on."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from features import spec
+from models.net import FraudNet
+
+MODEL_FILE = "model.pt"
+SCHEMA_FILE = "features.json"
+
+
+class SchemaMismatch(RuntimeError):
+    """The model was trained on feature definitions other than the current ones."""
+
+
+class Scorer:
+    """Fraud probabilities for rows of model inputs, in the saved schema's order."""
+
+    def __init__(self, net: FraudNet, schema: list[dict[str, object]]) -> None:
+        self.schema = schema
+        self.fingerprint = spec.fingerprint(tuple(_feature(f) for f in schema))
+        self.n_features = net.n_inputs
+        # Traced with a batch of 2 so that nothing specialises to a batch of 1.
+        example = torch.zeros(2, net.n_inputs)
+        with warnings.catch_warnings():
+            # TorchScript is deprecated, but at batch 1 on this net it still wins here:
+            # frozen ~21 us, eager and torch.compile ~39 us, torch.export ~105 us.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            traced = torch.jit.trace(net.eval(), example)  # type: ignore[no-untyped-call]
+            self._module = torch.jit.freeze(traced)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Scorer:
+        """The model saved in directory `path` (model.pt and features.json)."""
+        directory = Path(path)
+        # Threads don't speed up a net this small, and the service runs a worker per CPU.
+        torch.set_num_threads(1)
+        return cls(_read_net(directory / MODEL_FILE), _read_schema(directory / SCHEMA_FILE))
+
+    def check_schema(self) -> None:
+        """Raise SchemaMismatch unless features/ still defines what the model learned."""
+        diffs = spec.describe_skew(self.schema)
+        if diffs:
+            raise SchemaMismatch("model and features/ disagree: " + "; ".join(diffs))
+
+    def predict(self, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """Fraud probability per row of `x`, shape (n,)."""
+        if x.ndim != 2 or x.shape[1] != self.n_features:
+            raise ValueError(f"expected shape (n, {self.n_features}), got {x.shape}")
+        inputs = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        with torch.inference_mode():
+            probabilities: torch.Tensor = self._module(inputs)
+        return probabilities.numpy()
+
+
+def _read_net(path: Path) -> FraudNet:
+    saved = torch.load(path, weights_only=True)
+    state = saved["state_dict"]
+    net = FraudNet(int(saved["n_inputs"]), state["mean"], state["std"])
+    net.load_state_dict(state)
+    return net
+
+
+def _read_schema(path: Path) -> list[dict[str, object]]:
+    raw = json.loads(path.read_text())
+    if not isinstance(raw, list) or not all(isinstance(f, dict) for f in raw):
+        raise SchemaMismatch(f"{path}: expected a list of feature objects")
+    return [dict(f) for f in raw]
+
+
+def _feature(saved: dict[str, object]) -> spec.Feature:
+    # Rebuilt as a Feature so spec.fingerprint() hashes it exactly as it hashes ours.
+    name, dtype, default = saved.get("name"), saved.get("dtype"), saved.get("default")
+    if not isinstance(default, int | float) or dtype not in {str(d) for d in spec.Dtype}:
+        raise SchemaMismatch(f"feature {name!r}: dtype {dtype!r}, default {default!r}")
+    return spec.Feature(str(name), spec.Dtype(str(dtype)), default)

@@ -1,0 +1,219 @@
+"""Card-fraud scoring: features from the online store, then a PyTorch model."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from http import HTTPStatus
+from pathlib import Path
+from typing import Annotated
+
+import bentoml
+import numpy as np
+from bentoml.exceptions import BentoMLException
+from prometheus_client import Histogram
+from pydantic import BaseModel, Field
+
+from features import (
+    ENTITY_ID_MAX_LEN,
+    ENTITY_ID_PATTERN,
+    FeatureRows,
+    FeatureStore,
+    GroupRead,
+    InvalidEntityId,
+    Settings,
+    describe_skew,
+    model_inputs,
+    open_redis,
+)
+from features.metrics import LATENCY_BUCKETS_S
+from models import MODEL_NAME
+from models.scorer import SCHEMA_FILE, SchemaMismatch, Scorer
+
+logger = logging.getLogger("fraud")
+
+MODEL_TAG = f"{MODEL_NAME}:latest"
+MIN_TIMESTAMP_S = 946_684_800.0  # 2000-01-01
+MAX_TIMESTAMP_S = 4_102_444_800.0  # 2100-01-01
+MAX_AMOUNT = 1e9
+
+INFERENCE_SECONDS = Histogram(
+    "fraud_inference_seconds",
+    "Model forward pass per request",
+    buckets=LATENCY_BUCKETS_S,
+)
+
+EntityId = Annotated[
+    str, Field(min_length=1, max_length=ENTITY_ID_MAX_LEN, pattern=ENTITY_ID_PATTERN)
+]
+Amount = Annotated[float, Field(ge=0, le=MAX_AMOUNT, allow_inf_nan=False)]
+Timestamp = Annotated[
+    float | None,
+    Field(ge=MIN_TIMESTAMP_S, le=MAX_TIMESTAMP_S, allow_inf_nan=False, description="unix s"),
+]
+
+
+class Transaction(BaseModel):
+    """One card transaction to score."""
+
+    user_id: EntityId
+    merchant_id: EntityId
+    amount: Amount
+    timestamp: Timestamp = None
+
+
+class GroupSource(BaseModel):
+    """Where a feature group came from: cache, redis or default."""
+
+    source: str
+    defaulted: list[str]
+    reason: str | None
+
+
+class Timings(BaseModel):
+    """Server-side time in milliseconds."""
+
+    features_ms: float
+    inference_ms: float
+    total_ms: float
+
+
+class Score(BaseModel):
+    """Fraud probability of one transaction and where its features came from."""
+
+    fraud_probability: float
+    sources: dict[str, GroupSource]
+
+
+class Prediction(Score):
+    """Response of /predict."""
+
+    timings: Timings
+
+
+class BatchPrediction(BaseModel):
+    """Response of /predict_batch, in request order."""
+
+    predictions: list[Score]
+    timings: Timings
+
+
+def refuse_skewed_model(model: bentoml.models.BentoModel) -> None:
+    """Stop `bentoml serve` (and `bentoml build`) before any worker starts on a model
+    trained on feature definitions other than those in features/."""
+    stored = model.stored
+    if stored is None:
+        return  # BentoML itself reports a missing model
+    trained = json.loads(Path(stored.path_of(SCHEMA_FILE)).read_text())
+    diffs = describe_skew(trained)
+    if diffs:
+        raise SchemaMismatch(f"{stored.tag} was trained on other features: " + "; ".join(diffs))
+
+
+class InvalidRequest(BentoMLException):
+    """A request that is well-formed JSON but cannot be served as sent."""
+
+    error_code = HTTPStatus.UNPROCESSABLE_ENTITY
+
+
+@bentoml.service(
+    workers=int(os.environ.get("FRAUD_WORKERS", "1")),
+    logging={"access": {"enabled": os.environ.get("FRAUD_ACCESS_LOG", "") == "1"}},
+    traffic={"timeout": 10},
+)
+class FraudService:
+    """Scores card transactions for fraud risk."""
+
+    model = bentoml.models.BentoModel(MODEL_TAG)
+    refuse_skewed_model(model)
+
+    def __init__(self) -> None:
+        self.settings = Settings.from_env()
+        self.scorer = Scorer.load(self.model.path)
+        self.scorer.check_schema()  # the model may have changed since import
+        self.redis = open_redis(self.settings)
+        self.store = FeatureStore(
+            self.redis,
+            cache_ttl_s=self.settings.cache_ttl_s,
+            cache_maxsize=self.settings.cache_maxsize,
+            error_log_interval_s=self.settings.error_log_interval_s,
+        )
+        logger.info("model %s loaded, fingerprint %s", self.model.tag, self.scorer.fingerprint)
+
+    @bentoml.on_shutdown
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+    @bentoml.api
+    async def predict(
+        self,
+        user_id: EntityId,
+        merchant_id: EntityId,
+        amount: Amount,
+        ctx: bentoml.Context,
+        timestamp: Timestamp = None,
+    ) -> Prediction:
+        """Fraud probability of one transaction."""
+        tx = Transaction(
+            user_id=user_id, merchant_id=merchant_id, amount=amount, timestamp=timestamp
+        )
+        scores, timings = await self._score([tx], ctx)
+        return Prediction(**scores[0].model_dump(), timings=timings)
+
+    @bentoml.api
+    async def predict_batch(
+        self, transactions: list[Transaction], ctx: bentoml.Context
+    ) -> BatchPrediction:
+        """Fraud probabilities of many transactions: one Redis round trip, one forward pass."""
+        if not transactions:
+            raise InvalidRequest("transactions: must not be empty")
+        if len(transactions) > self.settings.max_batch:
+            raise InvalidRequest(
+                f"transactions: {len(transactions)} items, at most {self.settings.max_batch}"
+            )
+        scores, timings = await self._score(transactions, ctx)
+        return BatchPrediction(predictions=scores, timings=timings)
+
+    async def _score(
+        self, txs: list[Transaction], ctx: bentoml.Context
+    ) -> tuple[list[Score], Timings]:
+        started = time.perf_counter()
+        try:
+            rows = await self.store.read(
+                [{"user": t.user_id, "merchant": t.merchant_id} for t in txs]
+            )
+        except InvalidEntityId as exc:
+            raise InvalidRequest(str(exc)) from None
+        fetched = time.perf_counter()
+        now = time.time()
+        x = model_inputs(
+            rows.values,
+            np.array([t.amount for t in txs], dtype=np.float64),
+            np.array([now if t.timestamp is None else t.timestamp for t in txs]),
+        )
+        probabilities = self.scorer.predict(x)
+        done = time.perf_counter()
+        INFERENCE_SECONDS.observe(done - fetched)
+        timings = Timings(
+            features_ms=round((fetched - started) * 1e3, 3),
+            inference_ms=round((done - fetched) * 1e3, 3),
+            total_ms=round((done - started) * 1e3, 3),
+        )
+        ctx.response.headers["Server-Timing"] = (
+            f"features;dur={timings.features_ms}, inference;dur={timings.inference_ms}, "
+            f"total;dur={timings.total_ms}"
+        )
+        return _scores(rows, probabilities.tolist()), timings
+
+
+def _scores(rows: FeatureRows, probabilities: list[float]) -> list[Score]:
+    return [
+        Score(fraud_probability=p, sources={g: _source(r) for g, r in reads.items()})
+        for p, reads in zip(probabilities, rows.reads, strict=True)
+    ]
+
+
+def _source(read: GroupRead) -> GroupSource:
+    return GroupSource(source=read.source, defaulted=list(read.defaulted), reason=read.reason)
