@@ -46,7 +46,11 @@ class Feature:
 
 @dataclass(frozen=True, slots=True)
 class FeatureGroup:
-    """Features of one entity type stored together in one hash, `{entity}:{id}:{name}`."""
+    """Features of one entity type stored together in one hash, `{entity}:{{id}}:{name}`.
+
+    The braces are a Redis Cluster hash tag: every group of one entity lands in one
+    slot, so an entity can be read, written and expired together in any deployment.
+    """
 
     entity: str
     name: str
@@ -73,7 +77,7 @@ class FeatureGroup:
 
     def key(self, entity_id: str) -> str:
         """Redis key of this group for an already validated entity id."""
-        return f"{self.entity}:{entity_id}:{self.name}"
+        return f"{self.entity}:{{{entity_id}}}:{self.name}"
 
 
 def validate_entity_id(field_name: str, value: object) -> str:

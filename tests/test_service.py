@@ -24,9 +24,9 @@ MERCHANT = {"mcc_risk_score": 0.8, "chargeback_rate_90d": 0.05, "is_high_risk_ca
 @pytest.fixture
 def seeded(sync_redis: redis.Redis) -> redis.Redis:
     for i in range(5):
-        sync_redis.hset(f"user:e2e{i}:features", mapping=USER)  # type: ignore[arg-type]
-        sync_redis.expire(f"user:e2e{i}:features", USER_FEATURES.ttl_s)
-        sync_redis.hset(f"merchant:shop{i}:risk", mapping=MERCHANT)  # type: ignore[arg-type]
+        sync_redis.hset(f"user:{{e2e{i}}}:features", mapping=USER)  # type: ignore[arg-type]
+        sync_redis.expire(f"user:{{e2e{i}}}:features", USER_FEATURES.ttl_s)
+        sync_redis.hset(f"merchant:{{shop{i}}}:risk", mapping=MERCHANT)  # type: ignore[arg-type]
     return sync_redis
 
 

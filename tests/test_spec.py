@@ -29,8 +29,8 @@ def test_public_names_are_pinned() -> None:
 
 
 def test_keys_and_ttls_follow_the_groups() -> None:
-    assert spec.USER_FEATURES.key("u12345") == "user:u12345:features"
-    assert spec.MERCHANT_RISK.key("m1") == "merchant:m1:risk"
+    assert spec.USER_FEATURES.key("u12345") == "user:{u12345}:features"
+    assert spec.MERCHANT_RISK.key("m1") == "merchant:{m1}:risk"
     for group in spec.GROUPS:
         assert group.ttl_s == 2 * group.freshness_s
         assert group.defaults.dtype == np.float64

@@ -166,7 +166,7 @@ async def test_cancelled_reader_does_not_strand_joined_readers(client) -> None:
 )  # fmt: skip
 async def test_corrupt_value_gets_its_default_and_a_count(client, sync_redis, raw, field) -> None:
     await seed(client, ["u1"], [])
-    sync_redis.hset("user:u1:features", field, raw)
+    sync_redis.hset("user:{u1}:features", field, raw)
     counter = metrics.CORRUPT_VALUES.labels("user:features", field)
     before = counter._value.get()
     rows = await store_for(client).read([tx("u1", "m1")])
@@ -182,7 +182,7 @@ async def test_corrupt_value_gets_its_default_and_a_count(client, sync_redis, ra
 
 
 async def test_key_of_the_wrong_type_gets_defaults(client, sync_redis) -> None:
-    sync_redis.set("user:u1:features", "not a hash")
+    sync_redis.set("user:{u1}:features", "not a hash")
     rows = await store_for(client).read([tx("u1", "m1")])
     read = rows.reads[0]["user:features"]
     assert (read.source, read.reason) == (Source.DEFAULT, Reason.INVALID)
@@ -224,10 +224,13 @@ async def test_closed_port_gives_defaults_within_the_timeout() -> None:
 
 async def test_writer_sets_ttl_to_twice_the_freshness(client, sync_redis) -> None:
     await seed(client, ["u1"], ["m1"])
-    for key, group in [("user:u1:features", USER_FEATURES), ("merchant:m1:risk", MERCHANT_RISK)]:
+    for key, group in [
+        ("user:{u1}:features", USER_FEATURES),
+        ("merchant:{m1}:risk", MERCHANT_RISK),
+    ]:
         assert group.ttl_s - 2 <= sync_redis.ttl(key) <= group.ttl_s
-    assert sync_redis.hget("user:u1:features", "tx_count_1h") == b"1"
-    assert sync_redis.hget("user:u1:features", "tx_sum_1h") == b"2.0"
+    assert sync_redis.hget("user:{u1}:features", "tx_count_1h") == b"1"
+    assert sync_redis.hget("user:{u1}:features", "tx_sum_1h") == b"2.0"
 
 
 async def test_writer_rejects_bad_values_before_writing(client, sync_redis) -> None:
@@ -275,8 +278,8 @@ def test_loader_writes_demo_csv_and_parquet(redis_url, sync_redis, tmp_path) -> 
 
     assert main(["--demo", "--users", "300", "--merchants", "20", "--redis-url", redis_url]) == 0
     assert sync_redis.dbsize() == 320
-    assert 0 < sync_redis.ttl("user:u000300:features") <= USER_FEATURES.ttl_s
-    assert sync_redis.hlen("merchant:m00020:risk") == len(MERCHANT_RISK.features)
+    assert 0 < sync_redis.ttl("user:{u000300}:features") <= USER_FEATURES.ttl_s
+    assert sync_redis.hlen("merchant:{m00020}:risk") == len(MERCHANT_RISK.features)
 
     table = pa.table({"entity_id": ["007", "x9"], "tx_count_1h": [4, 5], "tx_sum_1h": [1.5, None]})
     pyarrow.csv.write_csv(table, tmp_path / "users.csv")
@@ -286,7 +289,7 @@ def test_loader_writes_demo_csv_and_parquet(redis_url, sync_redis, tmp_path) -> 
         main(["--group", "user:features", str(tmp_path / "users.csv"), "--redis-url", redis_url])
         == 0
     )
-    assert sync_redis.hgetall("user:007:features") == {b"tx_count_1h": b"4", b"tx_sum_1h": b"1.5"}
+    assert sync_redis.hgetall("user:{007}:features") == {b"tx_count_1h": b"4", b"tx_sum_1h": b"1.5"}
     sync_redis.flushall()
     assert (
         main(
@@ -294,7 +297,7 @@ def test_loader_writes_demo_csv_and_parquet(redis_url, sync_redis, tmp_path) -> 
         )
         == 0
     )
-    assert sync_redis.hgetall("user:x9:features") == {b"tx_count_1h": b"5"}
+    assert sync_redis.hgetall("user:{x9}:features") == {b"tx_count_1h": b"5"}
     with pytest.raises(ValueError, match="no entity_id column"):
         pyarrow.csv.write_csv(pa.table({"id": ["a"]}), tmp_path / "bad.csv")
         main(["--group", "user:features", str(tmp_path / "bad.csv"), "--redis-url", redis_url])

@@ -63,10 +63,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyboardInterrupt:
             service.send_signal(signal.SIGINT)
             try:
-                return service.wait(15)
+                service.wait(15)
             except subprocess.TimeoutExpired:
                 service.kill()
-                return service.wait()
+            return 0
         finally:
             if service.poll() is None:
                 service.terminate()
