@@ -149,3 +149,12 @@ def test_settings_from_env_parses_and_names_bad_keys() -> None:
     ]:
         with pytest.raises(ValueError, match=key):
             Settings.from_env(env)
+
+
+def test_features_imports_neither_bentoml_nor_torch() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, features, features.load; print(sorted({'bentoml', 'torch'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
