@@ -311,7 +311,7 @@ class FeatureStore:
             return result
         if not self._breaker.allow():
             metrics.BACKING_READS.labels(backing.name, "skipped").inc()
-            return result
+            return result | {k: keys[k].unavailable for k in wanted}
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self._backing_timeout_s):
@@ -322,7 +322,8 @@ class FeatureStore:
             kind = "timeout" if isinstance(exc, TimeoutError) else "error"
             metrics.BACKING_READS.labels(backing.name, kind).inc()
             self._backing_failed(f"{backing.name} read", exc, len(wanted))
-            return result
+            # The store of record could not be asked: unknown, not missing (and not cached).
+            return result | {k: keys[k].unavailable for k in wanted}
         self._breaker.success()
         metrics.BACKING_BREAKER_OPEN.set(0)
         metrics.BACKING_READS.labels(backing.name, "ok").inc()
