@@ -16,6 +16,7 @@ import subprocess
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 from tools.redis_server import _die_with_parent, free_port
 
@@ -88,7 +89,7 @@ class _Process:
     def _args(self) -> list[str]:
         raise NotImplementedError
 
-    def start(self, timeout_s: float = 20.0) -> _Process:
+    def start(self, timeout_s: float = 20.0) -> Self:
         self.process = subprocess.Popen(
             self._args(),
             stdout=subprocess.DEVNULL,
