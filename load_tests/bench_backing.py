@@ -46,16 +46,22 @@ def summary(name: str, keys: int, samples: list[float]) -> str:
 
 
 async def timed(
-    call: Callable[[list[str]], Awaitable[Any]], ids: list[str], keys: int, n: int, warmup: int
-) -> list[float]:
+    calls: dict[str, Callable[[list[str]], Awaitable[Any]]],
+    ids: list[str],
+    keys: int,
+    n: int,
+    warmup: int,
+) -> dict[str, list[float]]:
+    """Round-robin over the calls, same keys for each, so they share the VM's noise."""
     rng = random.Random(7)
-    samples = []
+    samples: dict[str, list[float]] = {name: [] for name in calls}
     for i in range(warmup + n):
         chosen = rng.sample(ids, keys)
-        started = time.perf_counter()
-        await call(chosen)
-        if i >= warmup:
-            samples.append(time.perf_counter() - started)
+        for name, call in calls.items():
+            started = time.perf_counter()
+            await call(chosen)
+            if i >= warmup:
+                samples[name].append(time.perf_counter() - started)
     return samples
 
 
@@ -94,8 +100,7 @@ async def run(args: argparse.Namespace, redis_url: str, stores: dict[str, Backin
         f"{args.entities} entities; {args.n} sequential reads per row after {args.warmup} warm-up"
     )
     for keys in (1, 100):
-        for name, call in calls.items():
-            samples = await timed(call, ids, keys, args.n, args.warmup)
+        for name, samples in (await timed(calls, ids, keys, args.n, args.warmup)).items():
             print(summary(name, keys, samples), flush=True)
     await client.aclose()
     for store in stores.values():
