@@ -16,11 +16,20 @@ import time
 from collections.abc import Sequence
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 from tqdm import tqdm
 
-from features.backing import BackingStore, RestoreCounts, open_backing, restore_to_redis
+from features.backing import (
+    BackingStore,
+    Record,
+    RestoreCounts,
+    open_backing,
+    restore_to_redis,
+)
 from features.connection import open_redis
+from features.errors import BackingStoreError
 from features.settings import Settings
+from features.spec import FeatureGroup
 
 
 @dataclasses.dataclass(slots=True)
@@ -50,9 +59,9 @@ async def warm(
     tasks: set[asyncio.Task[None]] = set()
     bar = tqdm(unit=" records", disable=not progress, file=sys.stderr)
 
-    async def restore(batch: list[object]) -> None:
+    async def restore(batch: list[tuple[FeatureGroup, str, Record]]) -> None:
         try:
-            counts = await restore_to_redis(client, batch, time.time())  # type: ignore[arg-type]
+            counts = await restore_to_redis(client, batch, time.time())
             report.counts.add(counts)
             bar.update(len(batch))
         finally:
@@ -94,6 +103,10 @@ async def _main(settings: Settings, args: argparse.Namespace) -> int:
             progress=not args.quiet,
         )
         elapsed = time.perf_counter() - started
+    except (BackingStoreError, RedisError, OSError) as exc:
+        # Safe to run again: keys already written are skipped.
+        print(f"warm failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
     finally:
         await client.aclose()
         await backing.aclose()

@@ -211,20 +211,52 @@ def test_warm_command_reports_counts(dynalite, own_redis, monkeypatch, capsys) -
         await store.aclose()
 
     asyncio.run(arrange())
-    env = {
-        "FEATURES_BACKING_STORE": "dynamodb",
-        "FEATURES_DYNAMODB_TABLE": store.table,
-        "FEATURES_DYNAMODB_ENDPOINT_URL": dynalite.url,
-        "AWS_ACCESS_KEY_ID": "test",
-        "AWS_SECRET_ACCESS_KEY": "test",
-    }
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
+    dynamo_env(monkeypatch, store.table, dynalite.url)
     assert main(["--redis-url", own_redis.url, "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "user:features: 2 records in dynamodb" in out
     assert "2 records read" in out and "2 written to Redis" in out
     assert redis.Redis.from_url(own_redis.url).dbsize() == 2
+
+
+def dynamo_env(monkeypatch: pytest.MonkeyPatch, table: str, url: str) -> None:
+    env = {
+        "FEATURES_BACKING_STORE": "dynamodb",
+        "FEATURES_DYNAMODB_TABLE": table,
+        "FEATURES_DYNAMODB_ENDPOINT_URL": url,
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+
+
+def test_loader_writes_through_in_batches(dynalite, own_redis, monkeypatch) -> None:
+    from features.load import main
+
+    table = f"load-{uuid.uuid4().hex[:12]}"
+    dynamo_env(monkeypatch, table, dynalite.url)
+    demo = ["--demo", "--users", "2100", "--merchants", "20", "--create"]  # 2 user batches
+    assert main([*demo, "--redis-url", own_redis.url]) == 0
+    assert redis.Redis.from_url(own_redis.url).dbsize() == 2120
+
+    async def count() -> int:
+        store = dynamo_store(dynalite.url)
+        store.table = table
+        try:
+            return sum([len(batch) async for batch in store.scan(1000)])
+        finally:
+            await store.aclose()
+
+    assert asyncio.run(count()) == 2120
+
+
+def test_warm_command_fails_cleanly_when_the_store_is_down(own_redis, monkeypatch, capsys) -> None:
+    from features.warm import main
+
+    dynamo_env(monkeypatch, "t-down", f"http://127.0.0.1:{free_port()}")
+    assert main(["--redis-url", own_redis.url, "--quiet"]) == 1
+    assert "warm failed: BackingStoreError" in capsys.readouterr().err
 
 
 async def test_slow_backing_opens_its_breaker_and_defaults_come_in_time(
