@@ -333,7 +333,7 @@ class FeatureStore:
         repair: list[tuple[FeatureGroup, str, Record]] = []
         for key, record in zip(wanted, records, strict=True):
             group = keys[key]
-            if record is None:
+            if record is None or all(raw is None for raw in record.fields):
                 merged[key] = group.missing  # the store of record has no such entity
                 continue
             merged[key] = group.decode_values(record.fields, record.event_ts, now, Source.BACKING)

@@ -7,6 +7,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -422,3 +423,47 @@ def test_service_survives_a_redis_restart_on_the_backing_store(
     finally:
         check.close()
         service.stop()
+
+
+class ThrottlingDynamo:
+    """Throttling is a fault dynalite never shows: a fake BatchGetItem that serves one key,
+    then leaves every key unprocessed until `throttled` calls have passed."""
+
+    def __init__(self, throttled: int) -> None:
+        self.throttled = throttled
+        self.calls = 0
+
+    async def batch_get_item(self, RequestItems: dict[str, Any]) -> dict[str, Any]:
+        self.calls += 1
+        ((table, request),) = RequestItems.items()
+        keys = request["Keys"]
+        if self.calls <= self.throttled:
+            n = 1 if self.calls == 1 else 0
+            served, rest = keys[:n], keys[n:]
+        else:
+            served, rest = keys, []
+        reply: dict[str, Any] = {
+            "Responses": {table: [{"pk": k["pk"], "_ts": {"N": "1.5"}} for k in served]}
+        }
+        if rest:
+            reply["UnprocessedKeys"] = {table: {**request, "Keys": rest}}
+        return reply
+
+
+async def test_dynamodb_retries_unprocessed_keys() -> None:
+    store = DynamoStore("features")
+    store._client = fake = ThrottlingDynamo(throttled=2)
+    keys = [(USER_FEATURES, e) for e in ("a", "b", "c", "d")] + [(USER_FEATURES, "a")]
+    records = await store.read(keys)
+    assert fake.calls == 3
+    assert all(r is not None and r.event_ts == 1.5 for r in records)
+
+
+async def test_endless_throttling_ends_at_the_read_deadline(client) -> None:
+    backing = DynamoStore("features")
+    backing._client = ThrottlingDynamo(throttled=10**9)
+    store = store_with(client, backing, timeout_s=0.05)
+    started = time.perf_counter()
+    rows = await store.read([tx("a", "b")])
+    assert time.perf_counter() - started < 0.5
+    assert rows.reads[0]["user:features"].reason is Reason.UNAVAILABLE
