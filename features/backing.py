@@ -39,6 +39,14 @@ class BackingStore(Protocol):
 
     name: str
 
+    async def open(self) -> None:
+        """Build the client in the running loop (idempotent, no I/O awaited on the server).
+
+        Building a client costs far more than one read (the AWS SDK loads its service
+        model): FeatureStore calls this outside the read's deadline.
+        """
+        ...
+
     async def read(self, keys: Sequence[tuple[FeatureGroup, str]]) -> list[Record | None]:
         """Latest record of each (group, entity id), None where absent; one batched call."""
         ...

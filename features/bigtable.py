@@ -72,6 +72,12 @@ class BigtableStore:
                     )
         return self._table
 
+    async def open(self) -> None:
+        try:
+            await self._data()
+        except _ERRORS as exc:
+            raise BackingStoreError(f"Bigtable client: {exc}") from exc
+
     async def read(self, keys: Sequence[tuple[FeatureGroup, str]]) -> list[Record | None]:
         row_keys: list[str | bytes] = list(dict.fromkeys(_row_key(g, e) for g, e in keys))
         query = ReadRowsQuery(row_keys=row_keys, row_filter=CellsColumnLimitFilter(1))

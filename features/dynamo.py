@@ -81,6 +81,12 @@ class DynamoStore:
                     self._stack = stack
         return self._client
 
+    async def open(self) -> None:
+        try:
+            await self._dynamodb()
+        except _ERRORS as exc:
+            raise BackingStoreError(f"DynamoDB client: {exc}") from exc
+
     async def read(self, keys: Sequence[tuple[FeatureGroup, str]]) -> list[Record | None]:
         pks = list(dict.fromkeys(g.key(e) for g, e in keys))
         chunks = [pks[i : i + BATCH_GET_MAX] for i in range(0, len(pks), BATCH_GET_MAX)]
