@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field
 from features import (
     ENTITY_ID_MAX_LEN,
     ENTITY_ID_PATTERN,
+    BackingBreaker,
     FeatureRows,
     FeatureStore,
     GroupRead,
@@ -26,6 +27,7 @@ from features import (
     Settings,
     describe_skew,
     model_inputs,
+    open_backing,
     open_redis,
 )
 from features.metrics import LATENCY_BUCKETS_S
@@ -65,11 +67,12 @@ class Transaction(BaseModel):
 
 
 class GroupSource(BaseModel):
-    """Where a feature group came from: cache, redis or default."""
+    """Where a feature group came from: cache, redis, backing or default."""
 
     source: str
     defaulted: list[str]
     reason: str | None
+    stale: bool = Field(description="event time older than the group's freshness window")
 
 
 class Timings(BaseModel):
@@ -139,11 +142,18 @@ class FraudService:
             cache_ttl_s=self.settings.cache_ttl_s,
             cache_maxsize=self.settings.cache_maxsize,
             error_log_interval_s=self.settings.error_log_interval_s,
+            backing=open_backing(self.settings),
+            backing_timeout_s=self.settings.backing_timeout_s,
+            backing_breaker=BackingBreaker(
+                self.settings.backing_breaker_failures, self.settings.backing_breaker_cooldown_s
+            ),
+            read_repair_max_tasks=self.settings.read_repair_max_tasks,
         )
         logger.info("model %s loaded, fingerprint %s", self.model.tag, self.scorer.fingerprint)
 
     @bentoml.on_shutdown
     async def close(self) -> None:
+        await self.store.aclose()
         await self.redis.aclose()
 
     @bentoml.api
@@ -216,4 +226,6 @@ def _scores(rows: FeatureRows, probabilities: list[float]) -> list[Score]:
 
 
 def _source(read: GroupRead) -> GroupSource:
-    return GroupSource(source=read.source, defaulted=list(read.defaulted), reason=read.reason)
+    return GroupSource(
+        source=read.source, defaulted=list(read.defaulted), reason=read.reason, stale=read.stale
+    )

@@ -1,7 +1,9 @@
-"""Feature retrieval for online scoring: cache, one Redis round trip, defaults."""
+"""Feature retrieval for online scoring: cache, one Redis round trip, backing store, defaults."""
 
+from features.backing import BackingBreaker, BackingStore, Record, open_backing
 from features.connection import open_redis
 from features.errors import (
+    BackingStoreError,
     FeatureError,
     FeatureStoreUnavailable,
     FeatureWriteError,
@@ -36,6 +38,9 @@ __all__ = [
     "MODEL_FEATURES",
     "STORED_FEATURES",
     "USER_FEATURES",
+    "BackingBreaker",
+    "BackingStore",
+    "BackingStoreError",
     "Dtype",
     "Feature",
     "FeatureError",
@@ -48,11 +53,13 @@ __all__ = [
     "GroupRead",
     "InvalidEntityId",
     "Reason",
+    "Record",
     "Settings",
     "Source",
     "describe_skew",
     "fingerprint",
     "model_inputs",
+    "open_backing",
     "open_redis",
     "schema",
     "validate_entity_id",

@@ -3,7 +3,8 @@
 FeatureError
 ├── InvalidEntityId           a client-supplied id that may not become a key
 ├── FeatureStoreUnavailable   Redis did not answer in time, or answered with an error
-└── FeatureWriteError         a write was not applied; nothing was reported as written
+├── FeatureWriteError         a write was not applied; nothing was reported as written
+└── BackingStoreError         the persistent store behind Redis failed or timed out
 """
 
 from __future__ import annotations
@@ -28,3 +29,7 @@ class FeatureStoreUnavailable(FeatureError):
 
 class FeatureWriteError(FeatureError):
     """The online store rejected or did not acknowledge a write."""
+
+
+class BackingStoreError(FeatureError):
+    """The backing store (DynamoDB or Bigtable) failed, refused, or did not answer in time."""

@@ -1,7 +1,9 @@
 """Bulk loader: `python -m features.load --demo` or `--group user:features FILE`.
 
 FILE is CSV or Parquet with an `entity_id` column and one column per feature; columns
-not in the group are rejected, absent ones are left as stored.
+not in the group are rejected, absent ones are left as stored. With a backing store
+configured (FEATURES_BACKING_STORE), every batch is written to it first, then to Redis;
+`--create` creates its table first. Every row is stamped with the load time as event time.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from features import demo
+from features.backing import open_backing
 from features.connection import open_redis
 from features.settings import Settings
 from features.spec import GROUPS, MERCHANT_RISK, USER_FEATURES, FeatureGroup
@@ -64,12 +67,18 @@ def file_rows(group: FeatureGroup, path: Path) -> Iterator[list[Row]]:
 
 
 async def load(
-    settings: Settings, jobs: Sequence[tuple[FeatureGroup, Iterator[list[Row]]]]
+    settings: Settings,
+    jobs: Sequence[tuple[FeatureGroup, Iterator[list[Row]]]],
+    *,
+    create: bool = False,
 ) -> None:
-    """Write every batch of every job, printing counts per group."""
+    """Write every batch of every job (backing store first, if any), printing counts."""
     client = open_redis(settings)
-    writer = FeatureWriter(client)
+    backing = open_backing(settings)
+    writer = FeatureWriter(client, backing)
     try:
+        if backing is not None and create:
+            await backing.create_layout()
         await client.ping()
         for group, batches in jobs:
             started, written = time.perf_counter(), 0
@@ -79,6 +88,8 @@ async def load(
             print(f"{group.qualified_name}: {written} entities in {elapsed:.1f} s")
     finally:
         await client.aclose()
+        if backing is not None:
+            await backing.aclose()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -91,6 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--merchants", type=int, default=10_000)
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--redis-url", help="default: FEATURES_REDIS_URL or REDIS_URL")
+    parser.add_argument("--create", action="store_true", help="create the backing table if absent")
     args = parser.parse_args(argv)
 
     settings = Settings.from_env()
@@ -118,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("--group needs a FILE")
         group = next(g for g in GROUPS if g.qualified_name == args.group)
         jobs = [(group, file_rows(group, args.file))]
-    asyncio.run(load(settings, jobs))
+    asyncio.run(load(settings, jobs, create=args.create))
     return 0
 
 

@@ -45,3 +45,29 @@ CORRUPT_VALUES = Counter(
     "Stored values that failed to parse or check, served as their default",
     ["group", "feature"],
 )
+BACKING_READS = Counter(
+    "features_backing_reads_total",
+    "Reads of the backing store for keys Redis missed or failed, by outcome",
+    ["store", "result"],
+)
+BACKING_SECONDS = Histogram(
+    "features_backing_read_seconds",
+    "Backing-store read time per batch of keys",
+    ["store"],
+    buckets=LATENCY_BUCKETS_S,
+)
+BACKING_BREAKER_OPEN = Gauge(
+    "features_backing_breaker_open",
+    "1 while the backing store's circuit breaker is open (reads skipped)",
+    multiprocess_mode="liveall",
+)
+READ_REPAIRS = Counter(
+    "features_read_repairs_total",
+    "Keys written back to Redis from the backing store, by outcome",
+    ["result"],
+)
+STALE = Counter(
+    "features_stale_total",
+    "Feature groups served with an event time older than their freshness window",
+    ["group", "source"],
+)

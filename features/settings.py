@@ -9,6 +9,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 PREFIX = "FEATURES_"
+BACKING_STORES = ("none", "dynamodb", "bigtable")
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +34,30 @@ class Settings:
     """Most transactions one /predict_batch request may carry."""
     error_log_interval_s: float = 10.0
     """At most one log line per this many seconds for repeated Redis errors."""
+    backing_store: str = "none"
+    """Persistent tier behind Redis: `none`, `dynamodb` or `bigtable` (docs/backing-store.md)."""
+    backing_timeout_s: float = 0.01
+    """Deadline of one backing-store read for the keys Redis missed or failed."""
+    backing_breaker_failures: int = 5
+    """Consecutive failed backing reads that open its circuit breaker."""
+    backing_breaker_cooldown_s: float = 5.0
+    """How long an open backing breaker skips reads before one probe is let through."""
+    read_repair_max_tasks: int = 8
+    """Most read-repair writes to Redis in flight per worker; beyond that they are dropped."""
+    dynamodb_table: str = "features"
+    """DynamoDB table: partition key `pk` (string) = the group's Redis key."""
+    dynamodb_region: str = "us-east-1"
+    """AWS region of the table; credentials come from the usual AWS chain."""
+    dynamodb_endpoint_url: str = ""
+    """Endpoint override, e.g. a local DynamoDB-API server; empty = AWS."""
+    bigtable_project: str = "local"
+    """Google Cloud project of the Bigtable instance."""
+    bigtable_instance: str = "features"
+    """Bigtable instance id; BIGTABLE_EMULATOR_HOST (read by the client) selects an emulator."""
+    bigtable_table: str = "features"
+    """Bigtable table: row key `{entity}#{id}`, one column family per feature group."""
+    backing_retention_s: int = 7 * 86400
+    """Bigtable max-age GC policy of each column family, set when the table is created."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:
@@ -53,6 +78,11 @@ class Settings:
             value = getattr(self, f.name)
             if isinstance(value, int | float) and value <= 0:
                 raise ValueError(f"{PREFIX}{f.name.upper()} must be positive, got {value}")
+        if self.backing_store not in BACKING_STORES:
+            raise ValueError(
+                f"{PREFIX}BACKING_STORE must be one of {', '.join(BACKING_STORES)},"
+                f" got {self.backing_store!r}"
+            )
 
 
 def _parse(key: str, raw: str, kind: type) -> Any:

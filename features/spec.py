@@ -24,6 +24,8 @@ ENTITY_ID_MAX_LEN = 64
 # whatever passes cannot address a key other than its own.
 ENTITY_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
 _ENTITY_ID_RE = re.compile(ENTITY_ID_PATTERN)
+# Reserved hash field (and backing-store attribute) holding the group's event time, unix s.
+EVENT_TS_FIELD = "_ts"
 
 
 class Dtype(StrEnum):

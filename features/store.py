@@ -1,9 +1,10 @@
-"""Feature rows for entities: in-process cache, then one Redis round trip, then defaults."""
+"""Feature rows for entities: in-process cache, one Redis round trip, backing store, defaults."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -18,8 +19,9 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from features import metrics
-from features.errors import InvalidEntityId
-from features.spec import GROUPS, Dtype, FeatureGroup, validate_entity_id
+from features.backing import BackingBreaker, BackingStore, Record, entity_id_of, restore_to_redis
+from features.errors import BackingStoreError, InvalidEntityId
+from features.spec import EVENT_TS_FIELD, GROUPS, Dtype, FeatureGroup, validate_entity_id
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +31,7 @@ class Source(StrEnum):
 
     CACHE = "cache"
     REDIS = "redis"
+    BACKING = "backing"  # the persistent store, for keys Redis missed or failed
     DEFAULT = "default"
 
 
@@ -37,16 +40,18 @@ class Reason(StrEnum):
 
     MISSING = "missing"  # no such key: unknown entity, or expired
     INVALID = "invalid"  # fields absent, unparsable, or the key is not a hash
-    UNAVAILABLE = "unavailable"  # Redis failed or timed out
+    UNAVAILABLE = "unavailable"  # Redis (and the backing store, if any) failed or timed out
 
 
 @dataclass(frozen=True, slots=True)
 class GroupRead:
-    """One group of one row: its source, and which features fell back to defaults."""
+    """One group of one row: its source, which features fell back to defaults, and whether
+    its event time is older than the group's freshness window."""
 
     source: Source
     defaulted: tuple[str, ...] = ()
     reason: Reason | None = None
+    stale: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,14 +80,23 @@ class _Group:
         self.integral = np.array([f.dtype != Dtype.FLOAT for f in group.features])
         self.boolean = np.array([f.dtype == Dtype.BOOL for f in group.features])
         names = group.field_names
+        self.fields = (*names, EVENT_TS_FIELD)  # what one HMGET asks for
         self.missing = _entry(group.defaults, Source.DEFAULT, names, Reason.MISSING)
         self.unavailable = _entry(group.defaults, Source.DEFAULT, names, Reason.UNAVAILABLE)
         self.wrongtype = _entry(group.defaults, Source.DEFAULT, names, Reason.INVALID)
 
-    def decode(self, reply: list[bytes | None]) -> _Entry:
-        """Turn one HMGET reply into values; bad or absent fields get their defaults."""
+    def decode(self, reply: list[bytes | None], now: float) -> _Entry:
+        """Turn one HMGET reply (fields, then event time) into values; bad or absent
+        fields get their defaults."""
         if all(raw is None for raw in reply):
             return self.missing
+        return self.decode_values(reply[:-1], _event_ts(reply[-1]), now, Source.REDIS)
+
+    def decode_values(
+        self, reply: Sequence[bytes | None], event_ts: float | None, now: float, source: Source
+    ) -> _Entry:
+        """Values of one group from raw strings in field order."""
+        stale = event_ts is not None and now - event_ts > self.spec.freshness_s
         spec = self.spec
         try:
             parsed = np.array(reply, dtype=np.float64)  # numpy parses bytes itself
@@ -96,15 +110,15 @@ class _Group:
         values = parsed
         if ok.all():
             values.flags.writeable = False
-            return _entry(values, Source.REDIS, (), None)
+            return _entry(values, source, (), None, stale)
         bad = np.flatnonzero(~ok)
-        for i in bad:
+        for i in bad.tolist():
             if reply[i] is not None:
                 metrics.CORRUPT_VALUES.labels(spec.qualified_name, spec.field_names[i]).inc()
         values[bad] = spec.defaults[bad]
         values.flags.writeable = False
         defaulted = tuple(spec.field_names[i] for i in bad)
-        return _entry(values, Source.REDIS, defaulted, Reason.INVALID)
+        return _entry(values, source, defaulted, Reason.INVALID, stale)
 
 
 def _entry(
@@ -112,12 +126,24 @@ def _entry(
     source: Source,
     defaulted: tuple[str, ...],
     reason: Reason | None,
+    stale: bool = False,
 ) -> _Entry:
+    cached = Source.CACHE if source in (Source.REDIS, Source.BACKING) else source
     return _Entry(
         values,
-        GroupRead(source, defaulted, reason),
-        GroupRead(Source.CACHE if source is Source.REDIS else source, defaulted, reason),
+        GroupRead(source, defaulted, reason, stale),
+        GroupRead(cached, defaulted, reason, stale),
     )
+
+
+def _event_ts(raw: bytes | None) -> float | None:
+    if raw is None:
+        return None
+    try:
+        ts = float(raw)
+    except ValueError:
+        return None
+    return ts if math.isfinite(ts) else None
 
 
 def _to_float(raw: bytes | None) -> float:
@@ -128,7 +154,8 @@ def _to_float(raw: bytes | None) -> float:
 
 
 class FeatureStore:
-    """Feature rows by entity ids: TTL+LRU cache, one pipelined Redis read, defaults."""
+    """Feature rows by entity ids: TTL+LRU cache, one pipelined Redis read, then (if
+    configured) one backing-store read for what Redis lacked, then defaults."""
 
     def __init__(
         self,
@@ -138,9 +165,22 @@ class FeatureStore:
         cache_ttl_s: float = 5.0,
         cache_maxsize: int = 100_000,
         error_log_interval_s: float = 10.0,
+        backing: BackingStore | None = None,
+        backing_timeout_s: float = 0.01,
+        backing_breaker: BackingBreaker | None = None,
+        read_repair_max_tasks: int = 8,
         timer: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._client = client
+        self._clock = clock  # wall time, for event-time freshness
+        self._backing = backing
+        self._backing_timeout_s = backing_timeout_s
+        self._breaker = backing_breaker or BackingBreaker(5, 5.0, timer)
+        self._repair_max_tasks = read_repair_max_tasks
+        self._repairs: set[asyncio.Task[None]] = set()
+        self._backing_last_log = -float("inf")
+        self._backing_unlogged = 0
         self._groups: list[_Group] = []
         start = 0
         for group in groups:
@@ -180,6 +220,8 @@ class FeatureStore:
             fetched = await self._read_through(misses)
             entries |= fetched
             source = Source.REDIS
+            if any(e.read.source is Source.BACKING for e in fetched.values()):
+                source = Source.BACKING
             if any(e.read.reason is Reason.UNAVAILABLE for e in fetched.values()):
                 source = Source.DEFAULT
         values = np.empty((len(rows), self._width), dtype=np.float64)
@@ -193,6 +235,8 @@ class FeatureStore:
                 row_reads[group.spec.qualified_name] = read
                 if read.reason is not None:
                     metrics.DEFAULTS.labels(group.spec.qualified_name, read.reason).inc()
+                if read.stale:
+                    metrics.STALE.labels(group.spec.qualified_name, read.source).inc()
             reads.append(row_reads)
         metrics.RETRIEVAL_SECONDS.labels(source).observe(time.perf_counter() - started)
         return FeatureRows(values, reads, source)
@@ -219,6 +263,8 @@ class FeatureStore:
             self._inflight |= futures
             try:
                 result = await self._fetch(own)
+                if self._backing is not None:
+                    result = await self._from_backing(self._backing, own, result)
             finally:
                 # Runs on cancellation too, so joined readers never wait forever.
                 for key, future in futures.items():
@@ -241,16 +287,107 @@ class FeatureStore:
         try:
             async with self._client.pipeline(transaction=False) as pipe:
                 for key, group in keys.items():
-                    pipe.hmget(key, group.spec.field_names)
+                    pipe.hmget(key, group.fields)
                 replies: list[Any] = await pipe.execute(raise_on_error=False)
         except (TimeoutError, RedisError, OSError) as exc:
             self._failed(exc, len(keys))
             return {key: group.unavailable for key, group in keys.items()}
         metrics.REDIS_UP.set(1)
+        now = self._clock()
         return {
-            key: group.wrongtype if isinstance(reply, Exception) else group.decode(reply)
+            key: group.wrongtype if isinstance(reply, Exception) else group.decode(reply, now)
             for (key, group), reply in zip(keys.items(), replies, strict=True)
         }
+
+    async def _from_backing(
+        self, backing: BackingStore, keys: dict[str, _Group], result: dict[str, _Entry]
+    ) -> dict[str, _Entry]:
+        """The backing-store step: one read, under its deadline and breaker, of the keys
+        Redis missed or failed; what it finds is written back to Redis off the request path."""
+        wanted = [
+            k for k, e in result.items() if e.read.reason in (Reason.MISSING, Reason.UNAVAILABLE)
+        ]
+        if not wanted:
+            return result
+        if not self._breaker.allow():
+            metrics.BACKING_READS.labels(backing.name, "skipped").inc()
+            return result | {k: keys[k].unavailable for k in wanted}
+        try:
+            await backing.open()  # once per worker: not counted against the deadline
+            started = time.perf_counter()
+            async with asyncio.timeout(self._backing_timeout_s):
+                records = await backing.read([(keys[k].spec, entity_id_of(k)) for k in wanted])
+        except (TimeoutError, BackingStoreError) as exc:
+            self._breaker.failure()
+            metrics.BACKING_BREAKER_OPEN.set(int(self._breaker.is_open))
+            kind = "timeout" if isinstance(exc, TimeoutError) else "error"
+            metrics.BACKING_READS.labels(backing.name, kind).inc()
+            self._backing_failed(f"{backing.name} read", exc, len(wanted))
+            # The store of record could not be asked: unknown, not missing (and not cached).
+            return result | {k: keys[k].unavailable for k in wanted}
+        self._breaker.success()
+        metrics.BACKING_BREAKER_OPEN.set(0)
+        metrics.BACKING_READS.labels(backing.name, "ok").inc()
+        metrics.BACKING_SECONDS.labels(backing.name).observe(time.perf_counter() - started)
+        now = self._clock()
+        merged = dict(result)
+        repair: list[tuple[FeatureGroup, str, Record]] = []
+        for key, record in zip(wanted, records, strict=True):
+            group = keys[key]
+            if record is None or all(raw is None for raw in record.fields):
+                merged[key] = group.missing  # the store of record has no such entity
+                continue
+            merged[key] = group.decode_values(record.fields, record.event_ts, now, Source.BACKING)
+            if result[key].read.reason is Reason.MISSING:  # Redis answered: refill it
+                repair.append((group.spec, entity_id_of(key), record))
+        if repair:
+            self._schedule_repair(repair)
+        return merged
+
+    def _schedule_repair(self, items: list[tuple[FeatureGroup, str, Record]]) -> None:
+        if len(self._repairs) >= self._repair_max_tasks:
+            metrics.READ_REPAIRS.labels("dropped").inc(len(items))
+            return
+        task = asyncio.create_task(self._repair(items))
+        self._repairs.add(task)
+        task.add_done_callback(self._repairs.discard)
+
+    async def _repair(self, items: list[tuple[FeatureGroup, str, Record]]) -> None:
+        try:
+            counts = await restore_to_redis(self._client, items, self._clock())
+        except (TimeoutError, RedisError, OSError) as exc:
+            metrics.READ_REPAIRS.labels("failed").inc(len(items))
+            self._backing_failed("read repair", exc, len(items))
+            return
+        metrics.READ_REPAIRS.labels("written").inc(counts.written)
+        metrics.READ_REPAIRS.labels("present").inc(counts.present)
+        metrics.READ_REPAIRS.labels("expired").inc(counts.expired)
+
+    def _backing_failed(self, what: str, exc: BaseException, n_keys: int) -> None:
+        now = time.monotonic()
+        self._backing_unlogged += 1
+        if now - self._backing_last_log >= self._error_log_interval_s:
+            logger.warning(
+                "%s failed (%s: %s) for %d keys; %d failures since the last report",
+                what,
+                type(exc).__name__,
+                exc,
+                n_keys,
+                self._backing_unlogged,
+            )
+            self._backing_last_log = now
+            self._backing_unlogged = 0
+
+    async def wait_repairs(self) -> None:
+        """Wait for the read repairs in flight (tests, shutdown)."""
+        while self._repairs:
+            await asyncio.gather(*self._repairs, return_exceptions=True)
+
+    async def aclose(self) -> None:
+        """Finish read repairs and close the backing store; the Redis client is the caller's."""
+        await self.wait_repairs()
+        if self._backing is not None:
+            await self._backing.aclose()
 
     def _failed(self, exc: BaseException, n_keys: int) -> None:
         kind = (

@@ -1,4 +1,5 @@
-"""Shared fixtures: a real redis-server on loopback, clients, a fake clock."""
+"""Shared fixtures: a real redis-server and backing-store emulators on loopback, clients,
+a fake clock."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import redis
 import redis.asyncio as aioredis
 
 from features import Settings, open_redis
+from tools.emulators import BigtableEmulator, Dynalite, EmulatorMissing
 from tools.redis_server import RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -153,3 +155,27 @@ def service(bentoml_home: Path, redis_url: str) -> Iterator[Service]:
     svc = Service(bentoml_home, redis_url).start()
     yield svc
     svc.stop()
+
+
+@pytest.fixture(scope="session")
+def dynalite() -> Iterator[Dynalite]:
+    """One dynalite (DynamoDB API) server for the session; tests use their own tables."""
+    with Dynalite() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def bigtable_emulator() -> Iterator[BigtableEmulator]:
+    """One cbtemulator for the session; the client library finds it through the env."""
+    try:
+        emulator = BigtableEmulator().start()
+    except EmulatorMissing as exc:
+        pytest.skip(f"Bigtable emulator unavailable: {exc}")
+    previous = os.environ.get("BIGTABLE_EMULATOR_HOST")
+    os.environ["BIGTABLE_EMULATOR_HOST"] = emulator.host
+    yield emulator
+    if previous is None:
+        del os.environ["BIGTABLE_EMULATOR_HOST"]
+    else:
+        os.environ["BIGTABLE_EMULATOR_HOST"] = previous
+    emulator.stop()

@@ -24,6 +24,7 @@ def test_public_names_are_pinned() -> None:
             "FeatureStoreUnavailable", "FeatureWriteError", "FeatureWriter", "GroupRead",
             "InvalidEntityId", "Reason", "Settings", "Source", "describe_skew",
             "fingerprint", "model_inputs", "open_redis", "schema", "validate_entity_id",
+            "BackingBreaker", "BackingStore", "BackingStoreError", "Record", "open_backing",
         ]
     )  # fmt: skip
 

@@ -279,7 +279,7 @@ def test_loader_writes_demo_csv_and_parquet(redis_url, sync_redis, tmp_path) -> 
     assert main(["--demo", "--users", "300", "--merchants", "20", "--redis-url", redis_url]) == 0
     assert sync_redis.dbsize() == 320
     assert 0 < sync_redis.ttl("user:{u000300}:features") <= USER_FEATURES.ttl_s
-    assert sync_redis.hlen("merchant:{m00020}:risk") == len(MERCHANT_RISK.features)
+    assert sync_redis.hlen("merchant:{m00020}:risk") == len(MERCHANT_RISK.features) + 1  # _ts
 
     table = pa.table({"entity_id": ["007", "x9"], "tx_count_1h": [4, 5], "tx_sum_1h": [1.5, None]})
     pyarrow.csv.write_csv(table, tmp_path / "users.csv")
@@ -289,7 +289,9 @@ def test_loader_writes_demo_csv_and_parquet(redis_url, sync_redis, tmp_path) -> 
         main(["--group", "user:features", str(tmp_path / "users.csv"), "--redis-url", redis_url])
         == 0
     )
-    assert sync_redis.hgetall("user:{007}:features") == {b"tx_count_1h": b"4", b"tx_sum_1h": b"1.5"}
+    stored = sync_redis.hgetall("user:{007}:features")
+    assert abs(float(stored.pop(b"_ts")) - time.time()) < 60  # the load time
+    assert stored == {b"tx_count_1h": b"4", b"tx_sum_1h": b"1.5"}
     sync_redis.flushall()
     assert (
         main(
@@ -297,7 +299,7 @@ def test_loader_writes_demo_csv_and_parquet(redis_url, sync_redis, tmp_path) -> 
         )
         == 0
     )
-    assert sync_redis.hgetall("user:{x9}:features") == {b"tx_count_1h": b"5"}
+    assert sync_redis.hmget("user:{x9}:features", ["tx_count_1h", "tx_sum_1h"]) == [b"5", None]
     with pytest.raises(ValueError, match="no entity_id column"):
         pyarrow.csv.write_csv(pa.table({"id": ["a"]}), tmp_path / "bad.csv")
         main(["--group", "user:features", str(tmp_path / "bad.csv"), "--redis-url", redis_url])

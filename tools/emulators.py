@@ -1,0 +1,176 @@
+"""Local backing-store servers on loopback, for tests and benchmarks.
+
+- dynalite (DynamoDB API, in memory), from the repo's node_modules (`make install`);
+- cbtemulator (Google's Bigtable emulator), from the Google Cloud CLI's platform folder,
+  PATH, or `gcloud info`; absent, an `apt-get install` is tried once (it needs Google's
+  apt repository), else EmulatorMissing says why.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+from tools.redis_server import _die_with_parent, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+CBT_SUBPATH = "platform/bigtable-emulator/cbtemulator"
+CBT_PACKAGE = "google-cloud-cli-bigtable-emulator"
+
+
+class EmulatorMissing(RuntimeError):
+    """The emulator's binary is not installed and could not be installed."""
+
+
+def find_dynalite() -> str:
+    """Path of the dynalite launcher installed by `npm ci`."""
+    path = ROOT / "node_modules" / ".bin" / "dynalite"
+    if not path.exists():
+        raise EmulatorMissing(f"{path} missing: run `make install` (npm ci)")
+    return str(path)
+
+
+def _cbt_candidates() -> list[Path]:
+    roots = [Path("/usr/lib/google-cloud-sdk"), Path("/usr/share/google-cloud-sdk")]
+    gcloud = shutil.which("gcloud")
+    if gcloud is not None:
+        try:
+            out = subprocess.run(
+                [gcloud, "info", "--format=value(installation.sdk_root)"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            ).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            out = ""
+        if out:
+            roots.append(Path(out))
+    found = [r / CBT_SUBPATH for r in roots]
+    on_path = shutil.which("cbtemulator")
+    if on_path is not None:
+        found.insert(0, Path(on_path))
+    return found
+
+
+def find_cbtemulator(install: bool = True) -> str:
+    """Path of cbtemulator; tries `apt-get install` once as root if it is absent."""
+    for path in _cbt_candidates():
+        if path.is_file() and os.access(path, os.X_OK):
+            return str(path)
+    if install and os.geteuid() == 0 and shutil.which("apt-get"):
+        subprocess.run(
+            ["apt-get", "install", "-y", "-q", CBT_PACKAGE],
+            capture_output=True,
+            timeout=300,
+            check=False,
+        )
+        return find_cbtemulator(install=False)
+    raise EmulatorMissing(
+        f"cbtemulator not found (package {CBT_PACKAGE} from Google's apt repository,"
+        " or `gcloud components install bigtable`)"
+    )
+
+
+class _Process:
+    """A server process on a free loopback port that answers TCP connects when ready."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def _args(self) -> list[str]:
+        raise NotImplementedError
+
+    def start(self, timeout_s: float = 20.0) -> Self:
+        self.process = subprocess.Popen(
+            self._args(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,  # noqa: PLW1509
+        )
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return self
+            except OSError:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"{self._args()[0]} exited") from None
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise TimeoutError(f"{self._args()[0]} not listening") from None
+                time.sleep(0.02)
+
+    def pause(self) -> None:
+        """SIGSTOP: connections are accepted by the kernel, never answered."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT after pause()."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class Dynalite(_Process):
+    """dynalite in memory, tables created at once (`--createTableMs 0`)."""
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _args(self) -> list[str]:
+        return [
+            find_dynalite(),
+            "--host", "127.0.0.1",
+            "--port", str(self.port),
+            "--createTableMs", "0",
+            "--deleteTableMs", "0",
+            "--updateTableMs", "0",
+        ]  # fmt: skip
+
+    def __enter__(self) -> Dynalite:
+        self.start()
+        return self
+
+
+class BigtableEmulator(_Process):
+    """cbtemulator: any project and instance id, no credentials."""
+
+    @property
+    def host(self) -> str:
+        """Value for BIGTABLE_EMULATOR_HOST."""
+        return f"127.0.0.1:{self.port}"
+
+    def _args(self) -> list[str]:
+        return [find_cbtemulator(), "-host", "127.0.0.1", "-port", str(self.port)]
+
+    def __enter__(self) -> BigtableEmulator:
+        self.start()
+        return self
