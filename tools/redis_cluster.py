@@ -23,7 +23,6 @@ import redis
 
 from tools.redis_server import RedisServer, find_binary
 
-
 BUS_PORT_OFFSET = 10_000  # a cluster node also listens on port + 10000
 
 
@@ -112,9 +111,9 @@ class LocalCluster(_Deployment):
                 )  # fmt: skip
                 self.servers.append(self._start(server))
             addresses = [f"127.0.0.1:{s.port}" for s in self.servers]
+            create = ["--cluster", "create", *addresses, "--cluster-replicas", "1"]
             subprocess.run(
-                [find_binary("redis-cli"), "--cluster", "create", *addresses]
-                + ["--cluster-replicas", "1", "--cluster-yes"],
+                [find_binary("redis-cli"), *create, "--cluster-yes"],
                 check=True,
                 capture_output=True,
                 timeout=timeout_s,
