@@ -12,12 +12,12 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import redis.asyncio as aioredis
 from cachetools import TTLCache
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from features import metrics
+from features.connection import Client
 from features.errors import InvalidEntityId
 from features.spec import GROUPS, Dtype, FeatureGroup, validate_entity_id
 
@@ -132,7 +132,7 @@ class FeatureStore:
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: Client,
         *,
         groups: Sequence[FeatureGroup] = GROUPS,
         cache_ttl_s: float = 5.0,
