@@ -173,6 +173,11 @@ class _Pipeline(ClusterPipeline):
 
     cluster_client: _Cluster
 
+    async def initialize(self) -> _Pipeline:
+        # `async with` would load the slot map here, unbounded and raising
+        # RedisClusterException; execute() does it within the deadline instead.
+        return self
+
     async def execute(
         self, raise_on_error: bool = True, allow_redirections: bool = True
     ) -> list[Any]:
