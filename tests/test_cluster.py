@@ -15,7 +15,10 @@ import httpx
 import numpy as np
 import pytest
 import redis
-from redis.asyncio.connection import Connection
+import redis.asyncio
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import Connection, SSLConnection
+from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.cluster import RedisCluster as SyncRedisCluster
 
 from features import (
@@ -109,8 +112,8 @@ async def test_batch_read_is_one_pipeline_per_master(client, cluster, monkeypatc
     monkeypatch.setattr(Connection, "send_packed_command", counting)
     rows = await store.read([tx(i) for i in range(100)])
     # 200 keys on 3 masters: one write per master, sent in parallel.
-    assert sorted(sends) == sorted({s.port for s in cluster.alive()} & set(sends))
-    assert len(sends) == 3
+    masters = {port for port, role in cluster.roles().items() if role == "master"}
+    assert len(sends) == len(set(sends)) == 3 and set(sends) == masters
     assert rows.source is Source.REDIS
     assert [rows.values[i, COLUMN["tx_count_1h"]] for i in (0, 50, 99)] == [0, 50, 99]
     assert rows.values[7, COLUMN["mcc_risk_score"]] == pytest.approx(0.5)
@@ -160,6 +163,60 @@ async def test_moved_slot_is_followed_and_the_slot_map_updated(client, admin, cl
     assert rows.reads[0]["user:features"].source is Source.REDIS
     assert rows.values[0, COLUMN["tx_count_1h"]] == 0
     assert client.get_node_from_key(key).port == target.port
+
+
+async def test_a_stalled_master_costs_the_deadline_not_the_socket_timeout(client, cluster) -> None:
+    await seed(client, 1)
+    fast = open_redis(cluster_settings(cluster, redis_cluster_deadline_s=0.15))
+    store = FeatureStore(fast, cache_ttl_s=0.001)
+    try:
+        assert (await store.read([tx(0)])).source is Source.REDIS
+        stalled = redis.Redis("127.0.0.1", cluster.master_of(USER_FEATURES.key("u0")).port)
+        stalled.client_pause(600)  # a real hang; the bus still runs
+        started = time.perf_counter()
+        rows = await store.read([tx(0)])
+        elapsed = time.perf_counter() - started
+        assert rows.reads[0]["user:features"].reason is Reason.UNAVAILABLE
+        assert elapsed < 0.5  # the socket timeout is 1 s, the pause 0.6 s
+        time.sleep(0.6)
+        assert (await store.read([tx(0)])).source is Source.REDIS  # and back
+    finally:
+        await fast.aclose()
+
+
+def test_settings_select_the_client_with_tls_and_auth() -> None:
+    url = "rediss://app:secret@127.0.0.1:7000/0?ssl_cert_reqs=none"
+    standalone = open_redis(Settings(redis_url=url))
+    assert isinstance(standalone, redis.asyncio.Redis)
+    kwargs = standalone.connection_pool.connection_kwargs
+    assert (kwargs["username"], kwargs["password"]) == ("app", "secret")
+    assert standalone.connection_pool.connection_class is SSLConnection
+
+    cluster = open_redis(Settings(redis_url=url, redis_mode="cluster", redis_nodes="h2:7001"))
+    assert isinstance(cluster, RedisCluster)
+    assert {n.name for n in cluster.startup_nodes} == {"127.0.0.1:7000", "h2:7001"}
+    assert cluster.connection_kwargs["connection_class"] is SSLConnection
+    assert cluster.connection_kwargs["password"] == "secret"
+    assert cluster.connection_kwargs["socket_timeout"] == Settings().redis_socket_timeout_s
+    assert cluster.retry.get_retries() == 0
+
+    sentinel = open_redis(
+        Settings(redis_url=url, redis_mode="sentinel", redis_nodes="s1:26379,s2:26379")
+    )
+    assert isinstance(sentinel, redis.asyncio.Redis)
+    pool = sentinel.connection_pool
+    assert isinstance(pool, SentinelConnectionPool) and pool.service_name == "mymaster"
+    assert issubclass(pool.connection_class, SSLConnection)
+    assert pool.connection_kwargs["password"] == "secret"
+    assert pool.connection_kwargs["retry"].get_retries() == 0
+
+    for env, key in [
+        ({"FEATURES_REDIS_MODE": "replicated"}, "FEATURES_REDIS_MODE"),
+        ({"FEATURES_REDIS_MODE": "sentinel"}, "FEATURES_REDIS_NODES"),
+        ({"FEATURES_REDIS_NODES": "h1:7000,h2"}, "FEATURES_REDIS_NODES"),
+    ]:
+        with pytest.raises(ValueError, match=key):
+            Settings.from_env(env)
 
 
 async def test_unreachable_cluster_gives_defaults_not_errors() -> None:
