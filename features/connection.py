@@ -20,6 +20,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import (
     AskError,
     ClusterDownError,
+    MaxConnectionsError,
     RedisClusterException,
     RedisError,
     ResponseError,
@@ -189,8 +190,8 @@ class _Pipeline(ClusterPipeline):
             client.refresh_slot_map_soon()
             raise RedisConnectionError(str(exc)) from exc
         except (RedisError, OSError, TimeoutError) as exc:
-            if not _is_data_error(exc):
-                client.refresh_slot_map_soon()
+            if not _is_data_error(exc) and not isinstance(exc, MaxConnectionsError):
+                client.refresh_slot_map_soon()  # a full pool is no topology change
             raise
         failed = next((r for r in replies if isinstance(r, _UNAVAILABLE)), None)
         if failed is not None:
