@@ -56,7 +56,7 @@ class FeatureWriter:
                     pairs = [part for item in mapping.items() for part in item]
                     pipe.eval(SET_WITH_TTL, 1, key, group.ttl_s, *pairs)
                 replies = await pipe.execute(raise_on_error=False)
-        except RedisError as exc:
+        except (RedisError, OSError) as exc:  # OSError: TimeoutError of a cluster deadline
             raise FeatureWriteError(
                 f"{len(rows)} {group.qualified_name} rows not confirmed: {exc}", failed=ids
             ) from exc

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -272,7 +272,11 @@ def _migrate_slot(slot: int, source: int, target: int, cluster: LocalCluster) ->
 
 
 def traffic_through_failover(
-    svc: Service, user: str, kill: object, wait_promoted: object, duration_s: float = 15.0
+    svc: Service,
+    user: str,
+    kill: Callable[[], None],
+    wait_promoted: Callable[[], None],
+    duration_s: float,
 ) -> dict[str, float]:
     """Send /predict for `user` before, during and after a kill; return the timings."""
     statuses: list[int] = []
@@ -284,7 +288,7 @@ def traffic_through_failover(
                 "source"
             ] in ("redis", "cache")
         killed_at = time.monotonic()
-        kill()  # type: ignore[operator]
+        kill()
         while time.monotonic() - killed_at < duration_s:
             started = time.monotonic()
             r = http.post("/predict", json=body)
@@ -296,7 +300,7 @@ def traffic_through_failover(
             if seen_default and now - max(seen_default) > 1.5:
                 break  # served from Redis again for 1.5 s: recovered
             time.sleep(0.01)
-        wait_promoted()  # type: ignore[operator]
+        wait_promoted()
     assert set(statuses) == {200}, f"non-200 responses: {sorted(set(statuses))}"
     defaults = [t for t, s, _ in served if s == "default"]
     assert defaults, "the kill was never noticed"
