@@ -162,15 +162,18 @@ async def test_write_refused_by_one_master_names_its_rows_only(client, admin, cl
             assert admin.ttl(USER_FEATURES.key(f"u{i}")) > 0
 
 
-async def test_moved_slot_is_followed_and_the_slot_map_updated(client, admin, cluster) -> None:
+async def test_ask_and_moved_are_followed_and_the_slot_map_updated(client, admin, cluster) -> None:
     await seed(client, 1)
     key = USER_FEATURES.key("u0")
-    store = FeatureStore(client, cache_ttl_s=0.001)
-    assert (await store.read([tx(0)])).source is Source.REDIS  # the client knows the slot
+    # A new store per read: no cache in the way.
+    assert (await FeatureStore(client).read([tx(0)])).source is Source.REDIS  # slot known
     source, target = cluster.master_of(key), _other_master(cluster, key)
-    _migrate_slot(admin.keyslot(key), source.port, target.port, cluster)
-    time.sleep(0.01)
-    rows = await store.read([tx(0)])  # MOVED, followed within the same read
+    slot = admin.keyslot(key)
+    target_id = _start_migration(slot, source.port, target.port)
+    rows = await FeatureStore(client).read([tx(0)])  # ASK: the key moved, the slot not yet
+    assert rows.reads[0]["user:features"].source is Source.REDIS
+    _finish_migration(slot, target_id, cluster)
+    rows = await FeatureStore(client).read([tx(0)])  # MOVED, followed within the same read
     assert rows.reads[0]["user:features"].source is Source.REDIS
     assert rows.values[0, COLUMN["tx_count_1h"]] == 0
     assert client.get_node_from_key(key).port == target.port
@@ -253,8 +256,9 @@ def _other_master(cluster: LocalCluster, key: str) -> RedisServer:
     return next(s for s in cluster.alive() if roles[s.port] == "master" and s is not owner)
 
 
-def _migrate_slot(slot: int, source: int, target: int, cluster: LocalCluster) -> None:
-    """Move one slot with its keys, as `redis-cli --cluster reshard` does."""
+def _start_migration(slot: int, source: int, target: int) -> bytes:
+    """Move a slot's keys as `redis-cli --cluster reshard` does, but leave the slot with
+    `source` (which now answers ASK for them); returns the target's node id."""
     src: Any = redis.Redis("127.0.0.1", source)
     dst: Any = redis.Redis("127.0.0.1", target)
     src_id, dst_id = src.execute_command("CLUSTER MYID"), dst.execute_command("CLUSTER MYID")
@@ -262,10 +266,14 @@ def _migrate_slot(slot: int, source: int, target: int, cluster: LocalCluster) ->
     src.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", dst_id)
     while keys := src.execute_command("CLUSTER GETKEYSINSLOT", slot, 100):
         src.execute_command("MIGRATE", "127.0.0.1", target, "", 0, 5000, "KEYS", *keys)
-    for port in {s.port for s in cluster.alive()}:
-        node: Any = redis.Redis("127.0.0.1", port)
-        if node.info("replication")["role"] == "master":
-            node.execute_command("CLUSTER SETSLOT", slot, "NODE", dst_id)
+    return bytes(dst_id)
+
+
+def _finish_migration(slot: int, target_id: bytes, cluster: LocalCluster) -> None:
+    for port, role in cluster.roles().items():
+        if role == "master":
+            node: Any = redis.Redis("127.0.0.1", port)
+            node.execute_command("CLUSTER SETSLOT", slot, "NODE", target_id)
 
 
 # --- failover under traffic, through the real BentoML service -------------------------
