@@ -139,11 +139,23 @@ class _Cluster(RedisCluster):
         self.deadline_s = deadline_s
         self._refresh: asyncio.Task[None] | None = None
         self._last_refresh = -float("inf")
+        self._loading: asyncio.Task[Any] | None = None
 
     def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> Any:
         if shard_hint:
             raise RedisClusterException("shard_hint is deprecated in cluster mode")
         return _Pipeline(self, transaction)  # type: ignore[abstract]
+
+    async def ready(self) -> None:
+        """Load the slot map (and command table) if the client must, in a task that a
+        request's deadline cannot cancel: on a slow host a load that each deadline
+        restarted could never finish."""
+        if not self._initialize:  # RedisCluster's own flag: set after errors too
+            return
+        if self._loading is None or self._loading.done():
+            self._loading = asyncio.get_running_loop().create_task(self.initialize())
+            self._loading.add_done_callback(_retrieve)
+        await asyncio.shield(self._loading)
 
     def refresh_slot_map_soon(self) -> None:
         """Reload the slot map in the background, at most once per interval."""
@@ -164,8 +176,9 @@ class _Cluster(RedisCluster):
             logger.debug("cluster slot map reload failed: %r", exc)
 
     async def aclose(self) -> None:
-        if self._refresh is not None:
-            self._refresh.cancel()
+        for task in (self._refresh, self._loading):
+            if task is not None:
+                task.cancel()
         await super().aclose()
 
 
@@ -185,6 +198,7 @@ class _Pipeline(ClusterPipeline):
         client = self.cluster_client
         try:
             async with asyncio.timeout(client.deadline_s):
+                await client.ready()
                 replies = await super().execute(raise_on_error, allow_redirections)
         except RedisClusterException as exc:  # not a RedisError: e.g. no reachable node
             client.refresh_slot_map_soon()
@@ -199,6 +213,13 @@ class _Pipeline(ClusterPipeline):
             client.refresh_slot_map_soon()
             raise failed
         return replies
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    # The requests that awaited it saw the error; this one is only not to be logged
+    # as "never retrieved" when none did.
+    if not task.cancelled():
+        task.exception()
 
 
 def _is_data_error(exc: BaseException) -> bool:

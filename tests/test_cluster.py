@@ -198,6 +198,28 @@ async def test_a_stalled_master_costs_the_deadline_not_the_socket_timeout(client
         await fast.aclose()
 
 
+async def test_a_slot_map_load_outlives_the_deadline_that_gave_up_on_it(client, cluster) -> None:
+    await seed(client, 1)
+    fresh = open_redis(cluster_settings(cluster, redis_cluster_deadline_s=0.1))
+    assert isinstance(fresh, RedisCluster)
+    nodes = [redis.Redis("127.0.0.1", s.port) for s in cluster.alive()]
+    try:
+        for node in nodes:
+            node.client_pause(500)  # the first read's slot-map load hangs
+        started = time.perf_counter()
+        rows = await FeatureStore(fresh).read([tx(0)])
+        assert time.perf_counter() - started < 0.4  # the deadline, not the pause
+        assert rows.reads[0]["user:features"].reason is Reason.UNAVAILABLE
+        await asyncio.sleep(0.7)  # the pause ends; the load went on and finished
+        assert not fresh._initialize  # RedisCluster's "must load first" flag
+        rows = await FeatureStore(fresh).read([tx(0)])
+        assert rows.reads[0]["user:features"].source is Source.REDIS
+    finally:
+        for node in nodes:
+            node.client_unpause()
+        await fresh.aclose()
+
+
 def test_settings_select_the_client_with_tls_and_auth() -> None:
     url = "rediss://app:secret@127.0.0.1:7000/0?ssl_cert_reqs=none"
     standalone = open_redis(Settings(redis_url=url))
