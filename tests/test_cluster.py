@@ -311,6 +311,7 @@ def traffic_through_failover(
     """Send /predict for `user` before, during and after a kill; return the timings."""
     statuses: list[int] = []
     served: list[tuple[float, str, float]] = []  # (t since kill, user source, latency)
+    server_ms: list[float] = []  # the service's own features_ms
     body = {"user_id": user, "merchant_id": "m0", "amount": 10.0}
     with httpx.Client(base_url=svc.url, timeout=10) as http:
         for _ in range(20):
@@ -324,6 +325,7 @@ def traffic_through_failover(
             r = http.post("/predict", json=body)
             statuses.append(r.status_code)
             source = r.json()["sources"]["user:features"]["source"] if r.is_success else "5xx"
+            server_ms.append(r.json()["timings"]["features_ms"] if r.is_success else -1.0)
             now = time.monotonic() - killed_at
             served.append((started - killed_at, source, time.monotonic() - started))
             seen_default = [t for t, s, _ in served if s == "default"]
@@ -344,6 +346,8 @@ def traffic_through_failover(
         "defaults": len(defaults),
         "max_latency_ms": 1e3 * max(lat for _, _, lat in served),
         "max_latency_at_s": max(served, key=lambda x: x[2])[0],
+        "its_features_ms": server_ms[max(range(len(served)), key=lambda i: served[i][2])],
+        "max_features_ms": max(server_ms),
         "median_latency_ms": 1e3 * statistics.median(lat for _, _, lat in served),
         "max_latency_in_window_ms": 1e3 * max(lat for t, _, lat in served if t <= last_default),
     }
