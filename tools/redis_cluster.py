@@ -276,7 +276,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 time.sleep(0.2)
     else:
         with LocalCluster() as cluster:
-            print(f"FEATURES_REDIS_MODE=cluster FEATURES_REDIS_NODES={cluster.nodes}", flush=True)
+            print(f"FEATURES_REDIS_MODE=cluster FEATURES_REDIS_URL={cluster.url}")
+            print(f"FEATURES_REDIS_NODES={cluster.nodes}", flush=True)
             while not stop:
                 time.sleep(0.2)
     return 0
