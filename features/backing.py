@@ -13,8 +13,7 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import redis.asyncio as aioredis
-
+from features.connection import Client
 from features.settings import Settings
 from features.spec import EVENT_TS_FIELD, GROUPS, FeatureGroup
 
@@ -173,7 +172,7 @@ def remaining_ttl_s(group: FeatureGroup, event_ts: float | None, now: float) -> 
 
 
 async def restore_to_redis(
-    client: aioredis.Redis,
+    client: Client,
     items: Sequence[tuple[FeatureGroup, str, Record]],
     now: float,
 ) -> RestoreCounts:

@@ -9,6 +9,8 @@ FeatureError
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class FeatureError(Exception):
     """Base of every error the feature layer raises."""
@@ -28,7 +30,11 @@ class FeatureStoreUnavailable(FeatureError):
 
 
 class FeatureWriteError(FeatureError):
-    """The online store rejected or did not acknowledge a write."""
+    """The online store rejected or did not acknowledge a write; `failed` names the rows."""
+
+    def __init__(self, message: str, failed: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.failed = tuple(failed)
 
 
 class BackingStoreError(FeatureError):

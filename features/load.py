@@ -113,6 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         redis_socket_timeout_s=10.0,
         redis_connect_timeout_s=2.0,
         redis_pool_timeout_s=10.0,
+        redis_cluster_deadline_s=60.0,
     )
     if args.demo:
         jobs = [

@@ -10,6 +10,7 @@ from typing import Any
 
 PREFIX = "FEATURES_"
 BACKING_STORES = ("none", "dynamodb", "bigtable")
+MODES = ("standalone", "cluster", "sentinel")
 
 
 @dataclass(frozen=True, slots=True)
@@ -17,7 +18,19 @@ class Settings:
     """Every knob, with its environment variable `FEATURES_<FIELD NAME IN CAPS>`."""
 
     redis_url: str = "redis://127.0.0.1:6379/0"
-    """Online store. `redis://[user:password@]host:port/db`; `REDIS_URL` works too."""
+    """Online store. `redis://[user:password@]host:port/db`, `rediss://` for TLS (TLS
+    options as query parameters); `REDIS_URL` works too. Scheme, credentials and TLS
+    apply in every mode; the host is a seed node in cluster mode, unused in sentinel mode."""
+    redis_mode: str = "standalone"
+    """`standalone` (one server or a proxy), `cluster` (Redis Cluster) or `sentinel`."""
+    redis_nodes: str = ""
+    """`host:port,host:port`: more cluster seed nodes (cluster), or the sentinels (sentinel)."""
+    redis_sentinel_service: str = "mymaster"
+    """Name of the master the sentinels monitor (sentinel mode)."""
+    redis_sentinel_password: str = ""
+    """Password of the sentinels themselves, if they require one (sentinel mode)."""
+    redis_cluster_deadline_s: float = 0.1
+    """Longest one cluster read may take, redirects and slot-map reloads included."""
     redis_socket_timeout_s: float = 0.05
     """Longest wait for a Redis reply before the request gets defaults."""
     redis_connect_timeout_s: float = 0.1
@@ -83,6 +96,23 @@ class Settings:
                 f"{PREFIX}BACKING_STORE must be one of {', '.join(BACKING_STORES)},"
                 f" got {self.backing_store!r}"
             )
+        if self.redis_mode not in MODES:
+            raise ValueError(
+                f"{PREFIX}REDIS_MODE must be one of {', '.join(MODES)}, got {self.redis_mode!r}"
+            )
+        nodes = self.node_addresses()  # raises for a malformed list
+        if self.redis_mode == "sentinel" and not nodes:
+            raise ValueError(f"{PREFIX}REDIS_NODES must list the sentinels in sentinel mode")
+
+    def node_addresses(self) -> list[tuple[str, int]]:
+        """`redis_nodes` as (host, port) pairs."""
+        addresses = []
+        for item in filter(None, (part.strip() for part in self.redis_nodes.split(","))):
+            host, _, port = item.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"{PREFIX}REDIS_NODES: {item!r} is not host:port")
+            addresses.append((host, int(port)))
+        return addresses
 
 
 def _parse(key: str, raw: str, kind: type) -> Any:

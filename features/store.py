@@ -13,13 +13,13 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import redis.asyncio as aioredis
 from cachetools import TTLCache
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from features import metrics
 from features.backing import BackingBreaker, BackingStore, Record, entity_id_of, restore_to_redis
+from features.connection import Client
 from features.errors import BackingStoreError, InvalidEntityId
 from features.spec import EVENT_TS_FIELD, GROUPS, Dtype, FeatureGroup, validate_entity_id
 
@@ -159,7 +159,7 @@ class FeatureStore:
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: Client,
         *,
         groups: Sequence[FeatureGroup] = GROUPS,
         cache_ttl_s: float = 5.0,

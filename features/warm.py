@@ -15,7 +15,6 @@ import sys
 import time
 from collections.abc import Sequence
 
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 from tqdm import tqdm
 
@@ -26,7 +25,7 @@ from features.backing import (
     open_backing,
     restore_to_redis,
 )
-from features.connection import open_redis
+from features.connection import Client, open_redis
 from features.errors import BackingStoreError
 from features.settings import Settings
 from features.spec import FeatureGroup
@@ -47,7 +46,7 @@ class WarmReport:
 
 async def warm(
     backing: BackingStore,
-    client: aioredis.Redis,
+    client: Client,
     *,
     batch_size: int = 500,
     concurrency: int = 4,

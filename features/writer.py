@@ -1,5 +1,10 @@
-"""Writes feature groups: to the backing store first (if any), then to Redis, fields,
-event time and TTL together, or not at all."""
+"""Writes feature groups: to the backing store first (if any), then to Redis.
+
+In Redis, one EVAL per entity sets its fields, event time and TTL together (one script:
+atomic on its key's slot), all in one non-transactional pipeline. The same code runs
+standalone, on Sentinel and on a Cluster, where a MULTI/EXEC spanning the batch would be
+refused: its keys span slots.
+"""
 
 from __future__ import annotations
 
@@ -7,23 +12,30 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from features.backing import BackingStore
+from features.connection import Client
 from features.errors import BackingStoreError, FeatureWriteError
 from features.spec import EVENT_TS_FIELD, Dtype, FeatureGroup, validate_entity_id
 
 Row = tuple[str, Mapping[str, float]]
 
+# KEYS[1] the group's key; ARGV[1] its TTL in seconds, then field, value, field, value...
+# Under maxmemory the HSET is refused before anything is written, so nothing half-applies.
+SET_WITH_TTL = """
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+return redis.call('EXPIRE', KEYS[1], ARGV[1])
+"""
+
 
 class FeatureWriter:
-    """Writes through: the backing store (if any) first, then one MULTI/EXEC per batch in
-    Redis, so Redis never holds values newer than what persists."""
+    """Writes through: the backing store (if any) first, then Redis, atomically per
+    entity, so Redis never holds values newer than what persists."""
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: Client,
         backing: BackingStore | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -38,8 +50,10 @@ class FeatureWriter:
 
         Fields not given keep their stored values; the group's event time (`event_ts`,
         default now) is stored with them, and every written key gets the group's TTL.
-        A backing-store failure raises FeatureWriteError before Redis is touched; a Redis
-        failure raises it too, with nothing applied to Redis (the batch is one transaction).
+        A backing-store failure raises FeatureWriteError before Redis is touched. In
+        Redis each row is applied whole or not at all; on FeatureWriteError, `failed`
+        names the rows not written (all of them if the batch went unanswered), and
+        writing the rows again is safe.
         """
         if not rows:
             return 0
@@ -50,25 +64,40 @@ class FeatureWriter:
             (validate_entity_id(f"{group.entity}_id", entity_id), _encode(group, v))
             for entity_id, v in rows
         ]
+        ids = [entity_id for entity_id, _ in rows]
         what = f"{len(rows)} {group.qualified_name} rows not written"
         if self._backing is not None:
             try:
                 await self._backing.write(group, encoded, ts)
             except BackingStoreError as exc:
                 raise FeatureWriteError(
-                    f"{what}: backing store {self._backing.name}: {exc}; Redis untouched"
+                    f"{what}: backing store {self._backing.name}: {exc}; Redis untouched",
+                    failed=ids,
                 ) from exc
+        persisted = "" if self._backing is None else "; already persisted in the backing store"
         stamp = {EVENT_TS_FIELD: repr(ts)}
         try:
-            async with self._client.pipeline(transaction=True) as pipe:
+            async with self._client.pipeline(transaction=False) as pipe:
                 for entity_id, mapping in encoded:
-                    key = group.key(entity_id)
-                    pipe.hset(key, mapping=mapping | stamp)  # type: ignore[arg-type]
-                    pipe.expire(key, group.ttl_s)
-                await pipe.execute()
-        except RedisError as exc:
-            persisted = "" if self._backing is None else "; already persisted in the backing store"
-            raise FeatureWriteError(f"{what} to Redis: {exc}{persisted}") from exc
+                    pairs = [part for item in (mapping | stamp).items() for part in item]
+                    pipe.eval(SET_WITH_TTL, 1, group.key(entity_id), group.ttl_s, *pairs)
+                replies = await pipe.execute(raise_on_error=False)
+        except (RedisError, OSError) as exc:  # OSError: TimeoutError of a cluster deadline
+            raise FeatureWriteError(
+                f"{len(rows)} {group.qualified_name} rows not confirmed by Redis: {exc}{persisted}",
+                failed=ids,
+            ) from exc
+        errors = [
+            (entity_id, reply)
+            for entity_id, reply in zip(ids, replies, strict=True)
+            if isinstance(reply, Exception)
+        ]
+        if errors:
+            raise FeatureWriteError(
+                f"{len(errors)} {group.qualified_name} rows not written to Redis "
+                f"({len(rows) - len(errors)} were): {errors[0][1]}{persisted}",
+                failed=[entity_id for entity_id, _ in errors],
+            )
         return len(rows)
 
 

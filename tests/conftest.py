@@ -13,9 +13,9 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
-import redis.asyncio as aioredis
 
 from features import Settings, open_redis
+from features.connection import Client
 from tools.emulators import BigtableEmulator, Dynalite, EmulatorMissing
 from tools.redis_server import RedisServer, free_port
 
@@ -52,7 +52,7 @@ def sync_redis(redis_url: str) -> Iterator[redis.Redis]:
 
 
 @pytest.fixture
-async def client(settings: Settings, sync_redis: redis.Redis) -> AsyncIterator[aioredis.Redis]:
+async def client(settings: Settings, sync_redis: redis.Redis) -> AsyncIterator[Client]:
     client = open_redis(settings)
     yield client
     await client.aclose()

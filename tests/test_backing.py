@@ -13,7 +13,6 @@ import httpx
 import numpy as np
 import pytest
 import redis
-import redis.asyncio as aioredis
 
 from features import (
     MERCHANT_RISK,
@@ -31,6 +30,7 @@ from features import (
     open_redis,
 )
 from features.bigtable import BigtableStore
+from features.connection import Client
 from features.dynamo import DynamoStore
 from features.warm import warm
 from tests.conftest import FakeClock, Service
@@ -88,7 +88,7 @@ def settings_for(url: str) -> Settings:
 
 
 def store_with(
-    client: aioredis.Redis,
+    client: Client,
     backing: BackingStore,
     timeout_s: float = SLOW_OK_S,
     breaker: BackingBreaker | None = None,

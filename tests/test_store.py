@@ -25,6 +25,7 @@ from features import (
     metrics,
     open_redis,
 )
+from features.connection import Client
 from tests.conftest import FakeClock, command_calls
 from tools.redis_server import free_port
 
@@ -35,7 +36,7 @@ COLUMN = {f.name: i for i, f in enumerate(STORED_FEATURES)}
 
 
 def store_for(
-    client: aioredis.Redis, clock: FakeClock | None = None, cache_maxsize: int = 1000
+    client: Client, clock: FakeClock | None = None, cache_maxsize: int = 1000
 ) -> FeatureStore:
     return FeatureStore(
         client, cache_ttl_s=5.0, cache_maxsize=cache_maxsize, timer=clock or time.monotonic
@@ -262,6 +263,7 @@ async def test_write_to_a_full_redis_is_reported_and_not_half_applied(client, sy
 
 def test_settings_reach_the_client(settings: Settings) -> None:
     client = open_redis(settings)
+    assert isinstance(client, aioredis.Redis)
     kwargs = client.connection_pool.connection_kwargs
     assert kwargs["socket_timeout"] == settings.redis_socket_timeout_s
     assert kwargs["socket_connect_timeout"] == settings.redis_connect_timeout_s

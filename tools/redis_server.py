@@ -62,11 +62,17 @@ class RedisServer:
     """One redis-server process bound to 127.0.0.1."""
 
     def __init__(
-        self, port: int | None = None, extra_args: Sequence[str] = (), *, quiet: bool = False
+        self,
+        port: int | None = None,
+        extra_args: Sequence[str] = (),
+        *,
+        quiet: bool = False,
+        config: str = "",
     ) -> None:
         self.port = port or free_port()
         self._quiet = quiet
         self._extra_args = list(extra_args)
+        self._config = config  # written to redis.conf, passed first (sentinels need a file)
         self._dir: tempfile.TemporaryDirectory[str] | None = None
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -77,8 +83,14 @@ class RedisServer:
     def start(self, timeout_s: float = 10.0) -> RedisServer:
         """Start the server and wait until it answers PING."""
         self._dir = tempfile.TemporaryDirectory(prefix="redis-")
+        config = []
+        if self._config:
+            path = Path(self._dir.name) / "redis.conf"
+            path.write_text(self._config)
+            config.append(str(path))
         args = [
             find_binary(),
+            *config,
             "--bind", "127.0.0.1",
             "--port", str(self.port),
             "--save", "",
@@ -110,6 +122,12 @@ class RedisServer:
                 return s.recv(64).startswith(b"+PONG")
         except OSError:
             return False
+
+    def kill(self) -> None:
+        """Crash the server: SIGKILL, no shutdown, no goodbye to its peers."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
 
     def stop(self) -> None:
         """Stop the server (SIGTERM, then SIGKILL) and remove its directory."""
