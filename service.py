@@ -8,7 +8,7 @@ import os
 import time
 from http import HTTPStatus
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import bentoml
 import numpy as np
@@ -17,8 +17,8 @@ from prometheus_client import Histogram
 from pydantic import BaseModel, Field
 
 from features import (
-    ENTITY_ID_MAX_LEN,
     ENTITY_ID_PATTERN,
+    CircuitBreaker,
     FeatureRows,
     FeatureStore,
     GroupRead,
@@ -27,6 +27,7 @@ from features import (
     describe_skew,
     model_inputs,
     open_redis,
+    redact_url,
 )
 from features.metrics import LATENCY_BUCKETS_S
 from models import MODEL_NAME
@@ -38,6 +39,8 @@ MODEL_TAG = f"{MODEL_NAME}:latest"
 MIN_TIMESTAMP_S = 946_684_800.0  # 2000-01-01
 MAX_TIMESTAMP_S = 4_102_444_800.0  # 2100-01-01
 MAX_AMOUNT = 1e9
+# Read at import: the request models below carry the configured limits.
+SETTINGS = Settings.from_env()
 
 INFERENCE_SECONDS = Histogram(
     "fraud_inference_seconds",
@@ -46,7 +49,7 @@ INFERENCE_SECONDS = Histogram(
 )
 
 EntityId = Annotated[
-    str, Field(min_length=1, max_length=ENTITY_ID_MAX_LEN, pattern=ENTITY_ID_PATTERN)
+    str, Field(min_length=1, max_length=SETTINGS.max_id_length, pattern=ENTITY_ID_PATTERN)
 ]
 Amount = Annotated[float, Field(ge=0, le=MAX_AMOUNT, allow_inf_nan=False)]
 Timestamp = Annotated[
@@ -118,6 +121,64 @@ class InvalidRequest(BentoMLException):
     error_code = HTTPStatus.UNPROCESSABLE_ENTITY
 
 
+ASGIApp = Any  # (scope, receive, send) -> awaitable; starlette's types are not needed here
+
+
+class BodyLimit:
+    """ASGI middleware: a body over `max_bytes` gets 413 before the API parses it.
+
+    Checks Content-Length first, then counts what arrives (chunked bodies declare
+    none), so at most `max_bytes` of a request is ever held in memory.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            await self._refuse(send, declared.decode("latin-1")[:20])
+            return
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await self._refuse(send, f"over {size}")
+                return
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body, replayed = b"".join(chunks), False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal replayed
+            if replayed:
+                message: dict[str, Any] = await receive()  # the disconnect, later
+                return message
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, send: Any, size: str) -> None:
+        detail = json.dumps({"error": f"body: {size} bytes, at most {self.max_bytes}"})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
+        await send({"type": "http.response.body", "body": detail.encode()})
+
+
 @bentoml.service(
     workers=int(os.environ.get("FRAUD_WORKERS", "1")),
     logging={"access": {"enabled": os.environ.get("FRAUD_ACCESS_LOG", "") == "1"}},
@@ -130,7 +191,7 @@ class FraudService:
     refuse_skewed_model(model)
 
     def __init__(self) -> None:
-        self.settings = Settings.from_env()
+        self.settings = SETTINGS
         self.scorer = Scorer.load(self.model.path)
         self.scorer.check_schema()  # the model may have changed since import
         self.redis = open_redis(self.settings)
@@ -139,8 +200,17 @@ class FraudService:
             cache_ttl_s=self.settings.cache_ttl_s,
             cache_maxsize=self.settings.cache_maxsize,
             error_log_interval_s=self.settings.error_log_interval_s,
+            breaker=CircuitBreaker(
+                failure_threshold=self.settings.breaker_failures,
+                reset_s=self.settings.breaker_reset_s,
+            ),
         )
-        logger.info("model %s loaded, fingerprint %s", self.model.tag, self.scorer.fingerprint)
+        logger.info(
+            "model %s loaded, fingerprint %s; online store %s",
+            self.model.tag,
+            self.scorer.fingerprint,
+            redact_url(self.settings.redis_url),
+        )
 
     @bentoml.on_shutdown
     async def close(self) -> None:
@@ -206,6 +276,10 @@ class FraudService:
             f"total;dur={timings.total_ms}"
         )
         return _scores(rows, probabilities.tolist()), timings
+
+
+# The decorator made FraudService a bentoml Service; its stub types it as the class.
+FraudService.add_asgi_middleware(BodyLimit, max_bytes=SETTINGS.max_body_bytes)  # type: ignore[attr-defined]
 
 
 def _scores(rows: FeatureRows, probabilities: list[float]) -> list[Score]:

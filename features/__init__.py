@@ -1,5 +1,6 @@
 """Feature retrieval for online scoring: cache, one Redis round trip, defaults."""
 
+from features.breaker import CircuitBreaker
 from features.connection import open_redis
 from features.errors import (
     FeatureError,
@@ -8,7 +9,7 @@ from features.errors import (
     InvalidEntityId,
 )
 from features.ondemand import model_inputs
-from features.settings import Settings
+from features.settings import Settings, redact_url
 from features.spec import (
     ENTITY_ID_MAX_LEN,
     ENTITY_ID_PATTERN,
@@ -36,6 +37,7 @@ __all__ = [
     "MODEL_FEATURES",
     "STORED_FEATURES",
     "USER_FEATURES",
+    "CircuitBreaker",
     "Dtype",
     "Feature",
     "FeatureError",
@@ -54,6 +56,7 @@ __all__ = [
     "fingerprint",
     "model_inputs",
     "open_redis",
+    "redact_url",
     "schema",
     "validate_entity_id",
 ]

@@ -45,3 +45,13 @@ CORRUPT_VALUES = Counter(
     "Stored values that failed to parse or check, served as their default",
     ["group", "feature"],
 )
+BREAKER_STATE = Gauge(
+    "features_breaker_state",
+    "Circuit breaker around Redis: 0 closed, 1 half-open (probing), 2 open (no Redis reads)",
+    multiprocess_mode="liveall",
+)
+BREAKER_TRANSITIONS = Counter(
+    "features_breaker_transitions_total",
+    "Circuit breaker state changes, by the state entered",
+    ["state"],
+)

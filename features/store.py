@@ -14,10 +14,12 @@ import numpy as np
 import numpy.typing as npt
 import redis.asyncio as aioredis
 from cachetools import TTLCache
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from features import metrics
+from features.breaker import CircuitBreaker
 from features.errors import InvalidEntityId
 from features.spec import GROUPS, Dtype, FeatureGroup, validate_entity_id
 
@@ -38,6 +40,11 @@ class Reason(StrEnum):
     MISSING = "missing"  # no such key: unknown entity, or expired
     INVALID = "invalid"  # fields absent, unparsable, or the key is not a hash
     UNAVAILABLE = "unavailable"  # Redis failed or timed out
+    CIRCUIT_OPEN = "circuit_open"  # Redis was not asked: it failed recently
+
+
+# Failures of the store, not facts about the entity: never cached.
+_NOT_CACHED = frozenset({Reason.UNAVAILABLE, Reason.CIRCUIT_OPEN})
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +85,7 @@ class _Group:
         self.missing = _entry(group.defaults, Source.DEFAULT, names, Reason.MISSING)
         self.unavailable = _entry(group.defaults, Source.DEFAULT, names, Reason.UNAVAILABLE)
         self.wrongtype = _entry(group.defaults, Source.DEFAULT, names, Reason.INVALID)
+        self.circuit_open = _entry(group.defaults, Source.DEFAULT, names, Reason.CIRCUIT_OPEN)
 
     def decode(self, reply: list[bytes | None]) -> _Entry:
         """Turn one HMGET reply into values; bad or absent fields get their defaults."""
@@ -138,9 +146,11 @@ class FeatureStore:
         cache_ttl_s: float = 5.0,
         cache_maxsize: int = 100_000,
         error_log_interval_s: float = 10.0,
+        breaker: CircuitBreaker | None = None,
         timer: Callable[[], float] = time.monotonic,
     ) -> None:
         self._client = client
+        self._breaker = breaker or CircuitBreaker()
         self._groups: list[_Group] = []
         start = 0
         for group in groups:
@@ -180,7 +190,7 @@ class FeatureStore:
             fetched = await self._read_through(misses)
             entries |= fetched
             source = Source.REDIS
-            if any(e.read.reason is Reason.UNAVAILABLE for e in fetched.values()):
+            if any(e.read.reason in _NOT_CACHED for e in fetched.values()):
                 source = Source.DEFAULT
         values = np.empty((len(rows), self._width), dtype=np.float64)
         reads: list[dict[str, GroupRead]] = []
@@ -227,7 +237,7 @@ class FeatureStore:
                     if not future.done():
                         future.set_result(result.get(key, own[key].unavailable))
             for key, entry in result.items():
-                if entry.read.reason is not Reason.UNAVAILABLE:
+                if entry.read.reason not in _NOT_CACHED:
                     self._cache[key] = entry
         if joined:
             metrics.SHARED_READS.inc(len(joined))
@@ -237,15 +247,29 @@ class FeatureStore:
         return result
 
     async def _fetch(self, keys: dict[str, _Group]) -> dict[str, _Entry]:
-        """ONE non-transactional pipeline of HMGETs; failures become defaults."""
+        """ONE non-transactional pipeline of HMGETs; failures become defaults.
+
+        While the breaker is open this returns defaults without touching the network.
+        """
+        breaker = self._breaker
+        if not breaker.allow():
+            return {key: group.circuit_open for key, group in keys.items()}
         try:
             async with self._client.pipeline(transaction=False) as pipe:
                 for key, group in keys.items():
                     pipe.hmget(key, group.spec.field_names)
                 replies: list[Any] = await pipe.execute(raise_on_error=False)
         except (TimeoutError, RedisError, OSError) as exc:
+            if _pool_exhausted(exc):
+                breaker.abandon()  # our own backlog, not a sign that Redis is down
+            else:
+                breaker.failure()
             self._failed(exc, len(keys))
             return {key: group.unavailable for key, group in keys.items()}
+        except BaseException:
+            breaker.abandon()  # cancelled: the outcome is unknown
+            raise
+        breaker.success()
         metrics.REDIS_UP.set(1)
         return {
             key: group.wrongtype if isinstance(reply, Exception) else group.decode(reply)
@@ -253,11 +277,15 @@ class FeatureStore:
         }
 
     def _failed(self, exc: BaseException, n_keys: int) -> None:
-        kind = (
-            "timeout" if isinstance(exc, RedisTimeoutError | TimeoutError) else (type(exc).__name__)
-        )
+        if _pool_exhausted(exc):
+            kind = "pool_exhausted"
+        elif isinstance(exc, RedisTimeoutError | TimeoutError):
+            kind = "timeout"
+        else:
+            kind = type(exc).__name__
         metrics.REDIS_ERRORS.labels(kind).inc()
-        metrics.REDIS_UP.set(0)
+        if kind != "pool_exhausted":
+            metrics.REDIS_UP.set(0)
         self._errors_unlogged += 1
         now = time.monotonic()
         if now - self._last_error_log >= self._error_log_interval_s:
@@ -271,3 +299,8 @@ class FeatureStore:
             )
             self._last_error_log = now
             self._errors_unlogged = 0
+
+
+def _pool_exhausted(exc: BaseException) -> bool:
+    """True for BlockingConnectionPool's timeout waiting for a free connection."""
+    return isinstance(exc, RedisConnectionError) and isinstance(exc.__cause__, TimeoutError)

@@ -19,11 +19,13 @@ def test_public_names_are_pinned() -> None:
     assert sorted(features.__all__) == sorted(
         [
             "ENTITY_ID_MAX_LEN", "ENTITY_ID_PATTERN", "GROUPS", "MERCHANT_RISK",
-            "MODEL_FEATURES", "STORED_FEATURES", "USER_FEATURES", "Dtype", "Feature",
+            "MODEL_FEATURES", "STORED_FEATURES", "USER_FEATURES", "CircuitBreaker", "Dtype",
+            "Feature",
             "FeatureError", "FeatureGroup", "FeatureRows", "FeatureStore",
             "FeatureStoreUnavailable", "FeatureWriteError", "FeatureWriter", "GroupRead",
             "InvalidEntityId", "Reason", "Settings", "Source", "describe_skew",
-            "fingerprint", "model_inputs", "open_redis", "schema", "validate_entity_id",
+            "fingerprint", "model_inputs", "open_redis", "redact_url", "schema",
+            "validate_entity_id",
         ]
     )  # fmt: skip
 
