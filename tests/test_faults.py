@@ -65,6 +65,10 @@ class Rig:
         raise AssertionError(f"no recovery within {timeout_s} s")
 
 
+def breaker_state(rig: Rig) -> State:
+    return rig.breaker.state
+
+
 def reason(rows: FeatureRows) -> Reason | None:
     return rows.reads[0]["user:features"].reason
 
@@ -130,13 +134,13 @@ async def test_redis_killed_then_restarted(rig: Rig, with_data: bool) -> None:
     rig.server.kill()
     check_outage(await outage_reads(rig, 0.6))
     assert opened._value.get() > before
-    assert rig.breaker.state is not State.CLOSED
+    assert breaker_state(rig) is not State.CLOSED
     rig.server.start()
     assert await rig.recover() < 3.0
     rows, _ = await rig.read("u7", merchant="after")
     assert rows.reads[0]["user:features"].source is (Source.REDIS if with_data else Source.DEFAULT)
     assert reason(rows) is (Reason.INVALID if with_data else Reason.MISSING)
-    assert rig.breaker.state is State.CLOSED
+    assert breaker_state(rig) is State.CLOSED
 
 
 async def test_redis_hung_by_sigstop_then_sigcont(rig: Rig) -> None:
@@ -157,7 +161,7 @@ async def test_redis_hung_by_sigstop_then_sigcont(rig: Rig) -> None:
 async def test_redis_slower_than_the_timeout(rig: Rig, how: str) -> None:
     await rig.read("u0")
     if how == "client-pause":
-        rig.admin.execute_command("CLIENT", "PAUSE", 800, "ALL")
+        rig.admin.execute_command("CLIENT", "PAUSE", 800, "ALL")  # type: ignore[no-untyped-call]
         blocker = None
     else:
         blocker = threading.Thread(target=rig.admin.execute_command, args=("DEBUG", "SLEEP", 0.8))
@@ -172,7 +176,7 @@ async def test_redis_slower_than_the_timeout(rig: Rig, how: str) -> None:
 
 async def test_pool_exhausted_waits_briefly_then_serves_defaults(rig: Rig) -> None:
     pool = rig.client.connection_pool
-    held = [await pool.get_connection() for _ in range(4)]  # every connection in use
+    held = [await pool.get_connection() for _ in range(4)]  # type: ignore[no-untyped-call]  # every connection in use
     exhausted = metrics.REDIS_ERRORS.labels("pool_exhausted")
     before = exhausted._value.get()
     try:
@@ -182,7 +186,7 @@ async def test_pool_exhausted_waits_briefly_then_serves_defaults(rig: Rig) -> No
             assert elapsed < SLOW_READ_S  # the pool timeout is 0.02 s
         assert exhausted._value.get() == before + 6
         # Our own backlog, not a Redis failure: the breaker stays closed.
-        assert rig.breaker.state is State.CLOSED
+        assert breaker_state(rig) is State.CLOSED
     finally:
         for connection in held:
             await pool.release(connection)
@@ -191,7 +195,7 @@ async def test_pool_exhausted_waits_briefly_then_serves_defaults(rig: Rig) -> No
 
 
 async def test_more_concurrent_reads_than_connections(rig: Rig) -> None:
-    rig.admin.execute_command("CLIENT", "PAUSE", 300, "ALL")
+    rig.admin.execute_command("CLIENT", "PAUSE", 300, "ALL")  # type: ignore[no-untyped-call]
     started = time.perf_counter()
     results = await asyncio.gather(*(rig.read(f"u{i}", merchant=f"c{i}") for i in range(40)))
     assert time.perf_counter() - started < 1.0
@@ -241,7 +245,7 @@ async def test_keys_of_the_wrong_type_serve_defaults(rig: Rig, kind: str) -> Non
         "set": lambda: rig.admin.sadd(key, "a"),
         "zset": lambda: rig.admin.zadd(key, {"a": 1.0}),
         "string": lambda: rig.admin.set(key, "x" * 1000),
-    }[kind]()
+    }[kind]()  # type: ignore[no-untyped-call]
     rows, _ = await rig.read("u1", merchant="g1")
     read = rows.reads[0]["merchant:risk"]
     assert (read.source, read.reason) == (Source.DEFAULT, Reason.INVALID)

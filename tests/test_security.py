@@ -12,13 +12,13 @@ import pytest
 import redis
 
 from features import (
+    USER_FEATURES,
     FeatureStore,
     FeatureWriteError,
     FeatureWriter,
     Reason,
     Settings,
     Source,
-    USER_FEATURES,
     open_redis,
     redact_url,
 )
@@ -104,7 +104,7 @@ async def test_acl_user_in_the_url_may_read_but_not_write(tls_redis: TLSRedis) -
     assert (await read_user(settings))[:2] == (Source.REDIS, Reason.INVALID)
     client = open_redis(settings)
     try:
-        with pytest.raises(FeatureWriteError, match="NOPERM|no permissions") as info:
+        with pytest.raises(FeatureWriteError, match=r"NOPERM|no permissions") as info:
             await FeatureWriter(client).write(USER_FEATURES, [("u2", {"tx_count_1h": 1})])
     finally:
         await client.aclose()
@@ -157,7 +157,7 @@ def test_settings_hide_passwords_and_check_tls_options(tmp_path: Path) -> None:
     assert "hunter" not in repr(Settings(redis_password="hunter2"))
     assert redact_url("redis://:pw@h:1/0") == "redis://:***@h:1/0"
     assert redact_url("redis://h:1/0") == "redis://h:1/0"
-    with pytest.raises(ValueError, match="REDIS_TLS_\\* files need a rediss://"):
+    with pytest.raises(ValueError, match=r"REDIS_TLS_\* files need a rediss://"):
         Settings(redis_url="redis://h:1/0", redis_tls_ca_file="ca.pem")
     with pytest.raises(ValueError, match="CERT_FILE and _KEY_FILE"):
         Settings(redis_url="rediss://h:1/0", redis_tls_cert_file="c.pem")
