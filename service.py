@@ -51,10 +51,17 @@ INFERENCE_SECONDS = Histogram(
 EntityId = Annotated[
     str, Field(min_length=1, max_length=SETTINGS.max_id_length, pattern=ENTITY_ID_PATTERN)
 ]
-Amount = Annotated[float, Field(ge=0, le=MAX_AMOUNT, allow_inf_nan=False)]
+# strict: a JSON number only, never true/false or a numeric string.
+Amount = Annotated[float, Field(ge=0, le=MAX_AMOUNT, allow_inf_nan=False, strict=True)]
 Timestamp = Annotated[
     float | None,
-    Field(ge=MIN_TIMESTAMP_S, le=MAX_TIMESTAMP_S, allow_inf_nan=False, description="unix s"),
+    Field(
+        ge=MIN_TIMESTAMP_S,
+        le=MAX_TIMESTAMP_S,
+        allow_inf_nan=False,
+        strict=True,
+        description="unix s",
+    ),
 ]
 
 
@@ -65,6 +72,10 @@ class Transaction(BaseModel):
     merchant_id: EntityId
     amount: Amount
     timestamp: Timestamp = None
+
+
+# In the schema too: clients (and schemathesis) see the limit.
+Transactions = Annotated[list[Transaction], Field(min_length=1, max_length=SETTINGS.max_batch)]
 
 
 class GroupSource(BaseModel):
@@ -234,15 +245,9 @@ class FraudService:
 
     @bentoml.api
     async def predict_batch(
-        self, transactions: list[Transaction], ctx: bentoml.Context
+        self, transactions: Transactions, ctx: bentoml.Context
     ) -> BatchPrediction:
         """Fraud probabilities of many transactions: one Redis round trip, one forward pass."""
-        if not transactions:
-            raise InvalidRequest("transactions: must not be empty")
-        if len(transactions) > self.settings.max_batch:
-            raise InvalidRequest(
-                f"transactions: {len(transactions)} items, at most {self.settings.max_batch}"
-            )
         scores, timings = await self._score(transactions, ctx)
         return BatchPrediction(predictions=scores, timings=timings)
 
