@@ -37,7 +37,7 @@ def check_row(values: np.ndarray[Any, Any], reply: list[bytes | None], defaults:
             assert value == default
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(st.data())
 def test_any_stored_bytes_decode_to_a_float_or_the_default(data: st.DataObject) -> None:
     spec = data.draw(st.sampled_from(GROUPS))
@@ -100,7 +100,7 @@ BODY = st.one_of(
 
 @pytest.mark.e2e
 @settings(
-    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(path=st.sampled_from(["/predict", "/predict_batch"]), body=BODY)
 def test_any_request_body_is_served_or_refused_with_a_4xx(
@@ -139,7 +139,7 @@ def test_openapi_schema_holds(service: Service, path: str, mode: GenerationMode)
     schema = schemathesis.openapi.from_dict(corrected_schema(service.url))
     operation = schema[path]["POST"]
 
-    @settings(max_examples=40, deadline=None)
+    @settings(max_examples=30, deadline=None)
     @given(case=operation.as_strategy(generation_mode=mode))
     def holds(case: Any) -> None:
         # Every check: no 5xx; documented status codes; bodies and content types
