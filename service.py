@@ -135,8 +135,9 @@ class InvalidRequest(BentoMLException):
 ASGIApp = Any  # (scope, receive, send) -> awaitable; starlette's types are not needed here
 
 
-class BodyLimit:
-    """ASGI middleware: a body over `max_bytes` gets 413 before the API parses it.
+class RequestLimits:
+    """ASGI middleware, before the API parses anything: a body that is not JSON gets
+    415, and one over `max_bytes` gets 413.
 
     Checks Content-Length first, then counts what arrives (chunked bodies declare
     none), so at most `max_bytes` of a request is ever held in memory.
@@ -150,9 +151,16 @@ class BodyLimit:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
             return
-        declared = dict(scope["headers"]).get(b"content-length")
+        headers = dict(scope["headers"])
+        media_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+        if media_type != b"application/json":
+            shown = media_type.decode("latin-1")[:50] or "none"
+            await _refuse(send, HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+                          f"content-type: {shown}, must be application/json")  # fmt: skip
+            return
+        declared = headers.get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            await self._refuse(send, declared.decode("latin-1")[:20])
+            await self._too_large(send, declared.decode("latin-1")[:20])
             return
         chunks, size, more = [], 0, True
         while more:
@@ -162,7 +170,7 @@ class BodyLimit:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_bytes:
-                await self._refuse(send, f"over {size}")
+                await self._too_large(send, f"over {size}")
                 return
             chunks.append(chunk)
             more = message.get("more_body", False)
@@ -178,16 +186,20 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, send: Any, size: str) -> None:
-        detail = json.dumps({"error": f"body: {size} bytes, at most {self.max_bytes}"})
-        await send(
-            {
-                "type": "http.response.start",
-                "status": HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                "headers": [(b"content-type", b"application/json")],
-            }
-        )
-        await send({"type": "http.response.body", "body": detail.encode()})
+    async def _too_large(self, send: Any, size: str) -> None:
+        message = f"body: {size} bytes, at most {self.max_bytes}"
+        await _refuse(send, HTTPStatus.REQUEST_ENTITY_TOO_LARGE, message)
+
+
+async def _refuse(send: Any, status: HTTPStatus, message: str) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json")],
+        }
+    )
+    await send({"type": "http.response.body", "body": json.dumps({"error": message}).encode()})
 
 
 @bentoml.service(
@@ -284,7 +296,7 @@ class FraudService:
 
 
 # The decorator made FraudService a bentoml Service; its stub types it as the class.
-FraudService.add_asgi_middleware(BodyLimit, max_bytes=SETTINGS.max_body_bytes)  # type: ignore[attr-defined]
+FraudService.add_asgi_middleware(RequestLimits, max_bytes=SETTINGS.max_body_bytes)  # type: ignore[attr-defined]
 
 
 def _scores(rows: FeatureRows, probabilities: list[float]) -> list[Score]:

@@ -148,17 +148,18 @@ def test_non_finite_amount_is_a_4xx(service: Service, raw: str) -> None:
         ("not json at all", "application/json"),
         ("[1, 2, 3]", "application/json"),
         ("user_id=u1&merchant_id=m1&amount=1", "text/plain"),
+        ('{"user_id": "u1", "merchant_id": "m1", "amount": 1}', "text/plain"),
+        ('{"user_id": "u1", "merchant_id": "m1", "amount": 1}', "multipart/form-data"),
+        ('{"user_id": "u1", "merchant_id": "m1", "amount": 1}', ""),
         ("", "application/json"),
     ],
 )
 def test_malformed_bodies_are_a_4xx(service: Service, content: str, content_type: str) -> None:
-    r = httpx.post(
-        f"{service.url}/predict",
-        content=content,
-        headers={"content-type": content_type},
-        timeout=10,
-    )
+    headers = {"content-type": content_type} if content_type else {}
+    r = httpx.post(f"{service.url}/predict", content=content, headers=headers, timeout=10)
     assert 400 <= r.status_code < 500, r.text
+    if content_type != "application/json":
+        assert r.status_code == 415 and "content-type" in r.text
 
 
 def test_batch_limits(service: Service, seeded: redis.Redis) -> None:
@@ -190,12 +191,12 @@ def test_huge_bodies_are_refused_before_parsing(service: Service, seeded: redis.
     )
     assert r.status_code == 413 and "body" in r.text
     assert command_calls(seeded, "hmget") == 0
-    # Under the limit still works, chunked or not.
+    # Under the limit still works, chunked or not, with or without a charset.
     body = json.dumps(tx).encode()
     r = httpx.post(
         f"{service.url}/predict",
         content=iter([body[:10], body[10:]]),
-        headers={"content-type": "application/json"},
+        headers={"content-type": "Application/JSON; charset=utf-8"},
         timeout=10,
     )
     assert r.status_code == 200, r.text
