@@ -50,6 +50,10 @@ def rig(bentoml_home: Path) -> Iterator[Rig]:
             FEATURES_REDIS_SOCKET_TIMEOUT_S="0.1",
             FEATURES_BREAKER_RESET_S="0.2",
             FEATURES_CACHE_TTL_S="4",
+            # Limits other than the defaults, to see the settings reach the service.
+            FEATURES_MAX_ID_LENGTH="32",
+            FEATURES_MAX_BATCH="4",
+            FEATURES_MAX_BODY_BYTES="2048",
         ).start()
         admin = redis.Redis(port=server.port, password=PASSWORD, socket_timeout=5)
         try:
@@ -221,6 +225,18 @@ def test_garbage_in_redis_is_served_as_counted_defaults(rig: Rig) -> None:
     assert second["sources"]["user:features"]["reason"] == "invalid"
     assert {"tx_count_1h", "avg_tx_90d"} <= set(second["sources"]["user:features"]["defaulted"])
     assert metric(rig, 'features_corrupt_values_total{feature="avg_tx_90d"') == corrupt + 1
+
+
+def test_configured_request_limits_apply(rig: Rig) -> None:
+    url = rig.service.url
+    tx = {"user_id": "u" * 32, "merchant_id": "m1", "amount": 1.0}
+    assert httpx.post(f"{url}/predict", json=tx, timeout=10).status_code == 200
+    r = httpx.post(f"{url}/predict", json={**tx, "user_id": "u" * 33}, timeout=10)
+    assert r.status_code == 400 and "user_id" in r.text
+    r = httpx.post(f"{url}/predict_batch", json={"transactions": [tx] * 5}, timeout=10)
+    assert r.status_code == 400 and "at most 4" in r.text
+    r = httpx.post(f"{url}/predict", json={**tx, "pad": "x" * 2048}, timeout=10)
+    assert r.status_code == 413 and "at most 2048" in r.text
 
 
 def test_credentials_never_reach_logs_or_metrics(rig: Rig) -> None:
