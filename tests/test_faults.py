@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import redis
 import redis.asyncio as aioredis
@@ -36,7 +37,7 @@ USER = {"tx_count_1h": 3, "tx_sum_1h": 120.5, "avg_tx_90d": 40.0}
 FAILED = {Reason.UNAVAILABLE, Reason.CIRCUIT_OPEN}
 # Generous bounds for a busy 2-core VM; the figures themselves are in the load scenario.
 SLOW_READ_S = 0.5  # a read that waits for a timeout (socket timeout 0.1 s)
-FAST_READ_S = 0.05  # a read that does not touch the network
+FAST_READ_S = 0.005  # typical read that does not touch the network (median)
 
 
 @dataclass
@@ -121,7 +122,7 @@ def check_outage(results: list[tuple[FeatureRows, float]]) -> None:
     # Once open, the breaker answers without the network: most reads are fast.
     short_circuited = [e for rows, e in results if reason(rows) is Reason.CIRCUIT_OPEN]
     assert len(short_circuited) > len(results) / 2
-    assert max(short_circuited) < FAST_READ_S
+    assert float(np.median(short_circuited)) < FAST_READ_S
 
 
 @pytest.mark.parametrize("with_data", [False, True], ids=["restart-empty", "restart-with-data"])

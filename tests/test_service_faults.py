@@ -29,7 +29,7 @@ pytestmark = pytest.mark.e2e
 PASSWORD = "pw-Service-5c0ffee"
 SEEDED = {"tx_count_1h": 2, "tx_sum_1h": 80.0, "avg_tx_90d": 40.0}
 FAILED = {"unavailable", "circuit_open"}
-SERVER_BOUND_MS = 250.0  # socket timeout 0.1 s; most requests never touch the network
+SERVER_BOUND_MS = 500.0  # socket timeout 0.1 s, plus room for a busy 2-core VM
 CLIENT_BOUND_S = 2.0
 
 
