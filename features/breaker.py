@@ -2,8 +2,9 @@
 
 CLOSED     every read goes to Redis; `failure_threshold` failures in a row open it.
 OPEN       no read goes to Redis (callers serve defaults at once) for `reset_s`.
-HALF_OPEN  one read, the probe, goes to Redis; its success closes the breaker,
-           its failure opens it for another `reset_s`. Others still get defaults.
+HALF_OPEN  reads still get defaults; one probe, sent off the request path, asks
+           Redis whether it is back. Its success closes the breaker, its failure
+           opens it for another `reset_s`.
 
 One event loop owns a breaker (like the store's cache), so it needs no lock.
 """
@@ -54,12 +55,13 @@ class CircuitBreaker:
         return self._state
 
     def allow(self) -> bool:
-        """True if a call may go to the network now; then report its outcome exactly once
-        with `success()`, `failure()` or `abandon()`."""
-        state = self.state
-        if state is State.CLOSED:
-            return True
-        if state is State.HALF_OPEN and not self._probing:
+        """True if a call may go to the network now (the breaker is closed)."""
+        return self.state is State.CLOSED
+
+    def claim_probe(self) -> bool:
+        """True, once per half-open window, for the caller that should send the probe;
+        it then reports the outcome with `success()`, `failure()` or `abandon()`."""
+        if self.state is State.HALF_OPEN and not self._probing:
             self._probing = True
             return True
         return False
@@ -83,7 +85,8 @@ class CircuitBreaker:
         # Already OPEN: a call that started before it opened; the window stands.
 
     def abandon(self) -> None:
-        """The call ended without an answer either way (cancelled, or refused locally)."""
+        """The probe or call ended without an answer either way (cancelled, refused
+        locally); the next caller may probe."""
         self._probing = False
 
     def _open(self) -> None:

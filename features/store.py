@@ -151,6 +151,7 @@ class FeatureStore:
     ) -> None:
         self._client = client
         self._breaker = breaker or CircuitBreaker()
+        self._probe_task: asyncio.Task[None] | None = None  # referenced, so it is not collected
         self._groups: list[_Group] = []
         start = 0
         for group in groups:
@@ -253,6 +254,9 @@ class FeatureStore:
         """
         breaker = self._breaker
         if not breaker.allow():
+            if breaker.claim_probe():
+                # Off the request path: no request waits to learn whether Redis is back.
+                self._probe_task = asyncio.create_task(self._probe())
             return {key: group.circuit_open for key, group in keys.items()}
         try:
             async with self._client.pipeline(transaction=False) as pipe:
@@ -260,21 +264,33 @@ class FeatureStore:
                     pipe.hmget(key, group.spec.field_names)
                 replies: list[Any] = await pipe.execute(raise_on_error=False)
         except (TimeoutError, RedisError, OSError) as exc:
-            if _pool_exhausted(exc):
-                breaker.abandon()  # our own backlog, not a sign that Redis is down
-            else:
+            if not _pool_exhausted(exc):  # our own backlog is no sign that Redis is down
                 breaker.failure()
             self._failed(exc, len(keys))
             return {key: group.unavailable for key, group in keys.items()}
-        except BaseException:
-            breaker.abandon()  # cancelled: the outcome is unknown
-            raise
         breaker.success()
         metrics.REDIS_UP.set(1)
         return {
             key: group.wrongtype if isinstance(reply, Exception) else group.decode(reply)
             for (key, group), reply in zip(keys.items(), replies, strict=True)
         }
+
+    async def _probe(self) -> None:
+        """The half-open breaker's question to Redis: PING, under the same timeouts."""
+        try:
+            await self._client.ping()
+        except (TimeoutError, RedisError, OSError) as exc:
+            if _pool_exhausted(exc):
+                self._breaker.abandon()  # no answer either way: the next read probes
+            else:
+                self._breaker.failure()
+            self._failed(exc, 0)
+        except BaseException:
+            self._breaker.abandon()  # cancelled (shutdown)
+            raise
+        else:
+            self._breaker.success()
+            metrics.REDIS_UP.set(1)
 
     def _failed(self, exc: BaseException, n_keys: int) -> None:
         if _pool_exhausted(exc):

@@ -115,3 +115,14 @@ def bucket_quantile(before: dict[float, float], after: dict[float, float], q: fl
         if delta[bound] >= q * total:
             return f"<= {bound * 1e3:g} ms ({total:.0f} observations)"
     return "n/a"
+
+
+def bucket_counts(before: dict[float, float], after: dict[float, float]) -> str:
+    """Non-cumulative observations per bucket between two scrapes, e.g. `<=0.1ms:812`."""
+    previous, parts = 0.0, []
+    for bound in sorted(after):
+        cumulative = after[bound] - before.get(bound, 0.0)
+        if cumulative > previous:
+            parts.append(f"<={bound * 1e3:g}ms:{cumulative - previous:.0f}")
+        previous = cumulative
+    return " ".join(parts)

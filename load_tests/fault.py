@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import httpx
 import numpy as np
 
-from load_tests._stack import Stack, bucket_quantile, retrieval_buckets, stack
+from load_tests._stack import Stack, bucket_counts, bucket_quantile, retrieval_buckets, stack
 
 FAILED = {"unavailable", "circuit_open"}
 
@@ -131,6 +131,7 @@ def report(samples: list[Sample], marks: Marks) -> int:
     print(f"features_ms during the outage:            {_stats(outage)}")
     p99 = bucket_quantile(marks.buckets_before, marks.buckets_during, 0.99)
     print(f"histogram p99 during the outage: {p99}")
+    print(f"  per bucket: {bucket_counts(marks.buckets_before, marks.buckets_during)}")
     print(f"user-group reasons during the outage: {reasons}")
     print(f"recovered (first Redis read after the restart was issued): {recovered:.3f} s")
     met = bool(outage) and float(np.percentile(outage, 99)) <= 1.0

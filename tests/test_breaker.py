@@ -29,15 +29,16 @@ def test_opens_after_threshold_failures_in_a_row(clock: FakeClock) -> None:
     assert not breaker.allow()
 
 
-def test_half_open_lets_one_probe_through_and_closes_on_success(clock: FakeClock) -> None:
+def test_half_open_sends_one_probe_and_closes_on_its_success(clock: FakeClock) -> None:
     breaker = CircuitBreaker(failure_threshold=1, reset_s=1.0, timer=clock)
     breaker.failure()
     clock.tick(0.99)
     assert not breaker.allow()
     clock.tick(0.02)
     assert state(breaker) is State.HALF_OPEN
-    assert breaker.allow()  # the probe
-    assert not breaker.allow()  # everyone else still gets defaults
+    assert not breaker.allow()  # reads still get defaults...
+    assert breaker.claim_probe()  # ...while one caller sends the probe
+    assert not breaker.claim_probe()
     breaker.success()
     assert state(breaker) is State.CLOSED and breaker.allow()
     assert metrics.BREAKER_STATE._value.get() == State.CLOSED
@@ -47,22 +48,22 @@ def test_failed_probe_opens_for_another_window(clock: FakeClock) -> None:
     breaker = CircuitBreaker(failure_threshold=1, reset_s=1.0, timer=clock)
     breaker.failure()
     clock.tick(1.0)
-    assert breaker.allow()
+    assert breaker.claim_probe()
     breaker.failure()
     assert state(breaker) is State.OPEN
     clock.tick(0.5)
-    assert not breaker.allow()
+    assert not breaker.claim_probe()
     clock.tick(0.5)
-    assert breaker.allow()
+    assert breaker.claim_probe()
 
 
 def test_abandoned_probe_lets_the_next_caller_probe(clock: FakeClock) -> None:
     breaker = CircuitBreaker(failure_threshold=1, reset_s=1.0, timer=clock)
     breaker.failure()
     clock.tick(1.0)
-    assert breaker.allow()
-    breaker.abandon()  # e.g. the probing request was cancelled
-    assert breaker.allow()
+    assert breaker.claim_probe()
+    breaker.abandon()  # e.g. the probe found no free connection
+    assert breaker.claim_probe()
 
 
 def test_late_failures_do_not_extend_the_open_window(clock: FakeClock) -> None:

@@ -144,6 +144,27 @@ async def test_redis_killed_then_restarted(rig: Rig, with_data: bool) -> None:
     assert breaker_state(rig) is State.CLOSED
 
 
+async def test_half_open_probe_runs_off_the_request_path(rig: Rig) -> None:
+    rig.server.kill()
+    for i in range(3):
+        await rig.read(f"u{i + 1}")
+    assert breaker_state(rig) is State.OPEN
+    rig.server.start()
+    await asyncio.sleep(0.25)  # the open window (0.2 s) is over
+    rows, elapsed = await rig.read("u5")
+    # This read started the probe but did not wait for it.
+    assert reason(rows) is Reason.CIRCUIT_OPEN and elapsed < SLOW_READ_S
+    for _ in range(100):
+        if breaker_state(rig) is State.CLOSED:
+            break
+        await asyncio.sleep(0.01)
+    assert breaker_state(rig) is State.CLOSED
+    assert rig.admin.info("commandstats")["cmdstat_ping"]["calls"] >= 1  # the probe
+    rows, _ = await rig.read("u5")
+    assert rows.reads[0]["user:features"].source is Source.DEFAULT  # empty after restart
+    assert reason(rows) is Reason.MISSING
+
+
 async def test_redis_hung_by_sigstop_then_sigcont(rig: Rig) -> None:
     await rig.read("u0")
     timeouts = metrics.REDIS_ERRORS.labels("timeout")
