@@ -163,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=40.0, help="whole run")
     parser.add_argument("--outage-at", type=float, default=15.0, help="kill Redis at t=")
     parser.add_argument("--outage", type=float, default=10.0, help="seconds without Redis")
-    parser.add_argument("--rate", type=float, default=300.0, help="requests per second")
+    parser.add_argument("--rate", type=float, default=100.0, help="requests per second")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--users", type=int, default=20_000, help="id pool (uniform)")
     parser.add_argument("--workers", type=int, default=1, help="BentoML workers")
