@@ -77,7 +77,8 @@ class Settings:
                 raise ValueError(f"{PREFIX}{f.name.upper()} must be positive, got {value}")
         if self.max_id_length > ENTITY_ID_MAX_LEN:
             raise ValueError(f"{PREFIX}MAX_ID_LENGTH must be at most {ENTITY_ID_MAX_LEN}")
-        scheme = urlsplit(self.redis_url).scheme
+        url = urlsplit(self.redis_url)
+        scheme = url.scheme
         if scheme not in ("redis", "rediss", "unix"):
             raise ValueError(f"{PREFIX}REDIS_URL must start with redis://, rediss:// or unix://")
         tls_files = (self.redis_tls_ca_file, self.redis_tls_cert_file, self.redis_tls_key_file)
@@ -85,7 +86,6 @@ class Settings:
             raise ValueError(f"{PREFIX}REDIS_TLS_* files need a rediss:// {PREFIX}REDIS_URL")
         if bool(self.redis_tls_cert_file) != bool(self.redis_tls_key_file):
             raise ValueError(f"set both {PREFIX}REDIS_TLS_CERT_FILE and _KEY_FILE, or neither")
-        url = urlsplit(self.redis_url)
         if self.redis_password and url.password:
             raise ValueError(f"a password is in {PREFIX}REDIS_URL and {PREFIX}REDIS_PASSWORD")
 
