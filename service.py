@@ -8,7 +8,7 @@ import os
 import time
 from http import HTTPStatus
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import bentoml
 import numpy as np
@@ -17,9 +17,9 @@ from prometheus_client import Histogram
 from pydantic import BaseModel, Field
 
 from features import (
-    ENTITY_ID_MAX_LEN,
     ENTITY_ID_PATTERN,
     BackingBreaker,
+    CircuitBreaker,
     FeatureRows,
     FeatureStore,
     GroupRead,
@@ -29,6 +29,7 @@ from features import (
     model_inputs,
     open_backing,
     open_redis,
+    redact_url,
 )
 from features.metrics import LATENCY_BUCKETS_S
 from models import MODEL_NAME
@@ -40,6 +41,8 @@ MODEL_TAG = f"{MODEL_NAME}:latest"
 MIN_TIMESTAMP_S = 946_684_800.0  # 2000-01-01
 MAX_TIMESTAMP_S = 4_102_444_800.0  # 2100-01-01
 MAX_AMOUNT = 1e9
+# Read at import: the request models below carry the configured limits.
+SETTINGS = Settings.from_env()
 
 INFERENCE_SECONDS = Histogram(
     "fraud_inference_seconds",
@@ -48,12 +51,19 @@ INFERENCE_SECONDS = Histogram(
 )
 
 EntityId = Annotated[
-    str, Field(min_length=1, max_length=ENTITY_ID_MAX_LEN, pattern=ENTITY_ID_PATTERN)
+    str, Field(min_length=1, max_length=SETTINGS.max_id_length, pattern=ENTITY_ID_PATTERN)
 ]
-Amount = Annotated[float, Field(ge=0, le=MAX_AMOUNT, allow_inf_nan=False)]
+# strict: a JSON number only, never true/false or a numeric string.
+Amount = Annotated[float, Field(ge=0, le=MAX_AMOUNT, allow_inf_nan=False, strict=True)]
 Timestamp = Annotated[
     float | None,
-    Field(ge=MIN_TIMESTAMP_S, le=MAX_TIMESTAMP_S, allow_inf_nan=False, description="unix s"),
+    Field(
+        ge=MIN_TIMESTAMP_S,
+        le=MAX_TIMESTAMP_S,
+        allow_inf_nan=False,
+        strict=True,
+        description="unix s",
+    ),
 ]
 
 
@@ -64,6 +74,10 @@ class Transaction(BaseModel):
     merchant_id: EntityId
     amount: Amount
     timestamp: Timestamp = None
+
+
+# In the schema too: clients (and schemathesis) see the limit.
+Transactions = Annotated[list[Transaction], Field(min_length=1, max_length=SETTINGS.max_batch)]
 
 
 class GroupSource(BaseModel):
@@ -121,6 +135,76 @@ class InvalidRequest(BentoMLException):
     error_code = HTTPStatus.UNPROCESSABLE_ENTITY
 
 
+ASGIApp = Any  # (scope, receive, send) -> awaitable; starlette's types are not needed here
+
+
+class RequestLimits:
+    """ASGI middleware, before the API parses anything: a body that is not JSON gets
+    415, and one over `max_bytes` gets 413.
+
+    Checks Content-Length first, then counts what arrives (chunked bodies declare
+    none), so at most `max_bytes` of a request is ever held in memory.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        media_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+        if media_type != b"application/json":
+            shown = media_type.decode("latin-1")[:50] or "none"
+            await _refuse(send, HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+                          f"content-type: {shown}, must be application/json")  # fmt: skip
+            return
+        declared = headers.get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            await self._too_large(send, declared.decode("latin-1")[:20])
+            return
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await self._too_large(send, f"over {size}")
+                return
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body, replayed = b"".join(chunks), False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal replayed
+            if replayed:
+                message: dict[str, Any] = await receive()  # the disconnect, later
+                return message
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, send: Any, size: str) -> None:
+        message = f"body: {size} bytes, at most {self.max_bytes}"
+        await _refuse(send, HTTPStatus.REQUEST_ENTITY_TOO_LARGE, message)
+
+
+async def _refuse(send: Any, status: HTTPStatus, message: str) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json")],
+        }
+    )
+    await send({"type": "http.response.body", "body": json.dumps({"error": message}).encode()})
+
+
 @bentoml.service(
     workers=int(os.environ.get("FRAUD_WORKERS", "1")),
     logging={"access": {"enabled": os.environ.get("FRAUD_ACCESS_LOG", "") == "1"}},
@@ -133,7 +217,7 @@ class FraudService:
     refuse_skewed_model(model)
 
     def __init__(self) -> None:
-        self.settings = Settings.from_env()
+        self.settings = SETTINGS
         self.scorer = Scorer.load(self.model.path)
         self.scorer.check_schema()  # the model may have changed since import
         self.redis = open_redis(self.settings)
@@ -148,8 +232,17 @@ class FraudService:
                 self.settings.backing_breaker_failures, self.settings.backing_breaker_cooldown_s
             ),
             read_repair_max_tasks=self.settings.read_repair_max_tasks,
+            breaker=CircuitBreaker(
+                failure_threshold=self.settings.breaker_failures,
+                reset_s=self.settings.breaker_reset_s,
+            ),
         )
-        logger.info("model %s loaded, fingerprint %s", self.model.tag, self.scorer.fingerprint)
+        logger.info(
+            "model %s loaded, fingerprint %s; online store %s",
+            self.model.tag,
+            self.scorer.fingerprint,
+            redact_url(self.settings.redis_url),
+        )
 
     @bentoml.on_shutdown
     async def close(self) -> None:
@@ -174,15 +267,9 @@ class FraudService:
 
     @bentoml.api
     async def predict_batch(
-        self, transactions: list[Transaction], ctx: bentoml.Context
+        self, transactions: Transactions, ctx: bentoml.Context
     ) -> BatchPrediction:
         """Fraud probabilities of many transactions: one Redis round trip, one forward pass."""
-        if not transactions:
-            raise InvalidRequest("transactions: must not be empty")
-        if len(transactions) > self.settings.max_batch:
-            raise InvalidRequest(
-                f"transactions: {len(transactions)} items, at most {self.settings.max_batch}"
-            )
         scores, timings = await self._score(transactions, ctx)
         return BatchPrediction(predictions=scores, timings=timings)
 
@@ -216,6 +303,10 @@ class FraudService:
             f"total;dur={timings.total_ms}"
         )
         return _scores(rows, probabilities.tolist()), timings
+
+
+# The decorator made FraudService a bentoml Service; its stub types it as the class.
+FraudService.add_asgi_middleware(RequestLimits, max_bytes=SETTINGS.max_body_bytes)  # type: ignore[attr-defined]
 
 
 def _scores(rows: FeatureRows, probabilities: list[float]) -> list[Score]:

@@ -1,6 +1,7 @@
 """Feature retrieval for online scoring: cache, one Redis round trip, backing store, defaults."""
 
 from features.backing import BackingBreaker, BackingStore, Record, open_backing
+from features.breaker import CircuitBreaker
 from features.connection import open_redis
 from features.errors import (
     BackingStoreError,
@@ -10,7 +11,7 @@ from features.errors import (
     InvalidEntityId,
 )
 from features.ondemand import model_inputs
-from features.settings import Settings
+from features.settings import Settings, redact_url
 from features.spec import (
     ENTITY_ID_MAX_LEN,
     ENTITY_ID_PATTERN,
@@ -41,6 +42,7 @@ __all__ = [
     "BackingBreaker",
     "BackingStore",
     "BackingStoreError",
+    "CircuitBreaker",
     "Dtype",
     "Feature",
     "FeatureError",
@@ -61,6 +63,7 @@ __all__ = [
     "model_inputs",
     "open_backing",
     "open_redis",
+    "redact_url",
     "schema",
     "validate_entity_id",
 ]

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import time
 from typing import Any
+from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
@@ -52,7 +53,11 @@ _UNAVAILABLE = (
 
 
 def open_redis(settings: Settings) -> Client:
-    """A client for the online store; connections open lazily, in the running loop."""
+    """A client for the online store; connections open lazily, in the running loop.
+
+    A pool holds at most `redis_max_connections` (per node in a cluster); a read that
+    finds none free waits `redis_pool_timeout_s`, then fails and is served defaults.
+    """
     if settings.redis_mode == "cluster":
         return _open_cluster(settings)
     if settings.redis_mode == "sentinel":
@@ -75,6 +80,7 @@ def _connection_kwargs(settings: Settings) -> dict[str, Any]:
         "retry": Retry(NoBackoff(), 0),
         "retry_on_timeout": False,
         "health_check_interval": 0,
+        **_auth_and_tls(settings),
     }
 
 
@@ -112,9 +118,7 @@ def _open_sentinel(settings: Settings) -> aioredis.Redis:
         connection_pool_class=_BlockingSentinelPool,
         max_connections=settings.redis_max_connections,
         timeout=settings.redis_pool_timeout_s,
-        ssl=ssl,
-        **kwargs,
-        **_connection_kwargs(settings),
+        **(kwargs | _connection_kwargs(settings) | {"ssl": ssl}),
     )
     return client
 
@@ -224,3 +228,22 @@ def _retrieve(task: asyncio.Task[Any]) -> None:
 
 def _is_data_error(exc: BaseException) -> bool:
     return isinstance(exc, ResponseError) and not isinstance(exc, _UNAVAILABLE)
+
+
+def _auth_and_tls(settings: Settings) -> dict[str, Any]:
+    # Credentials in the URL win over these (redis-py applies the URL last);
+    # Settings refuses a password given both ways.
+    options: dict[str, Any] = {}
+    if settings.redis_username:
+        options["username"] = settings.redis_username
+    if settings.redis_password:
+        options["password"] = settings.redis_password
+    if urlsplit(settings.redis_url).scheme == "rediss":
+        options["ssl_cert_reqs"] = "required"
+        options["ssl_check_hostname"] = True
+        if settings.redis_tls_ca_file:
+            options["ssl_ca_certs"] = settings.redis_tls_ca_file
+        if settings.redis_tls_cert_file:
+            options["ssl_certfile"] = settings.redis_tls_cert_file
+            options["ssl_keyfile"] = settings.redis_tls_key_file
+    return options

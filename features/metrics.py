@@ -71,3 +71,13 @@ STALE = Counter(
     "Feature groups served with an event time older than their freshness window",
     ["group", "source"],
 )
+BREAKER_STATE = Gauge(
+    "features_breaker_state",
+    "Circuit breaker around Redis: 0 closed, 1 half-open (probing), 2 open (no Redis reads)",
+    multiprocess_mode="liveall",
+)
+BREAKER_TRANSITIONS = Counter(
+    "features_breaker_transitions_total",
+    "Circuit breaker state changes, by the state entered",
+    ["state"],
+)

@@ -7,6 +7,9 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
+
+from features.spec import ENTITY_ID_MAX_LEN
 
 PREFIX = "FEATURES_"
 BACKING_STORES = ("none", "dynamodb", "bigtable")
@@ -18,9 +21,10 @@ class Settings:
     """Every knob, with its environment variable `FEATURES_<FIELD NAME IN CAPS>`."""
 
     redis_url: str = "redis://127.0.0.1:6379/0"
-    """Online store. `redis://[user:password@]host:port/db`, `rediss://` for TLS (TLS
-    options as query parameters); `REDIS_URL` works too. Scheme, credentials and TLS
-    apply in every mode; the host is a seed node in cluster mode, unused in sentinel mode."""
+    """Online store. `redis://[user:password@]host:port/db`, `rediss://` for TLS;
+    `REDIS_URL` works too. Scheme, credentials and TLS apply in every mode; the host is a
+    seed node in cluster mode, unused in sentinel mode. Logged only with its password
+    redacted."""
     redis_mode: str = "standalone"
     """`standalone` (one server or a proxy), `cluster` (Redis Cluster) or `sentinel`."""
     redis_nodes: str = ""
@@ -31,6 +35,16 @@ class Settings:
     """Password of the sentinels themselves, if they require one (sentinel mode)."""
     redis_cluster_deadline_s: float = 0.1
     """Longest one cluster read may take, redirects and slot-map reloads included."""
+    redis_username: str = ""
+    """ACL user for Redis AUTH, if not in the URL (empty: the default user)."""
+    redis_password: str = ""
+    """Password for Redis AUTH, if not in the URL. Never logged."""
+    redis_tls_ca_file: str = ""
+    """PEM CA bundle that verifies the server's certificate (rediss:// only; empty: system CAs)."""
+    redis_tls_cert_file: str = ""
+    """PEM client certificate, for servers that require one (rediss:// only)."""
+    redis_tls_key_file: str = ""
+    """PEM private key of the client certificate (rediss:// only)."""
     redis_socket_timeout_s: float = 0.05
     """Longest wait for a Redis reply before the request gets defaults."""
     redis_connect_timeout_s: float = 0.1
@@ -39,12 +53,20 @@ class Settings:
     """Connections per worker; size as peak_rps x avg latency s x 1.5, plus headroom."""
     redis_pool_timeout_s: float = 0.01
     """Longest wait for a free pooled connection before serving defaults."""
+    breaker_failures: int = 5
+    """Failed Redis reads in a row that open the circuit breaker (defaults, no waiting)."""
+    breaker_reset_s: float = 1.0
+    """How long the breaker stays open before one probe read may go to Redis."""
     cache_ttl_s: float = 5.0
     """How long a value read from Redis is served from the in-process cache."""
     cache_maxsize: int = 100_000
     """Most (entity, group) entries the in-process cache holds per worker (LRU)."""
     max_batch: int = 256
     """Most transactions one /predict_batch request may carry."""
+    max_body_bytes: int = 262_144
+    """Largest request body accepted; larger ones get 413 before they are read."""
+    max_id_length: int = ENTITY_ID_MAX_LEN
+    """Longest user_id or merchant_id accepted; at most 64, the key format's ceiling."""
     error_log_interval_s: float = 10.0
     """At most one log line per this many seconds for repeated Redis errors."""
     backing_store: str = "none"
@@ -104,6 +126,20 @@ class Settings:
         if self.redis_mode == "sentinel" and not nodes:
             raise ValueError(f"{PREFIX}REDIS_NODES must list the sentinels in sentinel mode")
 
+        if self.max_id_length > ENTITY_ID_MAX_LEN:
+            raise ValueError(f"{PREFIX}MAX_ID_LENGTH must be at most {ENTITY_ID_MAX_LEN}")
+        url = urlsplit(self.redis_url)
+        scheme = url.scheme
+        if scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(f"{PREFIX}REDIS_URL must start with redis://, rediss:// or unix://")
+        tls_files = (self.redis_tls_ca_file, self.redis_tls_cert_file, self.redis_tls_key_file)
+        if any(tls_files) and scheme != "rediss":
+            raise ValueError(f"{PREFIX}REDIS_TLS_* files need a rediss:// {PREFIX}REDIS_URL")
+        if bool(self.redis_tls_cert_file) != bool(self.redis_tls_key_file):
+            raise ValueError(f"set both {PREFIX}REDIS_TLS_CERT_FILE and _KEY_FILE, or neither")
+        if self.redis_password and url.password:
+            raise ValueError(f"a password is in {PREFIX}REDIS_URL and {PREFIX}REDIS_PASSWORD")
+
     def node_addresses(self) -> list[tuple[str, int]]:
         """`redis_nodes` as (host, port) pairs."""
         addresses = []
@@ -113,6 +149,38 @@ class Settings:
                 raise ValueError(f"{PREFIX}REDIS_NODES: {item!r} is not host:port")
             addresses.append((host, int(port)))
         return addresses
+
+    def __repr__(self) -> str:
+        shown = ", ".join(
+            f"{f.name}={_shown(f.name, getattr(self, f.name))!r}" for f in fields(self)
+        )
+        return f"Settings({shown})"
+
+
+def redact_url(url: str) -> str:
+    """`url` with any password replaced by `***`, in the netloc and the query."""
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc
+        if parts.password is not None:
+            userinfo, _, hostport = netloc.rpartition("@")
+            user = userinfo.partition(":")[0]
+            netloc = f"{user}:***@{hostport}"
+        query = "&".join(
+            f"{k}=***" if k.lower() == "password" else f"{k}={v}"
+            for k, v in parse_qsl(parts.query, keep_blank_values=True)
+        )
+        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    except ValueError:
+        return "<unparsable url>"
+
+
+def _shown(name: str, value: object) -> object:
+    if name in ("redis_password", "redis_sentinel_password"):
+        return "***" if value else ""
+    if name == "redis_url":
+        return redact_url(str(value))
+    return value
 
 
 def _parse(key: str, raw: str, kind: type) -> Any:

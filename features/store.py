@@ -14,11 +14,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 from cachetools import TTLCache
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from features import metrics
 from features.backing import BackingBreaker, BackingStore, Record, entity_id_of, restore_to_redis
+from features.breaker import CircuitBreaker
 from features.connection import Client
 from features.errors import BackingStoreError, InvalidEntityId
 from features.spec import EVENT_TS_FIELD, GROUPS, Dtype, FeatureGroup, validate_entity_id
@@ -41,6 +43,11 @@ class Reason(StrEnum):
     MISSING = "missing"  # no such key: unknown entity, or expired
     INVALID = "invalid"  # fields absent, unparsable, or the key is not a hash
     UNAVAILABLE = "unavailable"  # Redis (and the backing store, if any) failed or timed out
+    CIRCUIT_OPEN = "circuit_open"  # Redis was not asked: it failed recently
+
+
+# Failures of the store, not facts about the entity: never cached.
+_NOT_CACHED = frozenset({Reason.UNAVAILABLE, Reason.CIRCUIT_OPEN})
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +91,7 @@ class _Group:
         self.missing = _entry(group.defaults, Source.DEFAULT, names, Reason.MISSING)
         self.unavailable = _entry(group.defaults, Source.DEFAULT, names, Reason.UNAVAILABLE)
         self.wrongtype = _entry(group.defaults, Source.DEFAULT, names, Reason.INVALID)
+        self.circuit_open = _entry(group.defaults, Source.DEFAULT, names, Reason.CIRCUIT_OPEN)
 
     def decode(self, reply: list[bytes | None], now: float) -> _Entry:
         """Turn one HMGET reply (fields, then event time) into values; bad or absent
@@ -169,6 +177,7 @@ class FeatureStore:
         backing_timeout_s: float = 0.01,
         backing_breaker: BackingBreaker | None = None,
         read_repair_max_tasks: int = 8,
+        breaker: CircuitBreaker | None = None,
         timer: Callable[[], float] = time.monotonic,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -176,11 +185,13 @@ class FeatureStore:
         self._clock = clock  # wall time, for event-time freshness
         self._backing = backing
         self._backing_timeout_s = backing_timeout_s
-        self._breaker = backing_breaker or BackingBreaker(5, 5.0, timer)
+        self._backing_breaker = backing_breaker or BackingBreaker(5, 5.0, timer)
         self._repair_max_tasks = read_repair_max_tasks
         self._repairs: set[asyncio.Task[None]] = set()
         self._backing_last_log = -float("inf")
         self._backing_unlogged = 0
+        self._breaker = breaker or CircuitBreaker()
+        self._probe_task: asyncio.Task[None] | None = None  # referenced, so it is not collected
         self._groups: list[_Group] = []
         start = 0
         for group in groups:
@@ -222,7 +233,7 @@ class FeatureStore:
             source = Source.REDIS
             if any(e.read.source is Source.BACKING for e in fetched.values()):
                 source = Source.BACKING
-            if any(e.read.reason is Reason.UNAVAILABLE for e in fetched.values()):
+            if any(e.read.reason in _NOT_CACHED for e in fetched.values()):
                 source = Source.DEFAULT
         values = np.empty((len(rows), self._width), dtype=np.float64)
         reads: list[dict[str, GroupRead]] = []
@@ -273,7 +284,7 @@ class FeatureStore:
                     if not future.done():
                         future.set_result(result.get(key, own[key].unavailable))
             for key, entry in result.items():
-                if entry.read.reason is not Reason.UNAVAILABLE:
+                if entry.read.reason not in _NOT_CACHED:
                     self._cache[key] = entry
         if joined:
             metrics.SHARED_READS.inc(len(joined))
@@ -283,15 +294,27 @@ class FeatureStore:
         return result
 
     async def _fetch(self, keys: dict[str, _Group]) -> dict[str, _Entry]:
-        """ONE non-transactional pipeline of HMGETs; failures become defaults."""
+        """ONE non-transactional pipeline of HMGETs; failures become defaults.
+
+        While the breaker is open this returns defaults without touching the network.
+        """
+        breaker = self._breaker
+        if not breaker.allow():
+            if breaker.claim_probe():
+                # Off the request path: no request waits to learn whether Redis is back.
+                self._probe_task = asyncio.create_task(self._probe())
+            return {key: group.circuit_open for key, group in keys.items()}
         try:
             async with self._client.pipeline(transaction=False) as pipe:
                 for key, group in keys.items():
                     pipe.hmget(key, group.fields)
                 replies: list[Any] = await pipe.execute(raise_on_error=False)
         except (TimeoutError, RedisError, OSError) as exc:
+            if not _pool_exhausted(exc):  # our own backlog is no sign that Redis is down
+                breaker.failure()
             self._failed(exc, len(keys))
             return {key: group.unavailable for key, group in keys.items()}
+        breaker.success()
         metrics.REDIS_UP.set(1)
         now = self._clock()
         return {
@@ -305,11 +328,13 @@ class FeatureStore:
         """The backing-store step: one read, under its deadline and breaker, of the keys
         Redis missed or failed; what it finds is written back to Redis off the request path."""
         wanted = [
-            k for k, e in result.items() if e.read.reason in (Reason.MISSING, Reason.UNAVAILABLE)
+            k
+            for k, e in result.items()
+            if e.read.reason is Reason.MISSING or e.read.reason in _NOT_CACHED
         ]
         if not wanted:
             return result
-        if not self._breaker.allow():
+        if not self._backing_breaker.allow():
             metrics.BACKING_READS.labels(backing.name, "skipped").inc()
             return result | {k: keys[k].unavailable for k in wanted}
         try:
@@ -318,14 +343,14 @@ class FeatureStore:
             async with asyncio.timeout(self._backing_timeout_s):
                 records = await backing.read([(keys[k].spec, entity_id_of(k)) for k in wanted])
         except (TimeoutError, BackingStoreError) as exc:
-            self._breaker.failure()
-            metrics.BACKING_BREAKER_OPEN.set(int(self._breaker.is_open))
+            self._backing_breaker.failure()
+            metrics.BACKING_BREAKER_OPEN.set(int(self._backing_breaker.is_open))
             kind = "timeout" if isinstance(exc, TimeoutError) else "error"
             metrics.BACKING_READS.labels(backing.name, kind).inc()
             self._backing_failed(f"{backing.name} read", exc, len(wanted))
             # The store of record could not be asked: unknown, not missing (and not cached).
             return result | {k: keys[k].unavailable for k in wanted}
-        self._breaker.success()
+        self._backing_breaker.success()
         metrics.BACKING_BREAKER_OPEN.set(0)
         metrics.BACKING_READS.labels(backing.name, "ok").inc()
         metrics.BACKING_SECONDS.labels(backing.name).observe(time.perf_counter() - started)
@@ -389,12 +414,33 @@ class FeatureStore:
         if self._backing is not None:
             await self._backing.aclose()
 
+    async def _probe(self) -> None:
+        """The half-open breaker's question to Redis: PING, under the same timeouts."""
+        try:
+            await self._client.ping()
+        except (TimeoutError, RedisError, OSError) as exc:
+            if _pool_exhausted(exc):
+                self._breaker.abandon()  # no answer either way: the next read probes
+            else:
+                self._breaker.failure()
+            self._failed(exc, 0)
+        except BaseException:
+            self._breaker.abandon()  # cancelled (shutdown)
+            raise
+        else:
+            self._breaker.success()
+            metrics.REDIS_UP.set(1)
+
     def _failed(self, exc: BaseException, n_keys: int) -> None:
-        kind = (
-            "timeout" if isinstance(exc, RedisTimeoutError | TimeoutError) else (type(exc).__name__)
-        )
+        if _pool_exhausted(exc):
+            kind = "pool_exhausted"
+        elif isinstance(exc, RedisTimeoutError | TimeoutError):
+            kind = "timeout"
+        else:
+            kind = type(exc).__name__
         metrics.REDIS_ERRORS.labels(kind).inc()
-        metrics.REDIS_UP.set(0)
+        if kind != "pool_exhausted":
+            metrics.REDIS_UP.set(0)
         self._errors_unlogged += 1
         now = time.monotonic()
         if now - self._last_error_log >= self._error_log_interval_s:
@@ -408,3 +454,8 @@ class FeatureStore:
             )
             self._last_error_log = now
             self._errors_unlogged = 0
+
+
+def _pool_exhausted(exc: BaseException) -> bool:
+    """True for BlockingConnectionPool's timeout waiting for a free connection."""
+    return isinstance(exc, RedisConnectionError) and isinstance(exc.__cause__, TimeoutError)

@@ -89,6 +89,22 @@ def test_predict_batch_reads_redis_once_per_key(service: Service, seeded: redis.
         ({"user_id": "u1\r\nFLUSHALL", "merchant_id": "m1", "amount": 1}, "user_id"),
         ({"user_id": "x" * 10_000, "merchant_id": "m1", "amount": 1}, "user_id"),
         ({"user_id": "", "merchant_id": "m1", "amount": 1}, "user_id"),
+        ({"user_id": "{u1}", "merchant_id": "m1", "amount": 1}, "user_id"),
+        ({"user_id": "u 1", "merchant_id": "m1", "amount": 1}, "user_id"),
+        ({"user_id": " u1", "merchant_id": "m1", "amount": 1}, "user_id"),
+        ({"user_id": "u1\n", "merchant_id": "m1", "amount": 1}, "user_id"),
+        ({"user_id": "u1\x00", "merchant_id": "m1", "amount": 1}, "user_id"),
+        ({"user_id": "usér", "merchant_id": "m1", "amount": 1}, "user_id"),
+        ({"user_id": "u1", "merchant_id": "商店", "amount": 1}, "merchant_id"),
+        ({"user_id": "u1", "merchant_id": "m" * 65, "amount": 1}, "merchant_id"),
+        ({"user_id": "u1", "merchant_id": "x" * 10_000, "amount": 1}, "merchant_id"),
+        ({"user_id": None, "merchant_id": "m1", "amount": 1}, "user_id"),
+        ({"user_id": ["u1"], "merchant_id": "m1", "amount": 1}, "user_id"),
+        ({"user_id": "u1", "merchant_id": {"id": "m1"}, "amount": 1}, "merchant_id"),
+        ({"user_id": "u1", "merchant_id": "m1", "amount": True}, "amount"),
+        ({"user_id": "u1", "merchant_id": "m1", "amount": [1]}, "amount"),
+        ({"user_id": "u1", "merchant_id": "m1", "amount": 1, "timestamp": "soon"}, "timestamp"),
+        ({"user_id": "u1", "merchant_id": "m1", "amount": 1, "timestamp": 4.2e9}, "timestamp"),
         ({"user_id": 5, "merchant_id": "m1", "amount": 1}, "user_id"),
         ({"user_id": "u1", "merchant_id": "m1", "amount": -1}, "amount"),
         ({"user_id": "u1", "merchant_id": "m1", "amount": "lots"}, "amount"),
@@ -104,6 +120,11 @@ def test_bad_input_is_a_4xx_naming_the_field(
     r = post(service, "/predict", body)
     assert 400 <= r.status_code < 500, r.text
     assert field in r.text
+    good = {"user_id": "u1", "merchant_id": "m1", "amount": 1}
+    r = post(service, "/predict_batch", {"transactions": [good, body]})
+    assert 400 <= r.status_code < 500, r.text
+    assert field in r.text
+    # The server's command statistics: not one read was sent for either request.
     assert command_calls(seeded, "hmget") == 0
 
 
@@ -127,28 +148,58 @@ def test_non_finite_amount_is_a_4xx(service: Service, raw: str) -> None:
         ("not json at all", "application/json"),
         ("[1, 2, 3]", "application/json"),
         ("user_id=u1&merchant_id=m1&amount=1", "text/plain"),
+        ('{"user_id": "u1", "merchant_id": "m1", "amount": 1}', "text/plain"),
+        ('{"user_id": "u1", "merchant_id": "m1", "amount": 1}', "multipart/form-data"),
+        ('{"user_id": "u1", "merchant_id": "m1", "amount": 1}', ""),
         ("", "application/json"),
     ],
 )
 def test_malformed_bodies_are_a_4xx(service: Service, content: str, content_type: str) -> None:
-    r = httpx.post(
-        f"{service.url}/predict",
-        content=content,
-        headers={"content-type": content_type},
-        timeout=10,
-    )
+    headers = {"content-type": content_type} if content_type else {}
+    r = httpx.post(f"{service.url}/predict", content=content, headers=headers, timeout=10)
     assert 400 <= r.status_code < 500, r.text
+    if content_type != "application/json":
+        assert r.status_code == 415 and "content-type" in r.text
 
 
-def test_batch_limits(service: Service) -> None:
+def test_batch_limits(service: Service, seeded: redis.Redis) -> None:
     tx = {"user_id": "u1", "merchant_id": "m1", "amount": 1}
+    seeded.config_resetstat()
     r = post(service, "/predict_batch", {"transactions": [tx] * 257})
-    assert r.status_code == 422 and "transactions" in r.text and "at most 256" in r.text
+    assert r.status_code == 400 and "transactions" in r.text and "at most 256" in r.text
     r = post(service, "/predict_batch", {"transactions": []})
-    assert r.status_code == 422 and "transactions" in r.text
+    assert r.status_code == 400 and "transactions" in r.text
     bad = [tx, {**tx, "user_id": "no spaces"}]
     r = post(service, "/predict_batch", {"transactions": bad})
     assert r.status_code == 400 and "user_id" in r.text
+    assert command_calls(seeded, "hmget") == 0
+
+
+def test_huge_bodies_are_refused_before_parsing(service: Service, seeded: redis.Redis) -> None:
+    tx = {"user_id": "u1", "merchant_id": "m1", "amount": 1}
+    seeded.config_resetstat()
+    huge = {"transactions": [tx] * 20_000}  # ~1 MB, over the 256 KiB default
+    r = post(service, "/predict_batch", huge)
+    assert r.status_code == 413 and "body" in r.text and "at most 262144" in r.text
+    # Chunked, so no Content-Length to judge by: counted as it arrives.
+    chunks = (json.dumps(tx).encode() for _ in range(20_000))
+    r = httpx.post(
+        f"{service.url}/predict",
+        content=chunks,
+        headers={"content-type": "application/json"},
+        timeout=10,
+    )
+    assert r.status_code == 413 and "body" in r.text
+    assert command_calls(seeded, "hmget") == 0
+    # Under the limit still works, chunked or not, with or without a charset.
+    body = json.dumps(tx).encode()
+    r = httpx.post(
+        f"{service.url}/predict",
+        content=iter([body[:10], body[10:]]),
+        headers={"content-type": "Application/JSON; charset=utf-8"},
+        timeout=10,
+    )
+    assert r.status_code == 200, r.text
 
 
 def test_metrics_expose_feature_retrieval(service: Service, seeded: redis.Redis) -> None:

@@ -19,12 +19,15 @@ def test_public_names_are_pinned() -> None:
     assert sorted(features.__all__) == sorted(
         [
             "ENTITY_ID_MAX_LEN", "ENTITY_ID_PATTERN", "GROUPS", "MERCHANT_RISK",
-            "MODEL_FEATURES", "STORED_FEATURES", "USER_FEATURES", "Dtype", "Feature",
+            "MODEL_FEATURES", "STORED_FEATURES", "USER_FEATURES", "CircuitBreaker", "Dtype",
+            "Feature",
             "FeatureError", "FeatureGroup", "FeatureRows", "FeatureStore",
             "FeatureStoreUnavailable", "FeatureWriteError", "FeatureWriter", "GroupRead",
             "InvalidEntityId", "Reason", "Settings", "Source", "describe_skew",
-            "fingerprint", "model_inputs", "open_redis", "schema", "validate_entity_id",
+            "fingerprint", "model_inputs", "open_redis", "redact_url", "schema",
+            "validate_entity_id",
             "BackingBreaker", "BackingStore", "BackingStoreError", "Record", "open_backing",
+            "CircuitBreaker",
         ]
     )  # fmt: skip
 
@@ -139,6 +142,12 @@ def test_settings_from_env_parses_and_names_bad_keys() -> None:
         {"FEATURES_CACHE_TTL_S": "2.5", "FEATURES_MAX_BATCH": "10", "REDIS_URL": "redis://h:1/0"}
     )
     assert (s.cache_ttl_s, s.max_batch, s.redis_url) == (2.5, 10, "redis://h:1/0")
+    limits = Settings.from_env(
+        {"FEATURES_MAX_BODY_BYTES": "1024", "FEATURES_MAX_ID_LENGTH": "12",
+         "FEATURES_BREAKER_FAILURES": "2", "FEATURES_BREAKER_RESET_S": "0.5"}
+    )  # fmt: skip
+    assert (limits.max_body_bytes, limits.max_id_length) == (1024, 12)
+    assert (limits.breaker_failures, limits.breaker_reset_s) == (2, 0.5)
     assert Settings.from_env({"FEATURES_REDIS_URL": "redis://a/0", "REDIS_URL": "x"}).redis_url == (
         "redis://a/0"
     )
@@ -147,6 +156,9 @@ def test_settings_from_env_parses_and_names_bad_keys() -> None:
         ({"FEATURES_MAX_BATCH": "ten"}, "FEATURES_MAX_BATCH"),
         ({"FEATURES_CACHE_TTL_S": "nan"}, "FEATURES_CACHE_TTL_S"),
         ({"FEATURES_REDIS_SOCKET_TIMEOUT_S": "0"}, "FEATURES_REDIS_SOCKET_TIMEOUT_S"),
+        ({"FEATURES_BREAKER_FAILURES": "0"}, "FEATURES_BREAKER_FAILURES"),
+        ({"FEATURES_MAX_BODY_BYTES": "-1"}, "FEATURES_MAX_BODY_BYTES"),
+        ({"FEATURES_MAX_ID_LENGTH": "65"}, "FEATURES_MAX_ID_LENGTH"),
     ]:
         with pytest.raises(ValueError, match=key):
             Settings.from_env(env)

