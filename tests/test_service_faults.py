@@ -221,6 +221,7 @@ def test_garbage_in_redis_is_served_as_counted_defaults(rig: Rig) -> None:
         "source": "default",
         "defaulted": list(USER_FEATURES.field_names),
         "reason": "invalid",
+        "stale": False,
     }
     assert second["sources"]["user:features"]["reason"] == "invalid"
     assert {"tx_count_1h", "avg_tx_90d"} <= set(second["sources"]["user:features"]["defaulted"])

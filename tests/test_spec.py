@@ -27,7 +27,6 @@ def test_public_names_are_pinned() -> None:
             "fingerprint", "model_inputs", "open_redis", "redact_url", "schema",
             "validate_entity_id",
             "BackingBreaker", "BackingStore", "BackingStoreError", "Record", "open_backing",
-            "CircuitBreaker",
         ]
     )  # fmt: skip
 
