@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -14,14 +16,20 @@ import numpy as np
 import numpy.typing as npt
 import redis.asyncio as aioredis
 from cachetools import TTLCache
+from prometheus_client import Counter, Histogram
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from features import metrics
 from features.errors import InvalidEntityId
-from features.spec import GROUPS, Dtype, FeatureGroup, validate_entity_id
+from features.spec import ENTITY_ID_PATTERN, GROUPS, Dtype, FeatureGroup, validate_entity_id
 
 logger = logging.getLogger(__name__)
+
+# The smallest magnitude that becomes inf as float32 (FLT_MAX plus half an ulp):
+# values must stay finite as float32, because the model reads float32.
+_FLOAT32_OVERFLOW = 3.4028235677973366e38
+_valid_id = re.compile(ENTITY_ID_PATTERN).fullmatch  # validate_entity_id's rule, inlined
 
 
 class Source(StrEnum):
@@ -69,42 +77,58 @@ class _Entry:
 class _Group:
     """Decoding state of one group, computed once."""
 
-    def __init__(self, group: FeatureGroup, start: int) -> None:
+    def __init__(self, group: FeatureGroup) -> None:
         self.spec = group
-        self.columns = slice(start, start + len(group.features))
-        self.integral = np.array([f.dtype != Dtype.FLOAT for f in group.features])
-        self.boolean = np.array([f.dtype == Dtype.BOOL for f in group.features])
+        self.name = group.qualified_name
+        self.entity = group.entity
+        self.id_field = f"{group.entity}_id"
+        # key(id) == prefix + id + suffix, without a call per key on the hot path.
+        self.prefix, self.suffix = group.key("\0").split("\0")
+        # Per field: (must be a whole number, must be 0 or 1, default).
+        self.checks = tuple(
+            (f.dtype != Dtype.FLOAT, f.dtype == Dtype.BOOL, float(f.default))
+            for f in group.features
+        )
         names = group.field_names
         self.missing = _entry(group.defaults, Source.DEFAULT, names, Reason.MISSING)
         self.unavailable = _entry(group.defaults, Source.DEFAULT, names, Reason.UNAVAILABLE)
         self.wrongtype = _entry(group.defaults, Source.DEFAULT, names, Reason.INVALID)
+        self.fresh = GroupRead(Source.REDIS)
+        self.cached = GroupRead(Source.CACHE)
 
     def decode(self, reply: list[bytes | None]) -> _Entry:
         """Turn one HMGET reply into values; bad or absent fields get their defaults."""
-        if all(raw is None for raw in reply):
+        if reply.count(None) == len(reply):
             return self.missing
-        spec = self.spec
-        try:
-            parsed = np.array(reply, dtype=np.float64)  # numpy parses bytes itself
-        except (TypeError, ValueError):
-            parsed = np.array([_to_float(raw) for raw in reply], dtype=np.float64)
-        with np.errstate(invalid="ignore", over="ignore"):
-            # Finite as float32 too: the model reads float32.
-            ok = np.isfinite(parsed.astype(np.float32))
-            ok &= ~self.integral | (parsed == np.floor(parsed))
-            ok &= ~self.boolean | (parsed == 0) | (parsed == 1)
-        values = parsed
-        if ok.all():
-            values.flags.writeable = False
-            return _entry(values, Source.REDIS, (), None)
-        bad = np.flatnonzero(~ok)
-        for i in bad:
+        # Checks on plain floats: for ten fields, several times cheaper than numpy's.
+        values = _floats(reply)
+        bad: list[int] = []
+        floor = math.floor
+        checks = zip(values, self.checks, strict=True)
+        for i, (value, (integral, boolean, default)) in enumerate(checks):
+            if (
+                -_FLOAT32_OVERFLOW < value < _FLOAT32_OVERFLOW  # also False for NaN
+                and (not integral or value == floor(value))
+                and (not boolean or value == 0 or value == 1)
+            ):
+                continue
+            bad.append(i)
+            values[i] = default
             if reply[i] is not None:
-                metrics.CORRUPT_VALUES.labels(spec.qualified_name, spec.field_names[i]).inc()
-        values[bad] = spec.defaults[bad]
-        values.flags.writeable = False
-        defaulted = tuple(spec.field_names[i] for i in bad)
-        return _entry(values, Source.REDIS, defaulted, Reason.INVALID)
+                metrics.CORRUPT_VALUES.labels(self.name, self.spec.field_names[i]).inc()
+        array = np.array(values, dtype=np.float64)
+        array.flags.writeable = False
+        if not bad:
+            return _Entry(array, self.fresh, self.cached)
+        defaulted = tuple(self.spec.field_names[i] for i in bad)
+        return _entry(array, Source.REDIS, defaulted, Reason.INVALID)
+
+
+def _floats(reply: list[bytes | None]) -> list[float]:
+    try:
+        return [float(raw) for raw in reply]  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return [_to_float(raw) for raw in reply]
 
 
 def _entry(
@@ -141,18 +165,18 @@ class FeatureStore:
         timer: Callable[[], float] = time.monotonic,
     ) -> None:
         self._client = client
-        self._groups: list[_Group] = []
-        start = 0
-        for group in groups:
-            self._groups.append(_Group(group, start))
-            start += len(group.features)
-        self._width = start
+        self._groups = [_Group(group) for group in groups]
+        self._width = sum(len(group.features) for group in groups)
         # One event loop per worker owns the store: no lock needed around the cache.
         self._cache: TTLCache[str, _Entry] = TTLCache(cache_maxsize, cache_ttl_s, timer=timer)
         self._inflight: dict[str, asyncio.Future[_Entry]] = {}
         self._error_log_interval_s = error_log_interval_s
         self._last_error_log = -float("inf")
         self._errors_unlogged = 0
+        self._hits = metrics.CACHE_LOOKUPS.labels("hit")
+        self._misses = metrics.CACHE_LOOKUPS.labels("miss")
+        self._bound_retrieval: dict[Source, Histogram] = {}
+        self._bound_defaults: dict[tuple[str, Reason], Counter] = {}
 
     async def read(self, rows: Sequence[Mapping[str, str]]) -> FeatureRows:
         """Values of every group for every row; never raises for a store failure.
@@ -173,40 +197,64 @@ class FeatureStore:
                     entries[key] = cache[key]
                 except KeyError:
                     misses[key] = group
-        metrics.CACHE_LOOKUPS.labels("hit").inc(len(entries))
+        self._hits.inc(len(entries))
         source = Source.CACHE
         if misses:
-            metrics.CACHE_LOOKUPS.labels("miss").inc(len(misses))
+            self._misses.inc(len(misses))
             fetched = await self._read_through(misses)
             entries |= fetched
             source = Source.REDIS
             if any(e.read.reason is Reason.UNAVAILABLE for e in fetched.values()):
                 source = Source.DEFAULT
-        values = np.empty((len(rows), self._width), dtype=np.float64)
+        parts: list[npt.NDArray[np.float64]] = []
         reads: list[dict[str, GroupRead]] = []
-        for i, keys in enumerate(row_keys):
+        for keys in row_keys:
             row_reads = {}
             for key, group in keys:
                 entry = entries[key]
-                values[i, group.columns] = entry.values
+                parts.append(entry.values)
                 read = entry.read if key in misses else entry.cached
-                row_reads[group.spec.qualified_name] = read
+                row_reads[group.name] = read
                 if read.reason is not None:
-                    metrics.DEFAULTS.labels(group.spec.qualified_name, read.reason).inc()
+                    self._defaulted(group.name, read.reason).inc()
             reads.append(row_reads)
-        metrics.RETRIEVAL_SECONDS.labels(source).observe(time.perf_counter() - started)
+        # One concatenation: cheaper than a slice assignment per group and row.
+        values = (
+            np.concatenate(parts).reshape(len(rows), self._width)
+            if parts
+            else np.empty((0, self._width), dtype=np.float64)
+        )
+        self._retrieval(source).observe(time.perf_counter() - started)
         return FeatureRows(values, reads, source)
 
     def _keys(self, row: Mapping[str, str]) -> list[tuple[str, _Group]]:
         keys = []
         for group in self._groups:
-            entity = group.spec.entity
             try:
-                entity_id = row[entity]
+                entity_id = row[group.entity]
             except KeyError:
-                raise InvalidEntityId(f"{entity}_id", "is required") from None
-            keys.append((group.spec.key(validate_entity_id(f"{entity}_id", entity_id)), group))
+                raise InvalidEntityId(group.id_field, "is required") from None
+            if type(entity_id) is not str or _valid_id(entity_id) is None:
+                validate_entity_id(group.id_field, entity_id)  # raises, naming the reason
+            keys.append((group.prefix + entity_id + group.suffix, group))
         return keys
+
+    # Metric children, bound once: `.labels()` costs more than the cache lookup itself.
+    # Bound on first use, so /metrics lists only series that happened.
+
+    def _retrieval(self, source: Source) -> Histogram:
+        try:
+            return self._bound_retrieval[source]
+        except KeyError:
+            child = self._bound_retrieval[source] = metrics.RETRIEVAL_SECONDS.labels(source)
+            return child
+
+    def _defaulted(self, group: str, reason: Reason) -> Counter:
+        try:
+            return self._bound_defaults[group, reason]
+        except KeyError:
+            child = self._bound_defaults[group, reason] = metrics.DEFAULTS.labels(group, reason)
+            return child
 
     async def _read_through(self, misses: dict[str, _Group]) -> dict[str, _Entry]:
         """Read missed keys, joining reads already in flight (single-flight)."""
