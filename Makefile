@@ -1,4 +1,4 @@
-# Two commands: `make serve` and `make test`. Both install what they need first.
+# `make serve`, `make test`, `make load`, `make bench`. Each installs what it needs first.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export BENTOML_HOME ?= $(CURDIR)/.bentoml
 export BENTOML_DO_NOT_TRACK := true
 
-.PHONY: install serve test check build model clean
+.PHONY: install serve test check build model clean load bench
 
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,14 @@ check: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
+# Embedded Redis + demo data + `bentoml serve` + Locust (~60 s); report in load_tests/results/.
+load: $(STAMP)
+	$(BIN)/python -m load_tests.run_load $(LOAD_ARGS)
+
+# In-process micro-benchmarks vs the raw pipeline and Feast (own venv), then end to end.
+bench: $(STAMP)
+	$(BIN)/python -m load_tests.bench $(BENCH_ARGS)
+
 model: $(STAMP)
 	$(BIN)/python -m models.train --if-missing
 
@@ -37,4 +45,4 @@ build: model
 	$(BIN)/bentoml build
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .venv-feast .mypy_cache .ruff_cache .pytest_cache

@@ -88,7 +88,9 @@ def main(spec_path: str) -> None:
     n = int(spec["n"])
 
     def read(rows: list[dict[str, str]]) -> dict[str, Any]:
-        result: dict[str, Any] = store.get_online_features(features=refs, entity_rows=rows).to_dict()
+        result: dict[str, Any] = store.get_online_features(
+            features=refs, entity_rows=rows
+        ).to_dict()
         return result
 
     check = read(pairs[:1])
