@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from features import STORED_FEATURES, FeatureStore, Reason, Source
+from features import MERCHANT_RISK, STORED_FEATURES, USER_FEATURES, FeatureStore, Reason, Source
 from features.ondemand import model_inputs
 
 COLUMN = {f.name: i for i, f in enumerate(STORED_FEATURES)}
@@ -52,3 +52,28 @@ async def test_float32_limit_is_kept_for_float_features(client, sync_redis) -> N
 async def test_empty_request_reads_nothing(client) -> None:
     rows = await FeatureStore(client).read([])
     assert rows.values.shape == (0, len(STORED_FEATURES)) and rows.reads == []
+
+
+async def test_batch_decoding_equals_one_by_one(client, sync_redis) -> None:
+    complete_user = {f.name: 1 for f in USER_FEATURES.features}
+    complete_merchant = {f.name: 1 for f in MERCHANT_RISK.features}
+    for i in range(30):
+        sync_redis.hset(f"user:{{u{i}}}:features", mapping=complete_user)  # type: ignore[arg-type]
+        sync_redis.hset(f"merchant:{{m{i}}}:risk", mapping=complete_merchant)  # type: ignore[arg-type]
+    sync_redis.hset("user:{u3}:features", "tx_count_1h", b"1.5")  # not whole
+    sync_redis.hset("user:{u4}:features", "tx_sum_1h", b"nan")
+    sync_redis.hset("user:{u5}:features", "is_premium", b"2")
+    sync_redis.hset("merchant:{m6}:risk", "avg_ticket_30d", b"1e39")  # inf as float32
+    sync_redis.hdel("user:{u7}:features", "avg_tx_90d")  # one absent field
+    sync_redis.delete("merchant:{m8}:risk")  # absent key
+    sync_redis.set("user:{u9}:features", "not a hash")
+    sync_redis.hset("user:{u10}:features", "tx_sum_24h", b"abc")
+    rows = [{"user": f"u{i}", "merchant": f"m{i}"} for i in range(30)]
+    batch = await FeatureStore(client).read(rows)
+    for i, row in enumerate(rows):
+        alone = await FeatureStore(client).read([row])
+        np.testing.assert_array_equal(batch.values[i], alone.values[0])
+        for name, read in alone.reads[0].items():
+            assert batch.reads[i][name] == read, (i, name)
+    assert batch.reads[3]["user:features"].defaulted == ("tx_count_1h",)
+    assert batch.reads[8]["merchant:risk"].reason is Reason.MISSING
