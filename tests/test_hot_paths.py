@@ -58,8 +58,8 @@ async def test_batch_decoding_equals_one_by_one(client, sync_redis) -> None:
     complete_user = {f.name: 1 for f in USER_FEATURES.features}
     complete_merchant = {f.name: 1 for f in MERCHANT_RISK.features}
     for i in range(30):
-        sync_redis.hset(f"user:{{u{i}}}:features", mapping=complete_user)  # type: ignore[arg-type]
-        sync_redis.hset(f"merchant:{{m{i}}}:risk", mapping=complete_merchant)  # type: ignore[arg-type]
+        sync_redis.hset(f"user:{{u{i}}}:features", mapping=complete_user)
+        sync_redis.hset(f"merchant:{{m{i}}}:risk", mapping=complete_merchant)
     sync_redis.hset("user:{u3}:features", "tx_count_1h", b"1.5")  # not whole
     sync_redis.hset("user:{u4}:features", "tx_sum_1h", b"nan")
     sync_redis.hset("user:{u5}:features", "is_premium", b"2")
