@@ -297,15 +297,44 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
-async def _peak(port: int, requests: list[bytes], seq_n: int, dur_s: float) -> dict[str, Any]:
-    await httpload.sequential(port, requests, 300)  # warm-up
-    seq = await httpload.sequential(port, requests, seq_n)
-    await httpload.closed_loop(port, requests, 16, 2.0)  # warm-up
-    peak = await httpload.closed_loop(port, requests, 32, dur_s)
-    return {"c1": summary(seq.latencies), "max_rps": peak.rps, "max_failures": peak.failures}
+async def _compare(
+    ports: dict[str, int], bodies: list[dict[str, Any]], seq_n: int, dur_s: float, rounds: int
+) -> dict[str, dict[str, Any]]:
+    """Concurrency 1, then max throughput, alternating the endpoints round by round."""
+    reqs = {
+        name: httpload.encode_requests(port, "/predict", bodies) for name, port in ports.items()
+    }
+    for name, port in ports.items():  # warm-up
+        await httpload.sequential(port, reqs[name], 300)
+        await httpload.closed_loop(port, reqs[name], 16, 1.0)
+    c1: dict[str, list[float]] = {name: [] for name in ports}
+    peaks: dict[str, list[float]] = {name: [] for name in ports}
+    failures = dict.fromkeys(ports, 0)
+    for _ in range(rounds):
+        for name, port in ports.items():
+            run = await httpload.sequential(port, reqs[name], seq_n // rounds)
+            c1[name] += run.latencies
+            failures[name] += run.failures
+    for _ in range(rounds):
+        for name, port in ports.items():
+            run = await httpload.closed_loop(port, reqs[name], 32, dur_s / rounds)
+            peaks[name].append(run.rps)
+            failures[name] += run.failures
+    return {
+        name: {
+            "c1": summary(c1[name]),
+            "max_rps": statistics.median(peaks[name]),
+            "max_rps_rounds": peaks[name],
+            "max_failures": failures[name],
+        }
+        for name in ports
+    }
 
 
-async def _half(port: int, requests: list[bytes], rate: float, dur_s: float) -> dict[str, Any]:
+async def _half(
+    port: int, bodies: list[dict[str, Any]], rate: float, dur_s: float
+) -> dict[str, Any]:
+    requests = httpload.encode_requests(port, "/predict", bodies)
     half = await httpload.open_loop(port, requests, rate, dur_s)
     return {
         "half_rate": rate,
@@ -315,8 +344,9 @@ async def _half(port: int, requests: list[bytes], rate: float, dur_s: float) -> 
     }
 
 
-def end_to_end(url: str, seq_n: int, dur_s: float) -> dict[str, Any]:
-    """(e): /predict and the trivial endpoint, one worker each, on vCPU 1; client on 0."""
+def end_to_end(url: str, seq_n: int, dur_s: float, rounds: int = 3) -> dict[str, Any]:
+    """(e): /predict and the trivial endpoint, one worker each on vCPU 1, both up at once
+    and measured alternately; the client and redis-server on vCPU 0."""
     from load_tests.report import diff_stats
 
     env = {
@@ -339,26 +369,25 @@ def end_to_end(url: str, seq_n: int, dur_s: float) -> dict[str, Any]:
         }
         for _ in range(20_000)
     ]
-    out: dict[str, Any] = {}
-    for name, target in (
-        ("trivial", "load_tests.trivial_service:TrivialService"),
-        ("predict", "service:FraudService"),
-    ):
-        port = free_port()
-        proc = _serve(target, port, env, {1})
-        try:
-            os.sched_setaffinity(0, {0})
-            requests = httpload.encode_requests(port, "/predict", bodies)
-            out[name] = asyncio.run(_peak(port, requests, seq_n, dur_s))
+    targets = {
+        "trivial": "load_tests.trivial_service:TrivialService",
+        "predict": "service:FraudService",
+    }
+    ports = {name: free_port() for name in targets}
+    with ExitStack() as stack:
+        for name, target in targets.items():
+            stack.callback(_stop, _serve(target, ports[name], env, {1}))
+        os.sched_setaffinity(0, {0})
+        out = asyncio.run(_compare(ports, bodies, seq_n, dur_s, rounds))
+        for name, port in ports.items():
             before = _metrics(port)
-            out[name] |= asyncio.run(_half(port, requests, out[name]["max_rps"] / 2, dur_s))
+            out[name] |= asyncio.run(_half(port, bodies, out[name]["max_rps"] / 2, dur_s))
             if name == "predict":
                 server = diff_stats(before, _metrics(port))
                 out[name]["server_feature_p50_ms"] = server.feature_p50_ms
                 out[name]["server_feature_p99_ms"] = server.feature_p99_ms
+                out[name]["server_inference_p99_ms"] = server.inference_p99_ms
                 out[name]["cache_hit_ratio"] = server.cache_hit_ratio
-        finally:
-            _stop(proc)
     return out
 
 
