@@ -344,9 +344,12 @@ async def _half(
     }
 
 
-def end_to_end(url: str, seq_n: int, dur_s: float, rounds: int = 3) -> dict[str, Any]:
-    """(e): /predict and the trivial endpoint, one worker each on vCPU 1, both up at once
-    and measured alternately; the client and redis-server on vCPU 0."""
+def end_to_end(
+    url: str, seq_n: int, dur_s: float, rounds: int = 3, *, pinned: bool = False
+) -> dict[str, Any]:
+    """(e): /predict and the trivial endpoint, one worker each, both up at once and
+    measured alternately. Pinned: both services and redis-server on vCPU 1, the client
+    on vCPU 0; unpinned: the scheduler places everything (better on a shared machine)."""
     from load_tests.report import diff_stats
 
     env = {
@@ -375,9 +378,11 @@ def end_to_end(url: str, seq_n: int, dur_s: float, rounds: int = 3) -> dict[str,
     }
     ports = {name: free_port() for name in targets}
     with ExitStack() as stack:
+        all_cpus = os.sched_getaffinity(0)
         for name, target in targets.items():
-            stack.callback(_stop, _serve(target, ports[name], env, {1}))
-        os.sched_setaffinity(0, {0})
+            stack.callback(_stop, _serve(target, ports[name], env, {1} if pinned else all_cpus))
+        if pinned:
+            os.sched_setaffinity(0, {0})
         out = asyncio.run(_compare(ports, bodies, seq_n, dur_s, rounds))
         for name, port in ports.items():
             before = _metrics(port)
@@ -434,7 +439,10 @@ def table(results: dict[str, Any]) -> str:
     e = results.get("e2e")
     if e:
         t, p = e["trivial"], e["predict"]
-        lines += ["", "| (e) end to end | trivial | /predict | target | met |"]
+        lines += [
+            "",
+            f"| (e) end to end, {e.get('placement')} | trivial | /predict | target | met |",
+        ]
         lines.append("| --- | --- | --- | --- | --- |")
         d = (p["c1"]["p50_us"] - t["c1"]["p50_us"]) / 1e3
         lines.append(
@@ -479,12 +487,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m load_tests.bench", description=__doc__)
     parser.add_argument("--n", type=int, default=3000, help="samples per single-tx case")
     parser.add_argument("--placement", choices=["both", "shared", "split"], default="both")
+    parser.add_argument("--no-micro", action="store_true", help="skip (a)-(d)")
     parser.add_argument("--no-feast", action="store_true")
     parser.add_argument("--no-e2e", action="store_true")
     parser.add_argument("--e2e-seconds", type=float, default=10.0)
+    parser.add_argument(
+        "--e2e-placement",
+        choices=["pinned", "unpinned"],
+        default="unpinned",
+        help="pinned: service and redis-server on vCPU 1, client on 0",
+    )
     args = parser.parse_args(argv)
     RESULTS.mkdir(parents=True, exist_ok=True)
     modes = list(PLACEMENTS) if args.placement == "both" else [args.placement]
+    if args.no_micro:
+        modes = []
     results: dict[str, Any] = {"micro": {}, "feast": {}, "started": time.time()}
     own_cpus = os.sched_getaffinity(0)
     with ExitStack() as stack:
@@ -508,9 +525,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 results["feast"][mode] = run_feast(server.port, args.n, client_cpus)
             os.sched_setaffinity(0, own_cpus)
         if not args.no_e2e:
-            os.sched_setaffinity(server.process.pid, {0})
-            print("end to end: trivial endpoint, then /predict", flush=True)
-            results["e2e"] = end_to_end(server.url, args.n, args.e2e_seconds)
+            pinned = args.e2e_placement == "pinned"
+            # Redis work is part of serving /predict: pinned, it shares the server's vCPU.
+            os.sched_setaffinity(server.process.pid, {1} if pinned else own_cpus)
+            print(f"end to end ({args.e2e_placement}): trivial and /predict", flush=True)
+            results["e2e"] = end_to_end(server.url, args.n, args.e2e_seconds, pinned=pinned)
+            results["e2e"]["placement"] = args.e2e_placement
     text = table(results)
     print(text)
     stamp = time.strftime("%Y%m%dT%H%M%S")

@@ -1,7 +1,7 @@
 """Traffic for `make load`: skewed demo users and merchants, mostly /predict."""
 
 # locust monkey-patches the standard library at import: it comes first.
-from locust import FastHttpUser, between, run_single_user, task  # isort: skip
+from locust import FastHttpUser, constant_throughput, run_single_user, task  # isort: skip
 
 import itertools
 import random
@@ -17,6 +17,7 @@ from load_tests.skew import SkewedPool
 USERS = SkewedPool(user_ids(100_000), head_fraction=0.01, head_share=0.2, seed=1)
 MERCHANTS = SkewedPool(merchant_ids(10_000), head_fraction=0.01, head_share=0.2, seed=2)
 BATCH_SIZE = 20
+REQUESTS_PER_USER_S = 10.0  # an open-ish load: users x 10 RPS offered, below saturation
 _instances = itertools.count()
 
 
@@ -40,7 +41,7 @@ def _check_prediction(body: dict[str, Any]) -> str | None:
 class Scorer(FastHttpUser):
     """A payment gateway asking for scores; ids drawn from seeded skewed pools."""
 
-    wait_time = between(0.0, 0.002)
+    wait_time = constant_throughput(REQUESTS_PER_USER_S)
 
     def on_start(self) -> None:
         self.rng = random.Random(1000 + next(_instances))

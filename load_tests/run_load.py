@@ -60,9 +60,20 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m load_tests.run_load", description=__doc__)
-    parser.add_argument("--run-time", default=os.environ.get("LOAD_RUN_TIME", "60s"))
-    parser.add_argument("--users", type=int, default=int(os.environ.get("LOAD_USERS", "32")))
-    parser.add_argument("--workers", default=os.environ.get("FRAUD_WORKERS", "2"))
+    parser.add_argument(
+        "--run-time", default=os.environ.get("LOAD_RUN_TIME", "60s"), help="Locust --run-time"
+    )
+    parser.add_argument(
+        "--users",
+        type=int,
+        default=int(os.environ.get("LOAD_USERS", "30")),
+        help="simulated clients, each offering 10 requests/s",
+    )
+    parser.add_argument(
+        "--workers",
+        default=os.environ.get("FRAUD_WORKERS", "2"),
+        help="service workers: one per vCPU of this 2-vCPU machine",
+    )
     args = parser.parse_args(argv)
     RESULTS.mkdir(parents=True, exist_ok=True)
     python = sys.executable
@@ -110,7 +121,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     history = report.locust_history(Path(f"{prefix}_stats_history.csv").read_text())
     server = report.diff_stats(before, after)
     result = report.verdict(client, server)
-    title = f"make load: {args.users} users, {args.run_time}, {args.workers} workers"
+    title = (
+        f"make load: {args.users} users (~{args.users * 10} RPS offered), {args.run_time}, "
+        f"{args.workers} workers"
+    )
     text = report.markdown(client, server, result, title)
     (RESULTS / "load-report.md").write_text(text)
     report.plot(history, server, RESULTS / "load.png")
