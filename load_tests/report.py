@@ -223,6 +223,8 @@ def locust_history(history_csv: str) -> list[dict[str, float]]:
             )
         except ValueError:
             continue  # "N/A" before the first request
+        if rows[-1]["p50"] <= 0:
+            rows.pop()  # no completed request in this window yet
     return rows
 
 

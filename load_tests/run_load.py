@@ -66,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--users",
         type=int,
-        default=int(os.environ.get("LOAD_USERS", "30")),
+        default=int(os.environ.get("LOAD_USERS", "20")),
         help="simulated clients, each offering 10 requests/s",
     )
     parser.add_argument(
