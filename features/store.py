@@ -261,7 +261,7 @@ class FeatureStore:
         self._width = sum(len(group.features) for group in groups)
         # One event loop per worker owns the store: no lock needed around the cache.
         self._cache = _TtlLru(cache_maxsize, cache_ttl_s, timer)
-        self._inflight: dict[str, asyncio.Future[_Entry]] = {}
+        self._inflight: dict[str, asyncio.Future[dict[str, _Entry]]] = {}
         self._error_log_interval_s = error_log_interval_s
         self._last_error_log = -float("inf")
         self._errors_unlogged = 0
@@ -351,29 +351,33 @@ class FeatureStore:
     async def _read_through(self, misses: dict[str, _Group]) -> dict[str, _Entry]:
         """Read missed keys, joining reads already in flight (single-flight)."""
         joined = {k: f for k in misses if (f := self._inflight.get(k)) is not None}
-        own = {k: g for k, g in misses.items() if k not in joined}
-        result: dict[str, _Entry] = {}
+        own = {k: g for k, g in misses.items() if k not in joined} if joined else misses
+        fetched: dict[str, _Entry] = {}
         if own:
-            loop = asyncio.get_running_loop()
-            futures = {k: loop.create_future() for k in own}
-            self._inflight |= futures
+            # One future per read, not per key: joiners look their keys up in its result.
+            future: asyncio.Future[dict[str, _Entry]] = asyncio.get_running_loop().create_future()
+            inflight = self._inflight
+            for key in own:
+                inflight[key] = future
             try:
-                result = await self._fetch(own)
+                fetched = await self._fetch(own)
             finally:
                 # Runs on cancellation too, so joined readers never wait forever.
-                for key, future in futures.items():
-                    if self._inflight.get(key) is future:
-                        del self._inflight[key]
-                    if not future.done():
-                        future.set_result(result.get(key, own[key].unavailable))
-            for key, entry in result.items():
+                for key in own:
+                    if inflight.get(key) is future:
+                        del inflight[key]
+                future.set_result(fetched)
+            for key, entry in fetched.items():
                 if entry.read.reason is not Reason.UNAVAILABLE:
                     self._cache[key] = entry
-        if joined:
-            metrics.SHARED_READS.inc(len(joined))
-            for key, future in joined.items():
-                # shield: our cancellation must not cancel a future others await.
-                result[key] = await asyncio.shield(future)
+        if not joined:
+            return fetched
+        metrics.SHARED_READS.inc(len(joined))
+        result = dict(fetched)
+        for key, shared in joined.items():
+            # shield: our cancellation must not cancel a future others await.
+            entries = await asyncio.shield(shared)
+            result[key] = entries.get(key, misses[key].unavailable)
         return result
 
     async def _fetch(self, keys: dict[str, _Group]) -> dict[str, _Entry]:
