@@ -224,13 +224,16 @@ class _TtlLru:
         self._ttl_s = ttl_s
         self._timer = timer
 
-    def __getitem__(self, key: str) -> _Entry:
-        expires, entry = self._data[key]  # KeyError: a miss
-        if not self._timer() < expires:
+    def get(self, key: str) -> _Entry | None:
+        """The live entry, or None: no exception on the miss path."""
+        item = self._data.get(key)
+        if item is None:
+            return None
+        if not self._timer() < item[0]:
             del self._data[key]
-            raise KeyError(key)
+            return None
         self._data.move_to_end(key)
-        return entry
+        return item[1]
 
     def __setitem__(self, key: str, entry: _Entry) -> None:
         data = self._data
@@ -285,11 +288,13 @@ class FeatureStore:
             for key, group in keys:
                 if key in entries or key in misses:
                     continue
-                try:
-                    entries[key] = cache[key]
-                except KeyError:
+                entry = cache.get(key)
+                if entry is None:
                     misses[key] = group
-        self._hits.inc(len(entries))
+                else:
+                    entries[key] = entry
+        if entries:
+            self._hits.inc(len(entries))
         source = Source.CACHE
         if misses:
             self._misses.inc(len(misses))
