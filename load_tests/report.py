@@ -6,6 +6,7 @@ Pure functions over text and numbers, so the harness can be tested without a loa
 from __future__ import annotations
 
 import csv
+import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -203,6 +204,48 @@ def locust_aggregate(stats_csv: str) -> ClientStats:
                 p99_ms=float(row["99%"]),
             )
     raise ValueError("no Aggregated row in the Locust stats CSV")
+
+
+def locust_final(stats_json: str) -> ClientStats:
+    """All endpoints of Locust's final `--json-file` stats, merged.
+
+    The `_stats.csv` is rewritten every few seconds while Locust runs and not at exit, so
+    it can miss the last requests; this is written after the run. Percentiles as Locust
+    computes them, from its rounded response-time counts (whole ms below 100 ms).
+    """
+    entries = json.loads(stats_json)
+    times: dict[float, int] = {}
+    requests = failures = 0
+    starts, ends = [], []
+    for entry in entries:
+        requests += int(entry["num_requests"])
+        failures += int(entry["num_failures"])
+        starts.append(float(entry["start_time"]))
+        if entry.get("last_request_timestamp") is not None:
+            ends.append(float(entry["last_request_timestamp"]))
+        for ms, count in entry["response_times"].items():
+            times[float(ms)] = times.get(float(ms), 0) + int(count)
+    elapsed = max(ends) - min(starts) if starts and ends else 0.0
+
+    def percentile(q: float) -> float:
+        # Locust's calculate_response_time_percentile, on the merged counts.
+        n = sum(times.values())
+        rank = int(n * q)
+        seen = 0
+        for ms in sorted(times, reverse=True):
+            seen += times[ms]
+            if n - seen <= rank:
+                return ms
+        return 0.0
+
+    return ClientStats(
+        requests=requests,
+        failures=failures,
+        rps=requests / elapsed if elapsed > 0 else 0.0,
+        p50_ms=percentile(0.5),
+        p95_ms=percentile(0.95),
+        p99_ms=percentile(0.99),
+    )
 
 
 def locust_history(history_csv: str) -> list[dict[str, float]]:

@@ -2,7 +2,7 @@
 
 Locust runs headless for a bounded time; the feature and inference times come from the
 service's own histograms (Locust rounds sub-100 ms times to whole ms). Everything it
-starts, it stops. Output: load_tests/results/load-report.md, load.png, load.html, CSVs.
+starts, it stops. Output: load_tests/results/load-report.md, load.png, load.html, load.json, CSVs.
 """
 
 from __future__ import annotations
@@ -111,13 +111,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             "--run-time", args.run_time,
             "--csv", str(prefix), "--csv-full-history",
             "--html", str(RESULTS / "load.html"),
+            "--json-file", str(prefix),
             "--exit-code-on-error", "0",
         ]  # fmt: skip
         print("+", " ".join(locust[1:]), flush=True)
         subprocess.run(locust, env=env, cwd=ROOT, check=True)
         after = _get(port, "/metrics")[1]
 
-    client = report.locust_aggregate(Path(f"{prefix}_stats.csv").read_text())
+    client = report.locust_final(Path(f"{prefix}.json").read_text())
     history = report.locust_history(Path(f"{prefix}_stats_history.csv").read_text())
     server = report.diff_stats(before, after)
     result = report.verdict(client, server)

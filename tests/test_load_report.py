@@ -93,6 +93,30 @@ def test_locust_csvs_are_read() -> None:
         report.locust_aggregate(STATS_CSV.splitlines()[0])
 
 
+FINAL_JSON = """[
+ {"name": "/predict", "method": "POST", "last_request_timestamp": 1700000060.0,
+  "start_time": 1700000000.0, "num_requests": 100, "num_none_requests": 0,
+  "num_failures": 1, "total_response_time": 500, "max_response_time": 120,
+  "min_response_time": 1, "total_content_length": 0,
+  "response_times": {"2": 50, "4": 45, "9": 3, "120": 2},
+  "num_reqs_per_sec": {}, "num_fail_per_sec": {}},
+ {"name": "/predict_batch[20]", "method": "POST", "last_request_timestamp": 1700000059.0,
+  "start_time": 1700000000.5, "num_requests": 20, "num_none_requests": 0,
+  "num_failures": 0, "total_response_time": 100, "max_response_time": 6,
+  "min_response_time": 3, "total_content_length": 0,
+  "response_times": {"3": 10, "6": 10}, "num_reqs_per_sec": {}, "num_fail_per_sec": {}}
+]"""
+
+
+def test_locust_final_json_is_merged_as_locust_would() -> None:
+    final = report.locust_final(FINAL_JSON)
+    assert (final.requests, final.failures) == (120, 1)
+    assert final.rps == pytest.approx(120 / 60.0)
+    # 120 requests: 50 at 2 ms, 10 at 3, 45 at 4, 10 at 6, 3 at 9, 2 at 120.
+    # Locust: the largest time with more than n - int(n * q) requests at or above it.
+    assert (final.p50_ms, final.p95_ms, final.p99_ms) == (4.0, 6.0, 120.0)
+
+
 def _client(p99_ms: float, failures: int = 0) -> report.ClientStats:
     return report.ClientStats(1000, failures, 500.0, 2.0, 5.0, p99_ms)
 
