@@ -1,4 +1,4 @@
-# Two commands: `make serve` and `make test`. Both install what they need first.
+# `make serve`, `make test`, `make load`, `make bench`. Each installs what it needs first.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -17,7 +17,7 @@ TLS_REDIS := /usr/bin/redis-check-rdb
 FAULT_ARGS ?=
 SOAK_S ?= 600
 
-.PHONY: install serve test check build model clean bench-backing load-fault soak
+.PHONY: install serve test check build model clean load bench bench-backing load-fault soak
 
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,14 @@ check: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
+# Embedded Redis + demo data + `bentoml serve` + Locust (~60 s); report in load_tests/results/.
+load: $(STAMP)
+	$(BIN)/python -m load_tests.run_load $(LOAD_ARGS)
+
+# In-process micro-benchmarks vs the raw pipeline and Feast (own venv), then end to end.
+bench: $(STAMP)
+	$(BIN)/python -m load_tests.bench $(BENCH_ARGS)
+
 model: $(STAMP)
 	$(BIN)/python -m models.train --if-missing
 
@@ -63,4 +71,4 @@ bench-backing: $(STAMP) $(NODE_STAMP)
 	$(BIN)/python -m load_tests.bench_backing $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) node_modules .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .venv-feast node_modules .mypy_cache .ruff_cache .pytest_cache

@@ -84,6 +84,8 @@ class FeatureGroup:
 
 def validate_entity_id(field_name: str, value: object) -> str:
     """Return `value` if it may be used in a key, else raise InvalidEntityId."""
+    if type(value) is str and _ENTITY_ID_RE.fullmatch(value) is not None:
+        return value  # the common case, in one regex call; the checks below say why not
     if not isinstance(value, str):
         raise InvalidEntityId(field_name, "must be a string")
     if not value:

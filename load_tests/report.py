@@ -1,0 +1,358 @@
+"""Reading a load run: Prometheus text, Locust CSVs, the latency budget, the report.
+
+Pure functions over text and numbers, so the harness can be tested without a load.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+FEATURE_P99_BUDGET_MS = 15.0
+E2E_P99_BUDGET_MS = 100.0
+
+Labels = tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One line of the Prometheus text format."""
+
+    name: str
+    labels: Labels
+    value: float
+
+    def label(self, key: str) -> str | None:
+        return dict(self.labels).get(key)
+
+
+def parse_prometheus(text: str) -> list[Sample]:
+    """Samples of a Prometheus text exposition; comments and blank lines skipped."""
+    samples = []
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if "{" in line:
+            name, rest = line.split("{", 1)
+            body, value = rest.rsplit("}", 1)
+            labels = _parse_labels(body)
+        else:
+            name, value = line.split(None, 1)
+            labels = ()
+        samples.append(Sample(name.strip(), labels, float(value.split()[0])))
+    return samples
+
+
+def _parse_labels(body: str) -> Labels:
+    labels: list[tuple[str, str]] = []
+    i = 0
+    while i < len(body):
+        eq = body.index("=", i)
+        key = body[i:eq].strip().lstrip(",").strip()
+        j = eq + 2  # past `="`
+        value = []
+        while body[j] != '"':
+            if body[j] == "\\":
+                j += 1
+                value.append({"n": "\n"}.get(body[j], body[j]))
+            else:
+                value.append(body[j])
+            j += 1
+        labels.append((key, "".join(value)))
+        i = j + 1
+        while i < len(body) and body[i] in ", ":
+            i += 1
+    return tuple(labels)
+
+
+def histogram_buckets(
+    samples: Iterable[Sample], name: str, where: Mapping[str, str] | None = None
+) -> list[tuple[float, float]]:
+    """Cumulative (upper bound, count) of histogram `name`, summed over matching series."""
+    counts: dict[float, float] = {}
+    for s in samples:
+        if s.name != f"{name}_bucket":
+            continue
+        if where and any(s.label(k) != v for k, v in where.items()):
+            continue
+        le = s.label("le")
+        if le is None:
+            continue
+        bound = math.inf if le == "+Inf" else float(le)
+        counts[bound] = counts.get(bound, 0.0) + s.value
+    return sorted(counts.items())
+
+
+def quantile_from_buckets(buckets: Sequence[tuple[float, float]], q: float) -> float | None:
+    """Estimate quantile `q` from cumulative buckets, interpolating linearly inside one.
+
+    As Prometheus' histogram_quantile: the first bucket interpolates from 0, and a
+    quantile in the +Inf bucket is reported as the largest finite bound. None if empty.
+    """
+    if not buckets or buckets[-1][1] <= 0:
+        return None
+    total = buckets[-1][1]
+    rank = q * total
+    lower_bound, lower_count = 0.0, 0.0
+    for bound, count in buckets:
+        if count >= rank:
+            if math.isinf(bound):
+                return lower_bound
+            if count == lower_count:
+                return bound
+            return lower_bound + (bound - lower_bound) * (rank - lower_count) / (
+                count - lower_count
+            )
+        lower_bound, lower_count = bound, count
+    return lower_bound
+
+
+def counter_total(
+    samples: Iterable[Sample], name: str, where: Mapping[str, str] | None = None
+) -> float:
+    """Sum of a counter's matching series (`name` with or without `_total`)."""
+    names = {name, name.removesuffix("_total") + "_total"}
+    return sum(
+        s.value
+        for s in samples
+        if s.name in names and not (where and any(s.label(k) != v for k, v in where.items()))
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ServerStats:
+    """What the service's own /metrics says about a run."""
+
+    feature_p50_ms: float | None
+    feature_p99_ms: float | None
+    inference_p50_ms: float | None
+    inference_p99_ms: float | None
+    cache_hits: float
+    cache_misses: float
+    defaults_served: float
+    feature_buckets: list[tuple[float, float]] = field(default_factory=list)
+
+    @property
+    def cache_hit_ratio(self) -> float | None:
+        total = self.cache_hits + self.cache_misses
+        return self.cache_hits / total if total else None
+
+
+def server_stats(text: str) -> ServerStats:
+    """Feature and inference quantiles, cache and defaults from a /metrics page."""
+    return _server_stats(parse_prometheus(text))
+
+
+def _server_stats(samples: list[Sample]) -> ServerStats:
+    features = histogram_buckets(samples, "features_retrieval_seconds")
+    inference = histogram_buckets(samples, "fraud_inference_seconds")
+
+    def ms(buckets: list[tuple[float, float]], q: float) -> float | None:
+        value = quantile_from_buckets(buckets, q)
+        return None if value is None else value * 1e3
+
+    return ServerStats(
+        feature_p50_ms=ms(features, 0.5),
+        feature_p99_ms=ms(features, 0.99),
+        inference_p50_ms=ms(inference, 0.5),
+        inference_p99_ms=ms(inference, 0.99),
+        cache_hits=counter_total(samples, "features_cache_lookups_total", {"result": "hit"}),
+        cache_misses=counter_total(samples, "features_cache_lookups_total", {"result": "miss"}),
+        defaults_served=counter_total(samples, "features_defaults_total"),
+        feature_buckets=features,
+    )
+
+
+def diff_stats(before: str, after: str) -> ServerStats:
+    """Server stats of what happened between two scrapes of /metrics."""
+    old = {(s.name, s.labels): s.value for s in parse_prometheus(before)}
+    return _server_stats(
+        [
+            Sample(s.name, s.labels, s.value - old.get((s.name, s.labels), 0.0))
+            for s in parse_prometheus(after)
+        ]
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ClientStats:
+    """Locust's aggregated view of a run."""
+
+    requests: int
+    failures: int
+    rps: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+
+
+def locust_aggregate(stats_csv: str) -> ClientStats:
+    """The `Aggregated` row of Locust's `<prefix>_stats.csv`."""
+    for row in csv.DictReader(stats_csv.splitlines()):
+        if row["Name"] == "Aggregated":
+            return ClientStats(
+                requests=int(row["Request Count"]),
+                failures=int(row["Failure Count"]),
+                rps=float(row["Requests/s"]),
+                p50_ms=float(row["50%"]),
+                p95_ms=float(row["95%"]),
+                p99_ms=float(row["99%"]),
+            )
+    raise ValueError("no Aggregated row in the Locust stats CSV")
+
+
+def locust_final(stats_json: str) -> ClientStats:
+    """All endpoints of Locust's final `--json-file` stats, merged.
+
+    The `_stats.csv` is rewritten every few seconds while Locust runs and not at exit, so
+    it can miss the last requests; this is written after the run. Percentiles as Locust
+    computes them, from its rounded response-time counts (whole ms below 100 ms).
+    """
+    entries = json.loads(stats_json)
+    times: dict[float, int] = {}
+    requests = failures = 0
+    starts, ends = [], []
+    for entry in entries:
+        requests += int(entry["num_requests"])
+        failures += int(entry["num_failures"])
+        starts.append(float(entry["start_time"]))
+        if entry.get("last_request_timestamp") is not None:
+            ends.append(float(entry["last_request_timestamp"]))
+        for ms, count in entry["response_times"].items():
+            times[float(ms)] = times.get(float(ms), 0) + int(count)
+    elapsed = max(ends) - min(starts) if starts and ends else 0.0
+
+    def percentile(q: float) -> float:
+        # Locust's calculate_response_time_percentile, on the merged counts.
+        n = sum(times.values())
+        rank = int(n * q)
+        seen = 0
+        for ms in sorted(times, reverse=True):
+            seen += times[ms]
+            if n - seen <= rank:
+                return ms
+        return 0.0
+
+    return ClientStats(
+        requests=requests,
+        failures=failures,
+        rps=requests / elapsed if elapsed > 0 else 0.0,
+        p50_ms=percentile(0.5),
+        p95_ms=percentile(0.95),
+        p99_ms=percentile(0.99),
+    )
+
+
+def locust_history(history_csv: str) -> list[dict[str, float]]:
+    """Aggregated rows of `<prefix>_stats_history.csv`: time, rps and percentiles (ms)."""
+    rows = []
+    for row in csv.DictReader(history_csv.splitlines()):
+        if row["Name"] != "Aggregated":
+            continue
+        try:
+            rows.append(
+                {
+                    "t": float(row["Timestamp"]),
+                    "rps": float(row["Requests/s"]),
+                    "p50": float(row["50%"]),
+                    "p95": float(row["95%"]),
+                    "p99": float(row["99%"]),
+                }
+            )
+        except ValueError:
+            continue  # "N/A" before the first request
+        if rows[-1]["p50"] <= 0:
+            rows.pop()  # no completed request in this window yet
+    return rows
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """Each budget line and whether the run met it."""
+
+    lines: list[tuple[str, bool]]
+
+    @property
+    def passed(self) -> bool:
+        return all(ok for _, ok in self.lines)
+
+
+def verdict(client: ClientStats, server: ServerStats) -> Verdict:
+    """Feature p99 <= 15 ms (server histogram), end-to-end p99 <= 100 ms, no errors."""
+    feature = server.feature_p99_ms
+    lines = [
+        (
+            f"feature retrieval p99 {_fmt(feature)} ms <= {FEATURE_P99_BUDGET_MS:g} ms",
+            feature is not None and feature <= FEATURE_P99_BUDGET_MS,
+        ),
+        (
+            f"end-to-end p99 {client.p99_ms:g} ms <= {E2E_P99_BUDGET_MS:g} ms",
+            client.requests > 0 and client.p99_ms <= E2E_P99_BUDGET_MS,
+        ),
+        (f"{client.failures} failed requests", client.failures == 0),
+    ]
+    return Verdict(lines)
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def markdown(client: ClientStats, server: ServerStats, result: Verdict, title: str) -> str:
+    """One table of the run and its verdict."""
+    ratio = server.cache_hit_ratio
+    e2e = f"{client.p50_ms:g} / {client.p95_ms:g} / {client.p99_ms:g}"
+    feature = f"{_fmt(server.feature_p50_ms)} / {_fmt(server.feature_p99_ms)}"
+    inference = f"{_fmt(server.inference_p50_ms)} / {_fmt(server.inference_p99_ms)}"
+    rows = [
+        ("requests", f"{client.requests}"),
+        ("throughput (RPS)", f"{client.rps:.1f}"),
+        ("end-to-end p50 / p95 / p99 (ms, Locust)", e2e),
+        ("feature retrieval p50 / p99 (ms, server histogram)", feature),
+        ("inference p50 / p99 (ms, server histogram)", inference),
+        ("cache hit ratio", "n/a" if ratio is None else f"{ratio:.1%}"),
+        ("feature groups served defaults", f"{server.defaults_served:g}"),
+        ("errors (failed requests)", f"{client.failures}"),
+    ]
+    out = [f"## {title}", "", "| metric | value |", "| --- | --- |"]
+    out += [f"| {k} | {v} |" for k, v in rows]
+    out += ["", f"**Verdict: {'PASS' if result.passed else 'FAIL'}**", ""]
+    out += [f"- [{'x' if ok else ' '}] {line}" for line, ok in result.lines]
+    return "\n".join(out) + "\n"
+
+
+def plot(history: list[dict[str, float]], server: ServerStats, path: Path) -> None:
+    """Latency percentiles over time (Locust) and the server's feature-time histogram."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    if history:
+        t0 = history[0]["t"]
+        ts = [r["t"] - t0 for r in history]
+        for key in ("p50", "p95", "p99"):
+            left.plot(ts, [r[key] for r in history], label=key)
+        left.axhline(E2E_P99_BUDGET_MS, color="red", linestyle="--", label="p99 budget")
+        left.set_yscale("log")
+    left.set(title="End-to-end latency (Locust, whole ms)", xlabel="s", ylabel="ms")
+    left.legend()
+    buckets = [(b, c) for b, c in server.feature_buckets if not math.isinf(b)]
+    if buckets:
+        labels, counts, previous = [], [], 0.0
+        for bound, count in buckets:
+            labels.append(f"{bound * 1e3:g}")
+            counts.append(count - previous)
+            previous = count
+        right.bar(range(len(counts)), counts)
+        right.set_xticks(range(len(labels)), labels, rotation=60)
+    right.set(title="Feature retrieval time (server histogram)", xlabel="<= ms", ylabel="requests")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

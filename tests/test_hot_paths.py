@@ -1,0 +1,79 @@
+"""The hot-path shortcuts give exactly what the general paths give."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from features import MERCHANT_RISK, STORED_FEATURES, USER_FEATURES, FeatureStore, Reason, Source
+from features.ondemand import model_inputs
+
+COLUMN = {f.name: i for i, f in enumerate(STORED_FEATURES)}
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the array path's int64 overflow
+def test_one_row_inputs_equal_the_array_path() -> None:
+    rng = np.random.default_rng(4)
+    edge_logins = [0.0, -5.0, 1.7e9, 1.8e9]
+    edge_averages = [0.0, 5e-324, -3.0, 40.0]
+    for i in range(3000):
+        stored = rng.normal(0, 1, (1, len(STORED_FEATURES))) * 10.0 ** rng.integers(-3, 10)
+        stored[0, COLUMN["last_login_ts"]] = edge_logins[i % 4] + rng.integers(0, 10**6)
+        stored[0, COLUMN["avg_tx_90d"]] = edge_averages[i // 4 % 4]
+        amount = np.array([[0.0, -0.0, 1e9, rng.lognormal(3, 2)][i % 4]])
+        ts = np.array([[9.5e8, 1.76e9 + rng.uniform(0, 1e7), 4.1e9, 1e19][i // 16 % 4]])
+        one = model_inputs(stored, amount, ts)
+        # Two identical rows take the array path.
+        both = model_inputs(np.vstack([stored, stored]), np.repeat(amount, 2), np.repeat(ts, 2))
+        assert one.dtype == np.float32 and one.shape == (1, both.shape[1])
+        np.testing.assert_array_equal(one[0], both[0])
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected", "reason"),
+    [(b"1_000", 1000.0, None), (b" 7 ", 7.0, None), (b"7.0", 7.0, None),
+     (b"3.4028235677973366e38", 0.0, Reason.INVALID), (b"-1e39", 0.0, Reason.INVALID)],
+)  # fmt: skip
+async def test_decoding_follows_float_parsing(client, sync_redis, raw, expected, reason) -> None:
+    sync_redis.hset("user:{u1}:features", mapping={"tx_count_1h": raw, "tx_sum_1h": b"2.5"})
+    rows = await FeatureStore(client).read([{"user": "u1", "merchant": "m1"}])
+    assert rows.values[0, COLUMN["tx_count_1h"]] == expected
+    assert rows.values[0, COLUMN["tx_sum_1h"]] == 2.5
+    assert rows.reads[0]["user:features"].source is Source.REDIS
+
+
+async def test_float32_limit_is_kept_for_float_features(client, sync_redis) -> None:
+    sync_redis.hset("user:{u1}:features", mapping={"tx_sum_1h": b"3.4028235e38"})
+    rows = await FeatureStore(client).read([{"user": "u1", "merchant": "m1"}])
+    assert rows.values[0, COLUMN["tx_sum_1h"]] == 3.4028235e38
+    assert np.isfinite(rows.values.astype(np.float32)).all()
+
+
+async def test_empty_request_reads_nothing(client) -> None:
+    rows = await FeatureStore(client).read([])
+    assert rows.values.shape == (0, len(STORED_FEATURES)) and rows.reads == []
+
+
+async def test_batch_decoding_equals_one_by_one(client, sync_redis) -> None:
+    complete_user = {f.name: 1 for f in USER_FEATURES.features}
+    complete_merchant = {f.name: 1 for f in MERCHANT_RISK.features}
+    for i in range(30):
+        sync_redis.hset(f"user:{{u{i}}}:features", mapping=complete_user)
+        sync_redis.hset(f"merchant:{{m{i}}}:risk", mapping=complete_merchant)
+    sync_redis.hset("user:{u3}:features", "tx_count_1h", b"1.5")  # not whole
+    sync_redis.hset("user:{u4}:features", "tx_sum_1h", b"nan")
+    sync_redis.hset("user:{u5}:features", "is_premium", b"2")
+    sync_redis.hset("merchant:{m6}:risk", "avg_ticket_30d", b"1e39")  # inf as float32
+    sync_redis.hdel("user:{u7}:features", "avg_tx_90d")  # one absent field
+    sync_redis.delete("merchant:{m8}:risk")  # absent key
+    sync_redis.set("user:{u9}:features", "not a hash")
+    sync_redis.hset("user:{u10}:features", "tx_sum_24h", b"abc")
+    rows = [{"user": f"u{i}", "merchant": f"m{i}"} for i in range(30)]
+    batch = await FeatureStore(client).read(rows)
+    for i, row in enumerate(rows):
+        alone = await FeatureStore(client).read([row])
+        np.testing.assert_array_equal(batch.values[i], alone.values[0])
+        for name, read in alone.reads[0].items():
+            assert batch.reads[i][name] == read, (i, name)
+    assert batch.reads[3]["user:features"].defaulted == ("tx_count_1h",)
+    assert batch.reads[8]["merchant:risk"].reason is Reason.MISSING

@@ -1,0 +1,157 @@
+"""The load harness on canned numbers: parsing, quantiles from buckets, the verdict."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from features.demo import user_ids
+from load_tests import report
+from load_tests.skew import SkewedPool
+
+METRICS = """\
+# HELP features_retrieval_seconds Feature retrieval time per request
+# TYPE features_retrieval_seconds histogram
+features_retrieval_seconds_bucket{le="0.0001",source="cache"} 80.0
+features_retrieval_seconds_bucket{le="0.001",source="cache"} 100.0
+features_retrieval_seconds_bucket{le="+Inf",source="cache"} 100.0
+features_retrieval_seconds_bucket{le="0.0001",source="redis"} 0.0
+features_retrieval_seconds_bucket{le="0.001",source="redis"} 90.0
+features_retrieval_seconds_bucket{le="+Inf",source="redis"} 100.0
+features_retrieval_seconds_count{source="cache"} 100.0
+fraud_inference_seconds_bucket{le="0.0001"} 150.0
+fraud_inference_seconds_bucket{le="0.001"} 200.0
+fraud_inference_seconds_bucket{le="+Inf"} 200.0
+features_cache_lookups_total{result="hit"} 300.0
+features_cache_lookups_total{result="miss"} 100.0
+features_defaults_total{group="user:features",reason="missing"} 4.0
+features_defaults_total{group="merchant:risk",reason="invalid"} 1.0
+features_redis_up 1.0
+weird_total{path="a \\"quoted\\", one"} 2.0
+"""
+
+STATS_CSV = """\
+Type,Name,Request Count,Failure Count,Median Response Time,Average Response Time,\
+Min Response Time,Max Response Time,Average Content Size,Requests/s,Failures/s,\
+50%,66%,75%,80%,90%,95%,98%,99%,99.9%,99.99%,100%
+POST,/predict,900,0,3,3.5,1,40,150,15.0,0.0,3,4,4,5,6,8,10,12,30,40,40
+,Aggregated,1000,2,3,4.1,1,60,160,16.7,0.03,3,4,5,5,7,9,12,15,50,60,60
+"""
+
+HISTORY_CSV = """\
+Timestamp,User Count,Type,Name,Requests/s,Failures/s,50%,66%,75%,80%,90%,95%,98%,99%,\
+99.9%,99.99%,100%,Total Request Count,Total Failure Count
+1700000000,32,,Aggregated,0.000000,0.000000,N/A,N/A,N/A,N/A,N/A,N/A,N/A,N/A,N/A,N/A,N/A,0,0
+1700000001,32,POST,/predict,10,0,3,3,3,3,3,3,3,3,3,3,3,10,0
+1700000001,32,,Aggregated,12.5,0,3,4,4,4,5,6,7,8,9,9,9,12,0
+1700000002,32,,Aggregated,0,0,0,0,0,0,0,0,0,0,0,0,0,12,0
+"""
+
+
+def test_prometheus_text_is_parsed_with_labels() -> None:
+    samples = report.parse_prometheus(METRICS)
+    assert len(samples) == 16
+    weird = next(s for s in samples if s.name == "weird_total")
+    assert weird.label("path") == 'a "quoted", one' and weird.value == 2.0
+
+
+def test_quantiles_interpolate_within_buckets() -> None:
+    buckets = [(0.001, 50.0), (0.002, 100.0), (float("inf"), 100.0)]
+    assert report.quantile_from_buckets(buckets, 0.5) == pytest.approx(0.001)
+    assert report.quantile_from_buckets(buckets, 0.99) == pytest.approx(0.00198)
+    assert report.quantile_from_buckets(buckets, 0.25) == pytest.approx(0.0005)
+    # Past the last finite bound: the largest finite bound, as Prometheus does.
+    assert report.quantile_from_buckets([(0.001, 1.0), (float("inf"), 10.0)], 0.9) == 0.001
+    assert report.quantile_from_buckets([], 0.5) is None
+
+
+def test_server_stats_sum_series_across_labels() -> None:
+    stats = report.server_stats(METRICS)
+    # 200 requests: 80 under 0.1 ms, 190 under 1 ms, 10 above.
+    assert stats.feature_p50_ms == pytest.approx(0.1 + 0.9 * (100 - 80) / 110)
+    assert stats.feature_p99_ms == pytest.approx(1.0)
+    assert stats.inference_p50_ms == pytest.approx(0.1 * 100 / 150)
+    assert stats.cache_hit_ratio == pytest.approx(0.75)
+    assert stats.defaults_served == 5.0
+
+
+def test_diff_keeps_only_what_happened_between_scrapes() -> None:
+    before = METRICS.replace('result="hit"} 300.0', 'result="hit"} 280.0')
+    stats = report.diff_stats(before, METRICS)
+    assert (stats.cache_hits, stats.cache_misses) == (20.0, 0.0)
+    assert stats.feature_p99_ms is None  # no request in between
+
+
+def test_locust_csvs_are_read() -> None:
+    agg = report.locust_aggregate(STATS_CSV)
+    assert (agg.requests, agg.failures, agg.rps) == (1000, 2, 16.7)
+    assert (agg.p50_ms, agg.p95_ms, agg.p99_ms) == (3.0, 9.0, 15.0)
+    history = report.locust_history(HISTORY_CSV)
+    assert history == [{"t": 1700000001.0, "rps": 12.5, "p50": 3.0, "p95": 6.0, "p99": 8.0}]
+    with pytest.raises(ValueError, match="Aggregated"):
+        report.locust_aggregate(STATS_CSV.splitlines()[0])
+
+
+FINAL_JSON = """[
+ {"name": "/predict", "method": "POST", "last_request_timestamp": 1700000060.0,
+  "start_time": 1700000000.0, "num_requests": 100, "num_none_requests": 0,
+  "num_failures": 1, "total_response_time": 500, "max_response_time": 120,
+  "min_response_time": 1, "total_content_length": 0,
+  "response_times": {"2": 50, "4": 45, "9": 3, "120": 2},
+  "num_reqs_per_sec": {}, "num_fail_per_sec": {}},
+ {"name": "/predict_batch[20]", "method": "POST", "last_request_timestamp": 1700000059.0,
+  "start_time": 1700000000.5, "num_requests": 20, "num_none_requests": 0,
+  "num_failures": 0, "total_response_time": 100, "max_response_time": 6,
+  "min_response_time": 3, "total_content_length": 0,
+  "response_times": {"3": 10, "6": 10}, "num_reqs_per_sec": {}, "num_fail_per_sec": {}}
+]"""
+
+
+def test_locust_final_json_is_merged_as_locust_would() -> None:
+    final = report.locust_final(FINAL_JSON)
+    assert (final.requests, final.failures) == (120, 1)
+    assert final.rps == pytest.approx(120 / 60.0)
+    # 120 requests: 50 at 2 ms, 10 at 3, 45 at 4, 10 at 6, 3 at 9, 2 at 120.
+    # Locust: the largest time with more than n - int(n * q) requests at or above it.
+    assert (final.p50_ms, final.p95_ms, final.p99_ms) == (4.0, 6.0, 120.0)
+
+
+def _client(p99_ms: float, failures: int = 0) -> report.ClientStats:
+    return report.ClientStats(1000, failures, 500.0, 2.0, 5.0, p99_ms)
+
+
+def _server(feature_p99_ms: float | None) -> report.ServerStats:
+    return report.ServerStats(0.1, feature_p99_ms, 0.05, 0.2, 90.0, 10.0, 0.0)
+
+
+@pytest.mark.parametrize(
+    ("client", "server", "passed"),
+    [
+        (_client(99.0), _server(14.9), True),
+        (_client(100.0), _server(15.0), True),  # the budget is inclusive
+        (_client(101.0), _server(0.5), False),
+        (_client(20.0), _server(16.0), False),
+        (_client(20.0), _server(None), False),  # no server histogram: no verdict of pass
+        (_client(20.0, failures=3), _server(0.5), False),
+    ],
+)
+def test_budget_verdict(client, server, passed) -> None:
+    result = report.verdict(client, server)
+    assert result.passed is passed
+    text = report.markdown(client, server, result, "canned")
+    assert ("**Verdict: PASS**" in text) is passed
+    assert "| cache hit ratio | 90.0% |" in text
+
+
+def test_skewed_pool_gives_the_head_its_share() -> None:
+    ids = user_ids(10_000)
+    pool = SkewedPool(ids, head_fraction=0.01, head_share=0.2, seed=1)
+    rng = random.Random(7)
+    draws = [pool.draw(rng) for _ in range(50_000)]
+    head = set(pool.by_rank[:100])
+    assert 0.18 < sum(d in head for d in draws) / len(draws) < 0.22
+    assert set(draws) <= set(ids)
+    again = SkewedPool(ids, head_fraction=0.01, head_share=0.2, seed=1)
+    rng = random.Random(7)
+    assert [again.draw(rng) for _ in range(5)] == draws[:5]
