@@ -44,7 +44,7 @@ def test_any_stored_bytes_decode_to_a_float_or_the_default(data: st.DataObject) 
     n = len(spec.features)
     # The fields, then the event time: any bytes there too.
     reply = data.draw(st.lists(FIELD_BYTES, min_size=n + 1, max_size=n + 1))
-    entry = _Group(spec, 0).decode(reply, now=1.8e9)
+    entry = _Group(spec).decode(reply, now=1.8e9)
     check_row(entry.values, reply[:-1], spec.defaults)
     for name in entry.read.defaulted:
         i = spec.field_names.index(name)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -170,3 +171,9 @@ def test_features_imports_neither_bentoml_nor_torch() -> None:
     code = "import sys, features, features.load; print({'bentoml', 'torch'} & set(sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "set()"
+
+
+def test_readme_documents_every_setting() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for f in dataclasses.fields(Settings):
+        assert f"`FEATURES_{f.name.upper()}`" in readme, f.name
