@@ -19,7 +19,6 @@ from pydantic import BaseModel, Field
 
 from features import (
     ENTITY_ID_PATTERN,
-    BackingBreaker,
     CircuitBreaker,
     FeatureRows,
     FeatureStore,
@@ -229,8 +228,10 @@ class FraudService:
             error_log_interval_s=self.settings.error_log_interval_s,
             backing=open_backing(self.settings),
             backing_timeout_s=self.settings.backing_timeout_s,
-            backing_breaker=BackingBreaker(
-                self.settings.backing_breaker_failures, self.settings.backing_breaker_cooldown_s
+            backing_breaker=CircuitBreaker(
+                name=self.settings.backing_store,
+                failure_threshold=self.settings.backing_breaker_failures,
+                reset_s=self.settings.backing_breaker_cooldown_s,
             ),
             read_repair_max_tasks=self.settings.read_repair_max_tasks,
             breaker=CircuitBreaker(

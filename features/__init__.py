@@ -1,6 +1,6 @@
 """Feature retrieval for online scoring: cache, one Redis round trip, backing store, defaults."""
 
-from features.backing import BackingBreaker, BackingStore, Record, open_backing
+from features.backing import BackingStore, Record, open_backing
 from features.breaker import CircuitBreaker
 from features.connection import open_redis
 from features.errors import (
@@ -39,7 +39,6 @@ __all__ = [
     "MODEL_FEATURES",
     "STORED_FEATURES",
     "USER_FEATURES",
-    "BackingBreaker",
     "BackingStore",
     "BackingStoreError",
     "CircuitBreaker",

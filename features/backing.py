@@ -8,8 +8,7 @@ event time, so what one tier serves the next can store unchanged.
 from __future__ import annotations
 
 import math
-import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -91,52 +90,6 @@ def open_backing(
             retention_s=settings.backing_retention_s,
         )
     return None
-
-
-class BackingBreaker:
-    """Consecutive-failure circuit breaker: closed, open for `cooldown_s`, then one probe.
-
-    Deliberately minimal and store-agnostic (no I/O, injected clock).
-    """
-
-    def __init__(
-        self, failures: int, cooldown_s: float, timer: Callable[[], float] = time.monotonic
-    ) -> None:
-        self._threshold = failures
-        self._cooldown_s = cooldown_s
-        self._timer = timer
-        self._failures = 0
-        self._opened_at: float | None = None
-        self._probe_at: float | None = None
-
-    @property
-    def is_open(self) -> bool:
-        """True while calls are being refused or a single probe is out."""
-        return self._opened_at is not None
-
-    def allow(self) -> bool:
-        """May a call go out now? While open, one probe per cooldown period."""
-        if self._opened_at is None:
-            return True
-        now = self._timer()
-        last = self._probe_at if self._probe_at is not None else self._opened_at
-        # A probe that never reported (its caller was cancelled) expires after a cooldown too.
-        if now - last >= self._cooldown_s:
-            self._probe_at = now
-            return True
-        return False
-
-    def success(self) -> None:
-        """A call succeeded: close."""
-        self._failures = 0
-        self._opened_at = self._probe_at = None
-
-    def failure(self) -> None:
-        """A call failed or timed out: count it; open (again) at the threshold."""
-        self._failures += 1
-        if self._opened_at is not None or self._failures >= self._threshold:
-            self._opened_at = self._timer()
-            self._probe_at = None
 
 
 # Write only where the key is absent: a writer that got there first holds newer values,

@@ -1,10 +1,11 @@
-"""A circuit breaker for the online store: while Redis is down, no read waits on it.
+"""A circuit breaker: while a store (Redis, the backing store) is down, no read waits on it.
 
-CLOSED     every read goes to Redis; `failure_threshold` failures in a row open it.
-OPEN       no read goes to Redis (callers serve defaults at once) for `reset_s`.
-HALF_OPEN  reads still get defaults; one probe, sent off the request path, asks
-           Redis whether it is back. Its success closes the breaker, its failure
-           opens it for another `reset_s`.
+CLOSED     every read goes to the store; `failure_threshold` failures in a row open it.
+OPEN       no read goes to it (callers serve defaults at once) for `reset_s`.
+HALF_OPEN  one caller claims the probe: for Redis a PING sent off the request path
+           (reads still get defaults), for the backing store one read under its
+           deadline. Its success closes the breaker, its failure opens it for another
+           `reset_s`.
 
 One event loop owns a breaker (like the store's cache), so it needs no lock.
 """
@@ -19,7 +20,7 @@ from features import metrics
 
 
 class State(IntEnum):
-    """Breaker state; its value is the `features_breaker_state` gauge."""
+    """Breaker state; its value is the `features_breaker_state{dependency}` gauge."""
 
     CLOSED = 0
     HALF_OPEN = 1
@@ -32,12 +33,15 @@ class CircuitBreaker:
     def __init__(
         self,
         *,
+        name: str = "redis",
         failure_threshold: int = 5,
         reset_s: float = 1.0,
         timer: Callable[[], float] = time.monotonic,
     ) -> None:
         if failure_threshold < 1 or reset_s <= 0:
             raise ValueError("failure_threshold must be >= 1 and reset_s > 0")
+        self._state_gauge = metrics.BREAKER_STATE.labels(name)
+        self._name = name
         self._threshold = failure_threshold
         self._reset_s = reset_s
         self._timer = timer
@@ -45,7 +49,7 @@ class CircuitBreaker:
         self._failures = 0
         self._opened_at = 0.0
         self._probing = False
-        metrics.BREAKER_STATE.set(State.CLOSED)
+        self._state_gauge.set(State.CLOSED)
 
     @property
     def state(self) -> State:
@@ -96,5 +100,5 @@ class CircuitBreaker:
 
     def _move(self, state: State) -> None:
         self._state = state
-        metrics.BREAKER_STATE.set(state)
-        metrics.BREAKER_TRANSITIONS.labels(state.name.lower()).inc()
+        self._state_gauge.set(state)
+        metrics.BREAKER_TRANSITIONS.labels(self._name, state.name.lower()).inc()

@@ -56,11 +56,6 @@ BACKING_SECONDS = Histogram(
     ["store"],
     buckets=LATENCY_BUCKETS_S,
 )
-BACKING_BREAKER_OPEN = Gauge(
-    "features_backing_breaker_open",
-    "1 while the backing store's circuit breaker is open (reads skipped)",
-    multiprocess_mode="liveall",
-)
 READ_REPAIRS = Counter(
     "features_read_repairs_total",
     "Keys written back to Redis from the backing store, by outcome",
@@ -73,11 +68,12 @@ STALE = Counter(
 )
 BREAKER_STATE = Gauge(
     "features_breaker_state",
-    "Circuit breaker around Redis: 0 closed, 1 half-open (probing), 2 open (no Redis reads)",
+    "Circuit breaker per store: 0 closed, 1 half-open (probing), 2 open (no reads sent)",
+    ["dependency"],
     multiprocess_mode="liveall",
 )
 BREAKER_TRANSITIONS = Counter(
     "features_breaker_transitions_total",
-    "Circuit breaker state changes, by the state entered",
-    ["state"],
+    "Circuit breaker state changes, by store and the state entered",
+    ["dependency", "state"],
 )

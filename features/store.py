@@ -19,7 +19,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from features import metrics
-from features.backing import BackingBreaker, BackingStore, Record, entity_id_of, restore_to_redis
+from features.backing import BackingStore, Record, entity_id_of, restore_to_redis
 from features.breaker import CircuitBreaker
 from features.connection import Client
 from features.errors import BackingStoreError, InvalidEntityId
@@ -174,7 +174,7 @@ class FeatureStore:
         error_log_interval_s: float = 10.0,
         backing: BackingStore | None = None,
         backing_timeout_s: float = 0.01,
-        backing_breaker: BackingBreaker | None = None,
+        backing_breaker: CircuitBreaker | None = None,
         read_repair_max_tasks: int = 8,
         breaker: CircuitBreaker | None = None,
         timer: Callable[[], float] = time.monotonic,
@@ -184,7 +184,9 @@ class FeatureStore:
         self._clock = clock  # wall time, for event-time freshness
         self._backing = backing
         self._backing_timeout_s = backing_timeout_s
-        self._backing_breaker = backing_breaker or BackingBreaker(5, 5.0, timer)
+        self._backing_breaker = backing_breaker or CircuitBreaker(
+            name=backing.name if backing else "backing", reset_s=5.0, timer=timer
+        )
         self._repair_max_tasks = read_repair_max_tasks
         self._repairs: set[asyncio.Task[None]] = set()
         self._backing_last_log = -float("inf")
@@ -340,7 +342,8 @@ class FeatureStore:
         ]
         if not wanted:
             return result
-        if not self._backing_breaker.allow():
+        breaker = self._backing_breaker
+        if not (breaker.allow() or breaker.claim_probe()):
             metrics.BACKING_READS.labels(backing.name, "skipped").inc()
             return result | {k: keys[k].unavailable for k in wanted}
         try:
@@ -349,15 +352,16 @@ class FeatureStore:
             async with asyncio.timeout(self._backing_timeout_s):
                 records = await backing.read([(keys[k].spec, entity_id_of(k)) for k in wanted])
         except (TimeoutError, BackingStoreError) as exc:
-            self._backing_breaker.failure()
-            metrics.BACKING_BREAKER_OPEN.set(int(self._backing_breaker.is_open))
+            breaker.failure()
             kind = "timeout" if isinstance(exc, TimeoutError) else "error"
             metrics.BACKING_READS.labels(backing.name, kind).inc()
             self._backing_failed(f"{backing.name} read", exc, len(wanted))
             # The store of record could not be asked: unknown, not missing (and not cached).
             return result | {k: keys[k].unavailable for k in wanted}
-        self._backing_breaker.success()
-        metrics.BACKING_BREAKER_OPEN.set(0)
+        except BaseException:
+            breaker.abandon()  # cancelled: no answer either way, the next read may probe
+            raise
+        breaker.success()
         metrics.BACKING_READS.labels(backing.name, "ok").inc()
         metrics.BACKING_SECONDS.labels(backing.name).observe(time.perf_counter() - started)
         now = self._clock()

@@ -18,8 +18,8 @@ from features import (
     MERCHANT_RISK,
     STORED_FEATURES,
     USER_FEATURES,
-    BackingBreaker,
     BackingStore,
+    CircuitBreaker,
     FeatureStore,
     FeatureWriteError,
     FeatureWriter,
@@ -91,7 +91,7 @@ def store_with(
     client: Client,
     backing: BackingStore,
     timeout_s: float = SLOW_OK_S,
-    breaker: BackingBreaker | None = None,
+    breaker: CircuitBreaker | None = None,
 ) -> FeatureStore:
     return FeatureStore(
         client, backing=backing, backing_timeout_s=timeout_s, backing_breaker=breaker
@@ -263,7 +263,12 @@ def test_warm_command_fails_cleanly_when_the_store_is_down(own_redis, monkeypatc
 async def test_slow_backing_opens_its_breaker_and_defaults_come_in_time(
     backing, emulator, client
 ) -> None:
-    store = store_with(client, backing, timeout_s=0.05, breaker=BackingBreaker(2, 60.0))
+    store = store_with(
+        client,
+        backing,
+        timeout_s=0.05,
+        breaker=CircuitBreaker(name=backing.name, failure_threshold=2, reset_s=60.0),
+    )
     await store.read([tx("warmup", "warmup")])  # connections open before the fault
     skipped = metrics.BACKING_READS.labels(backing.name, "skipped")
     before = skipped._value.get()
@@ -341,28 +346,22 @@ async def test_stale_values_are_reported_from_redis_and_backing(
     assert 0 < sync_redis.ttl("user:{u1}:features") <= USER_FEATURES.freshness_s - 60 + 1
 
 
-def is_open(breaker: BackingBreaker) -> bool:
-    return breaker.is_open  # a call: mypy would narrow the property across failure()
-
-
-def test_breaker_opens_probes_and_closes() -> None:
+def test_backing_breaker_lets_one_read_probe_per_window() -> None:
     clock = FakeClock()
-    breaker = BackingBreaker(3, 10.0, clock)
-    for _ in range(2):
+    breaker = CircuitBreaker(name="dynamodb", failure_threshold=3, reset_s=10.0, timer=clock)
+    for _ in range(3):
         breaker.failure()
-    assert breaker.allow() and not is_open(breaker)
-    breaker.failure()
-    assert is_open(breaker) and not breaker.allow()
+    assert not breaker.allow() and not breaker.claim_probe()
     clock.tick(10)
-    assert breaker.allow()  # one probe
-    assert not breaker.allow()  # and only one
-    breaker.failure()  # the probe failed: open for another cooldown
+    assert breaker.claim_probe()  # one read may go out
+    assert not breaker.claim_probe()  # and only one
+    breaker.failure()  # the probe failed: open for another window
     clock.tick(9.9)
-    assert not breaker.allow()
+    assert not breaker.claim_probe()
     clock.tick(0.1)
-    assert breaker.allow()
+    assert breaker.claim_probe()
     breaker.success()
-    assert not is_open(breaker) and breaker.allow()
+    assert breaker.allow()
 
 
 def test_settings_select_the_store() -> None:

@@ -25,7 +25,7 @@ def test_opens_after_threshold_failures_in_a_row(clock: FakeClock) -> None:
     assert state(breaker) is State.CLOSED
     breaker.failure()
     assert state(breaker) is State.OPEN
-    assert metrics.BREAKER_STATE._value.get() == State.OPEN
+    assert metrics.BREAKER_STATE.labels("redis")._value.get() == State.OPEN
     assert not breaker.allow()
 
 
@@ -41,7 +41,7 @@ def test_half_open_sends_one_probe_and_closes_on_its_success(clock: FakeClock) -
     assert not breaker.claim_probe()
     breaker.success()
     assert state(breaker) is State.CLOSED and breaker.allow()
-    assert metrics.BREAKER_STATE._value.get() == State.CLOSED
+    assert metrics.BREAKER_STATE.labels("redis")._value.get() == State.CLOSED
 
 
 def test_failed_probe_opens_for_another_window(clock: FakeClock) -> None:
@@ -68,7 +68,7 @@ def test_abandoned_probe_lets_the_next_caller_probe(clock: FakeClock) -> None:
 
 def test_late_failures_do_not_extend_the_open_window(clock: FakeClock) -> None:
     breaker = CircuitBreaker(failure_threshold=1, reset_s=1.0, timer=clock)
-    transitions = metrics.BREAKER_TRANSITIONS.labels("open")
+    transitions = metrics.BREAKER_TRANSITIONS.labels("redis", "open")
     before = transitions._value.get()
     breaker.failure()
     clock.tick(0.9)

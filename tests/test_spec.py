@@ -27,7 +27,7 @@ def test_public_names_are_pinned() -> None:
             "InvalidEntityId", "Reason", "Settings", "Source", "describe_skew",
             "fingerprint", "model_inputs", "open_redis", "redact_url", "schema",
             "validate_entity_id",
-            "BackingBreaker", "BackingStore", "BackingStoreError", "Record", "open_backing",
+            "BackingStore", "BackingStoreError", "Record", "open_backing",
         ]
     )  # fmt: skip
 
