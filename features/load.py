@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -105,16 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--create", action="store_true", help="create the backing table if absent")
     args = parser.parse_args(argv)
 
-    settings = Settings.from_env()
-    # Bulk writes are not the hot path: allow them real timeouts.
-    settings = dataclasses.replace(
-        settings,
-        redis_url=args.redis_url or settings.redis_url,
-        redis_socket_timeout_s=10.0,
-        redis_connect_timeout_s=2.0,
-        redis_pool_timeout_s=10.0,
-        redis_cluster_deadline_s=60.0,
-    )
+    # Bulk and admin work is not the hot path: real timeouts.
+    settings = Settings.from_env().for_bulk(args.redis_url)
     if args.demo:
         jobs = [
             (

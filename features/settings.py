@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Mapping
@@ -139,6 +140,18 @@ class Settings:
             raise ValueError(f"set both {PREFIX}REDIS_TLS_CERT_FILE and _KEY_FILE, or neither")
         if self.redis_password and url.password:
             raise ValueError(f"a password is in {PREFIX}REDIS_URL and {PREFIX}REDIS_PASSWORD")
+
+    def for_bulk(self, redis_url: str | None = None) -> Settings:
+        """These settings with real timeouts, for loaders and admin commands (not the
+        hot path), optionally for another Redis."""
+        return dataclasses.replace(
+            self,
+            redis_url=redis_url or self.redis_url,
+            redis_socket_timeout_s=10.0,
+            redis_connect_timeout_s=2.0,
+            redis_pool_timeout_s=10.0,
+            redis_cluster_deadline_s=60.0,
+        )
 
     def node_addresses(self) -> list[tuple[str, int]]:
         """`redis_nodes` as (host, port) pairs."""

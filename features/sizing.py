@@ -168,15 +168,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--latency-ms", type=float, help="use this instead of measuring")
     parser.add_argument("--redis-url", help="default: FEATURES_REDIS_URL or REDIS_URL")
     args = parser.parse_args(argv)
-    settings = Settings.from_env()
-    settings = dataclasses.replace(
-        settings,
-        redis_url=args.redis_url or settings.redis_url,
-        redis_socket_timeout_s=5.0,
-        redis_connect_timeout_s=2.0,
-        redis_pool_timeout_s=5.0,
-        redis_cluster_deadline_s=30.0,
-    )
+    # Bulk and admin work is not the hot path: real timeouts.
+    settings = Settings.from_env().for_bulk(args.redis_url)
     print(asyncio.run(run(args, settings)))
     return 0
 

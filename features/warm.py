@@ -129,15 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.batch <= 0 or args.concurrency <= 0:
         parser.error("--batch and --concurrency must be positive")
-    settings = Settings.from_env()
-    # A bulk job, not the hot path: real timeouts.
-    settings = dataclasses.replace(
-        settings,
-        redis_url=args.redis_url or settings.redis_url,
-        redis_socket_timeout_s=10.0,
-        redis_connect_timeout_s=2.0,
-        redis_pool_timeout_s=10.0,
-    )
+    # Bulk and admin work is not the hot path: real timeouts.
+    settings = Settings.from_env().for_bulk(args.redis_url)
     return asyncio.run(_main(settings, args))
 
 

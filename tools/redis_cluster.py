@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import signal
 import socket
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from typing import Any
 
 import redis
 
-from tools.redis_server import RedisServer, find_binary
+from tools.redis_server import RedisServer, find_binary, stop_on_signals
 
 BUS_PORT_OFFSET = 10_000  # a cluster node also listens on port + 10000
 
@@ -260,26 +259,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.redis_cluster", description=__doc__)
     parser.add_argument("--sentinel", action="store_true", help="Sentinel instead of Cluster")
     args = parser.parse_args(argv)
-    stop = False
-
-    def on_signal(signum: int, frame: object) -> None:
-        nonlocal stop
-        stop = True
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stopped = stop_on_signals()
     if args.sentinel:
         with LocalSentinel() as sentinel:
             print(f"FEATURES_REDIS_MODE=sentinel FEATURES_REDIS_NODES={sentinel.nodes}")
             print(f"FEATURES_REDIS_SENTINEL_SERVICE={sentinel.service}", flush=True)
-            while not stop:
-                time.sleep(0.2)
+            while not stopped.wait(0.2):
+                pass
     else:
         with LocalCluster() as cluster:
             print(f"FEATURES_REDIS_MODE=cluster FEATURES_REDIS_URL={cluster.url}")
             print(f"FEATURES_REDIS_NODES={cluster.nodes}", flush=True)
-            while not stop:
-                time.sleep(0.2)
+            while not stopped.wait(0.2):
+                pass
     return 0
 
 

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -184,22 +185,24 @@ class RedisServer:
         self.stop()
 
 
+def stop_on_signals() -> threading.Event:
+    """An event that SIGTERM or SIGINT sets: how the foreground tools know to stop."""
+    stopped = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: stopped.set())
+    return stopped
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.redis_server", description=__doc__)
     parser.add_argument("--port", type=int, default=None, help="default: a free port")
     args = parser.parse_args(argv)
-    stop = False
-
-    def on_signal(signum: int, frame: object) -> None:
-        nonlocal stop
-        stop = True
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stopped = stop_on_signals()
     with RedisServer(args.port) as server:
         print(server.url, flush=True)
-        while not stop and server.process is not None and server.process.poll() is None:
-            time.sleep(0.2)
+        while server.process is not None and server.process.poll() is None:
+            if stopped.wait(0.2):
+                break
     return 0
 
 
