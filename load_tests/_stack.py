@@ -3,12 +3,13 @@ a trained model, and `bentoml serve` on free loopback ports. Everything stops on
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,18 @@ from tools.redis_server import RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
+
+
+async def paced(rate: float, end: float) -> AsyncIterator[None]:
+    """Yield `rate` times a second until monotonic time `end`, on a fixed schedule: a
+    slow request delays the next one, never the rate after it."""
+    interval = 1.0 / rate
+    next_at = time.monotonic()
+    while (now := time.monotonic()) < end:
+        if now < next_at:
+            await asyncio.sleep(next_at - now)
+        next_at += interval
+        yield
 
 
 @dataclass

@@ -20,7 +20,14 @@ from dataclasses import dataclass, field
 import httpx
 import numpy as np
 
-from load_tests._stack import Stack, bucket_counts, bucket_quantile, retrieval_buckets, stack
+from load_tests._stack import (
+    Stack,
+    bucket_counts,
+    bucket_quantile,
+    paced,
+    retrieval_buckets,
+    stack,
+)
 
 FAILED = {"unavailable", "circuit_open"}
 
@@ -38,13 +45,8 @@ async def _client(
     url: str, ids: list[str], rate: float, end: float, samples: list[Sample], seed: int
 ) -> None:
     rng = random.Random(seed)
-    interval = 1.0 / rate
-    next_at = time.monotonic()
     async with httpx.AsyncClient(base_url=url, timeout=5) as client:
-        while (now := time.monotonic()) < end:
-            if now < next_at:
-                await asyncio.sleep(next_at - now)
-            next_at += interval
+        async for _ in paced(rate, end):
             body = {
                 "user_id": rng.choice(ids),
                 "merchant_id": f"m{rng.randint(1, 2000):05d}",

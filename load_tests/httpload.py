@@ -11,7 +11,7 @@ import asyncio
 import itertools
 import json
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,6 +71,13 @@ class Run:
     late: int = 0
     elapsed_s: float = 0.0
 
+    async def send(self, conn: Connection, request: bytes, t0: float) -> None:
+        """Send one request and record it: its latency from `t0`, or a failure."""
+        if await conn.send(request) == 200:
+            self.latencies.append(time.perf_counter() - t0)
+        else:
+            self.failures += 1
+
     @property
     def rps(self) -> float:
         return (len(self.latencies) + self.failures) / self.elapsed_s if self.elapsed_s else 0.0
@@ -85,11 +92,7 @@ async def sequential(port: int, requests: Sequence[bytes], n: int) -> Run:
     try:
         for _ in range(n):
             t0 = time.perf_counter()
-            status = await conn.send(next(cycle))
-            if status == 200:
-                run.latencies.append(time.perf_counter() - t0)
-            else:
-                run.failures += 1
+            await run.send(conn, next(cycle), t0)
     finally:
         run.elapsed_s = time.perf_counter() - started
         await conn.close()
@@ -108,19 +111,9 @@ async def closed_loop(
 
     async def worker(conn: Connection) -> None:
         while (t0 := time.perf_counter()) < deadline:
-            status = await conn.send(next(cycle))
-            if status == 200:
-                run.latencies.append(time.perf_counter() - t0)
-            else:
-                run.failures += 1
+            await run.send(conn, next(cycle), t0)
 
-    try:
-        await asyncio.gather(*(worker(c) for c in conns))
-    finally:
-        run.elapsed_s = time.perf_counter() - started
-        for c in conns:
-            await c.close()
-    return run
+    return await _drive(run, conns, worker, started)
 
 
 async def open_loop(
@@ -144,12 +137,18 @@ async def open_loop(
             t0 = time.perf_counter()
             if t0 - scheduled > 0.002:
                 run.late += 1
-            status = await conn.send(next(cycle))
-            if status == 200:
-                run.latencies.append(time.perf_counter() - t0)
-            else:
-                run.failures += 1
+            await run.send(conn, next(cycle), t0)
 
+    return await _drive(run, conns, worker, started)
+
+
+async def _drive(
+    run: Run,
+    conns: list[Connection],
+    worker: Callable[[Connection], Awaitable[None]],
+    started: float,
+) -> Run:
+    """Run `worker` on every connection; close them all and time the run, whatever happens."""
     try:
         await asyncio.gather(*(worker(c) for c in conns))
     finally:

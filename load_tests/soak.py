@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import httpx
 import psutil  # type: ignore[import-untyped]
 
-from load_tests._stack import stack
+from load_tests._stack import paced, stack
 
 
 def workers_rss_mb(arbiter_pid: int) -> dict[int, float]:
@@ -37,13 +37,8 @@ def workers_rss_mb(arbiter_pid: int) -> dict[int, float]:
 async def _client(url: str, rate: float, end: float, id_space: int, seed: int,
                   counts: dict[str, int]) -> None:  # fmt: skip
     rng = random.Random(seed)
-    interval = 1.0 / rate
-    next_at = time.monotonic()
     async with httpx.AsyncClient(base_url=url, timeout=5) as client:
-        while (now := time.monotonic()) < end:
-            if now < next_at:
-                await asyncio.sleep(next_at - now)
-            next_at += interval
+        async for _ in paced(rate, end):
             body = {
                 "user_id": f"u{rng.randint(1, id_space):06d}",
                 "merchant_id": f"m{rng.randint(1, 2000):05d}",
