@@ -77,12 +77,18 @@ def stack(users: int, merchants: int, **service_env: str) -> Iterator[Stack]:
             print(f"bentoml serve {url} (log {log.relative_to(ROOT)})")
             yield Stack(redis, url, serve, log)
         finally:
-            serve.terminate()  # the arbiter stops its workers
-            try:
-                serve.wait(20)
-            except subprocess.TimeoutExpired:
-                serve.kill()
-                serve.wait()
+            stop_serve(serve)
+
+
+def stop_serve(proc: subprocess.Popen[bytes]) -> None:
+    """Stop a `bentoml serve`: SIGTERM to the arbiter stops its workers; SIGKILL after 20 s."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def _wait_ready(url: str, serve: subprocess.Popen[bytes], log: Path) -> None:

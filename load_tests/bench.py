@@ -35,6 +35,7 @@ from features.demo import merchant_ids, user_ids
 from features.load import demo_rows, load
 from features.ondemand import model_inputs
 from load_tests import httpload
+from load_tests._stack import stop_serve
 from load_tests.skew import SkewedPool
 from tools.redis_server import RedisServer, free_port
 
@@ -287,16 +288,6 @@ def _metrics(port: int) -> str:
     return text
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()  # the arbiter stops its workers
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 async def _compare(
     ports: dict[str, int], bodies: list[dict[str, Any]], seq_n: int, dur_s: float, rounds: int
 ) -> dict[str, dict[str, Any]]:
@@ -380,7 +371,9 @@ def end_to_end(
     with ExitStack() as stack:
         all_cpus = os.sched_getaffinity(0)
         for name, target in targets.items():
-            stack.callback(_stop, _serve(target, ports[name], env, {1} if pinned else all_cpus))
+            stack.callback(
+                stop_serve, _serve(target, ports[name], env, {1} if pinned else all_cpus)
+            )
         if pinned:
             os.sched_setaffinity(0, {0})
         out = asyncio.run(_compare(ports, bodies, seq_n, dur_s, rounds))

@@ -18,6 +18,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from load_tests import report
+from load_tests._stack import stop_serve
 from tools.redis_server import RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,16 +47,6 @@ def _wait_ready(proc: subprocess.Popen[bytes], port: int, timeout_s: float = 120
             pass
         time.sleep(0.3)
     raise TimeoutError(f"bentoml serve not ready on port {port}")
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()  # the arbiter stops its workers
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -96,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                  "--host", "127.0.0.1", "--port", str(port)],
                 env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
             )  # fmt: skip
-        stack.callback(_stop, serve)
+        stack.callback(stop_serve, serve)
         _wait_ready(serve, port)
         print(f"bentoml serve on 127.0.0.1:{port}, {args.workers} workers", flush=True)
         before = _get(port, "/metrics")[1]
