@@ -4,6 +4,7 @@ a trained model, and `bentoml serve` on free loopback ports. Everything stops on
 from __future__ import annotations
 
 import asyncio
+import http.client
 import os
 import re
 import subprocess
@@ -20,6 +21,7 @@ from tools.redis_server import RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
+RESULTS = ROOT / "load_tests" / "results"
 
 
 async def paced(rate: float, end: float) -> AsyncIterator[None]:
@@ -89,6 +91,53 @@ def stop_serve(proc: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def start_serve(
+    target: str, port: int, env: dict[str, str], cpus: set[int], *, log_name: str | None = None
+) -> subprocess.Popen[bytes]:
+    """`bentoml serve target` on 127.0.0.1:port, pinned to `cpus`; returns once /readyz
+    answers 200. The log goes to results/serve-<log_name or the class name>.log."""
+    log = open(RESULTS / f"serve-{log_name or target.split(':')[-1]}.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [str(BIN / "bentoml"), "serve", target, "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        preexec_fn=lambda: os.sched_setaffinity(0, cpus),  # noqa: PLW1509
+    )
+    log.close()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{target} exited; see {log.name}")
+        if is_ready(port):
+            return proc
+        time.sleep(0.3)
+    proc.terminate()
+    raise TimeoutError(f"{target} not ready on {port}")
+
+
+def is_ready(port: int) -> bool:
+    """True if the service on `port` answers GET /readyz with 200."""
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+        conn.request("GET", "/readyz")
+        ok = conn.getresponse().status == 200
+        conn.close()
+        return ok
+    except OSError:
+        return False
+
+
+def scrape(port: int) -> str:
+    """The service's /metrics page."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    conn.close()
+    return text
 
 
 def _wait_ready(url: str, serve: subprocess.Popen[bytes], log: Path) -> None:

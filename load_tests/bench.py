@@ -35,12 +35,11 @@ from features.demo import merchant_ids, user_ids
 from features.load import demo_rows, load
 from features.ondemand import model_inputs
 from load_tests import httpload
-from load_tests._stack import stop_serve
-from load_tests.skew import SkewedPool
+from load_tests._stack import RESULTS, scrape, start_serve, stop_serve
+from load_tests.skew import transactions
 from tools.redis_server import RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "load_tests" / "results"
 FEAST_VENV = ROOT / ".venv-feast"
 FEAST_REQUIREMENTS = ["feast[redis]==0.67.0", "hiredis==3.5.0"]
 N_USERS, N_MERCHANTS = 20_000, 2_000
@@ -242,50 +241,11 @@ def run_feast(url_port: int, n: int, cpus: set[int] | None) -> dict[str, dict[st
 # --- (e) end to end -------------------------------------------------------------------
 
 
-def _serve(target: str, port: int, env: dict[str, str], cpus: set[int]) -> subprocess.Popen[bytes]:
-    bentoml = str(Path(sys.executable).parent / "bentoml")
-    log = open(RESULTS / f"serve-{target.split(':')[-1]}.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [bentoml, "serve", target, "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        cwd=ROOT,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        preexec_fn=lambda: os.sched_setaffinity(0, cpus),  # noqa: PLW1509
+def _train_if_missing() -> None:
+    env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true"}
+    subprocess.run(
+        [sys.executable, "-m", "models.train", "--if-missing"], env=env, cwd=ROOT, check=True
     )
-    log.close()
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{target} exited; see {log.name}")
-        if _ready(port):
-            return proc
-        time.sleep(0.3)
-    proc.terminate()
-    raise TimeoutError(f"{target} not ready on {port}")
-
-
-def _ready(port: int) -> bool:
-    import http.client
-
-    try:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
-        conn.request("GET", "/readyz")
-        ok = conn.getresponse().status == 200
-        conn.close()
-        return ok
-    except OSError:
-        return False
-
-
-def _metrics(port: int) -> str:
-    import http.client
-
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    conn.request("GET", "/metrics")
-    text = conn.getresponse().read().decode()
-    conn.close()
-    return text
 
 
 async def _compare(
@@ -349,20 +309,7 @@ def end_to_end(
         "FRAUD_WORKERS": "1",
         "BENTOML_DO_NOT_TRACK": "true",
     }
-    subprocess.run(
-        [sys.executable, "-m", "models.train", "--if-missing"], env=env, cwd=ROOT, check=True
-    )
-    pool_u = SkewedPool(user_ids(100_000), seed=1)
-    pool_m = SkewedPool(merchant_ids(10_000), seed=2)
-    rng = random.Random(5)
-    bodies = [
-        {
-            "user_id": pool_u.draw(rng),
-            "merchant_id": pool_m.draw(rng),
-            "amount": round(rng.lognormvariate(3.7, 0.9), 2),
-        }
-        for _ in range(20_000)
-    ]
+    bodies = transactions(20_000)
     targets = {
         "trivial": "load_tests.trivial_service:TrivialService",
         "predict": "service:FraudService",
@@ -372,16 +319,16 @@ def end_to_end(
         all_cpus = os.sched_getaffinity(0)
         for name, target in targets.items():
             stack.callback(
-                stop_serve, _serve(target, ports[name], env, {1} if pinned else all_cpus)
+                stop_serve, start_serve(target, ports[name], env, {1} if pinned else all_cpus)
             )
         if pinned:
             os.sched_setaffinity(0, {0})
         out = asyncio.run(_compare(ports, bodies, seq_n, dur_s, rounds))
         for name, port in ports.items():
-            before = _metrics(port)
+            before = scrape(port)
             out[name] |= asyncio.run(_half(port, bodies, out[name]["max_rps"] / 2, dur_s))
             if name == "predict":
-                server = diff_stats(before, _metrics(port))
+                server = diff_stats(before, scrape(port))
                 out[name]["server_feature_p50_ms"] = server.feature_p50_ms
                 out[name]["server_feature_p99_ms"] = server.feature_p99_ms
                 out[name]["server_inference_p99_ms"] = server.inference_p99_ms
@@ -518,6 +465,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 results["feast"][mode] = run_feast(server.port, args.n, client_cpus)
             os.sched_setaffinity(0, own_cpus)
         if not args.no_e2e:
+            _train_if_missing()
             pinned = args.e2e_placement == "pinned"
             # Redis work is part of serving /predict: pinned, it shares the server's vCPU.
             os.sched_setaffinity(server.process.pid, {1} if pinned else own_cpus)

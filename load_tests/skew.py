@@ -5,8 +5,11 @@ from __future__ import annotations
 import bisect
 import random
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
+
+from features.demo import merchant_ids, user_ids
 
 
 def zipf_exponent(n: int, head: int, share: float) -> float:
@@ -47,3 +50,20 @@ class SkewedPool:
         """One id; each simulated client passes its own seeded generator."""
         i = bisect.bisect_left(self._cumulative, rng.random())
         return self.by_rank[min(i, len(self.by_rank) - 1)]
+
+
+def transactions(
+    n: int, *, users: int = 100_000, merchants: int = 10_000, seed: int = 5
+) -> list[dict[str, Any]]:
+    """n /predict bodies over the demo ids, skewed users and merchants, log-normal amounts."""
+    pool_u = SkewedPool(user_ids(users), seed=1)
+    pool_m = SkewedPool(merchant_ids(merchants), seed=2)
+    rng = random.Random(seed)
+    return [
+        {
+            "user_id": pool_u.draw(rng),
+            "merchant_id": pool_m.draw(rng),
+            "amount": round(rng.lognormvariate(3.7, 0.9), 2),
+        }
+        for _ in range(n)
+    ]
