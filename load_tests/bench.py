@@ -36,6 +36,7 @@ from features.load import demo_rows, load
 from features.ondemand import model_inputs
 from load_tests import httpload
 from load_tests._stack import RESULTS, scrape, start_serve, stop_serve
+from load_tests.report import diff_stats, nearest_rank
 from load_tests.skew import transactions
 from tools.redis_server import RedisServer, free_port
 
@@ -51,9 +52,8 @@ Timed = Callable[[int], Awaitable[None]]
 def summary(samples_s: Sequence[float]) -> dict[str, float]:
     """Median, p99 (nearest rank) in microseconds, and the sample count."""
     ordered = sorted(samples_s)
-    n = len(ordered)
-    p99 = ordered[min(n - 1, int(0.99 * n))]
-    return {"p50_us": statistics.median(ordered) * 1e6, "p99_us": p99 * 1e6, "n": n}
+    p99 = nearest_rank(ordered, 0.99)
+    return {"p50_us": statistics.median(ordered) * 1e6, "p99_us": p99 * 1e6, "n": len(ordered)}
 
 
 async def interleaved(
@@ -301,8 +301,6 @@ def end_to_end(
     """(e): /predict and the trivial endpoint, one worker each, both up at once and
     measured alternately. Pinned: both services and redis-server on vCPU 1, the client
     on vCPU 0; unpinned: the scheduler places everything (better on a shared machine)."""
-    from load_tests.report import diff_stats
-
     env = {
         **os.environ,
         "FEATURES_REDIS_URL": url,

@@ -1,4 +1,4 @@
-"""A small asyncio HTTP/1.1 load generator for `make bench` (e).
+"""A small asyncio HTTP/1.1 load generator for `make bench` (e), (f) and (g).
 
 Keep-alive connections, pre-encoded requests, nanosecond timings: light enough that a
 1-worker service, not the client, is what saturates. Locust rounds sub-100 ms times to
@@ -41,8 +41,8 @@ class Connection:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         return cls(reader, writer)
 
-    async def send(self, request: bytes) -> int:
-        """Send one request and read its whole response; return the status code."""
+    async def send(self, request: bytes) -> tuple[int, bytes, bytes]:
+        """Send one request and read its whole response: status code, head and body."""
         self._writer.write(request)
         head = await self._reader.readuntil(b"\r\n\r\n")
         status = int(head[9:12])
@@ -54,29 +54,78 @@ class Connection:
                 break
         if length is None:
             raise RuntimeError("response without Content-Length")
-        await self._reader.readexactly(length)
-        return status
+        return status, head, await self._reader.readexactly(length)
 
     async def close(self) -> None:
         self._writer.close()
         await self._writer.wait_closed()
 
 
+def server_timing_ms(head: bytes, metric: str) -> float | None:
+    """The `dur` (ms) of `metric` in a response head's Server-Timing headers, else None."""
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() != b"server-timing":
+            continue
+        for entry in value.decode("latin-1").split(","):
+            entry_name, *params = (part.strip() for part in entry.split(";"))
+            if entry_name != metric:
+                continue
+            for param in params:
+                key, _, dur = param.partition("=")
+                if key.strip().lower() == "dur":
+                    return float(dur.strip().strip('"'))
+            return None  # the metric, without a duration
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    """One exchange of a traced run: perf_counter times, the status, head and body as read.
+
+    Nothing is parsed while the run goes on; the readers below do it afterwards.
+    """
+
+    scheduled: float
+    sent: float
+    done: float
+    status: int
+    head: bytes
+    body: bytes
+
+    @property
+    def latency_s(self) -> float:
+        """From the scheduled send time: a client or server that fell behind shows."""
+        return self.done - self.scheduled
+
+    def timing_ms(self, metric: str = "features") -> float | None:
+        return server_timing_ms(self.head, metric)
+
+
 @dataclass
 class Run:
-    """Latencies (s) of successful requests, failures, and the run's wall time."""
+    """Latencies (s) of successful requests, failures, and the run's wall time; with
+    `trace` a list, every response as well."""
 
     latencies: list[float] = field(default_factory=list)
     failures: int = 0
     late: int = 0
     elapsed_s: float = 0.0
+    trace: list[Response] | None = None
 
-    async def send(self, conn: Connection, request: bytes, t0: float) -> None:
+    async def send(
+        self, conn: Connection, request: bytes, t0: float, scheduled: float | None = None
+    ) -> None:
         """Send one request and record it: its latency from `t0`, or a failure."""
-        if await conn.send(request) == 200:
-            self.latencies.append(time.perf_counter() - t0)
+        status, head, body = await conn.send(request)
+        done = time.perf_counter()
+        if status == 200:
+            self.latencies.append(done - t0)
         else:
             self.failures += 1
+        if self.trace is not None:
+            at = t0 if scheduled is None else scheduled
+            self.trace.append(Response(at, t0, done, status, head, body))
 
     @property
     def rps(self) -> float:
@@ -117,12 +166,19 @@ async def closed_loop(
 
 
 async def open_loop(
-    port: int, requests: Sequence[bytes], rate: float, duration_s: float, concurrency: int = 64
+    port: int,
+    requests: Sequence[bytes],
+    rate: float,
+    duration_s: float,
+    concurrency: int = 64,
+    *,
+    trace: bool = False,
 ) -> Run:
     """A fixed offered rate; latency measured from send. `late` counts requests sent
-    more than 2 ms after their scheduled time (the client or server fell behind)."""
+    more than 2 ms after their scheduled time (the client or server fell behind).
+    With `trace`, `run.trace` keeps every response and its scheduled time."""
     cycle = itertools.cycle(requests)
-    run = Run()
+    run = Run(trace=[] if trace else None)
     conns = [await Connection.open(port) for _ in range(concurrency)]
     ticks: Iterator[int] = itertools.count()
     started = time.perf_counter()
@@ -137,7 +193,7 @@ async def open_loop(
             t0 = time.perf_counter()
             if t0 - scheduled > 0.002:
                 run.late += 1
-            await run.send(conn, next(cycle), t0)
+            await run.send(conn, next(cycle), t0, scheduled)
 
     return await _drive(run, conns, worker, started)
 

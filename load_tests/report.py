@@ -124,6 +124,82 @@ def counter_total(
     )
 
 
+def gauge_max(
+    samples: Iterable[Sample], name: str, where: Mapping[str, str] | None = None
+) -> float | None:
+    """The largest value of a gauge's matching series (one per worker pid), else None."""
+    values = [
+        s.value
+        for s in samples
+        if s.name == name and not (where and any(s.label(k) != v for k, v in where.items()))
+    ]
+    return max(values) if values else None
+
+
+def bucket_delta(
+    before: Sequence[tuple[float, float]], after: Sequence[tuple[float, float]]
+) -> list[tuple[float, float]]:
+    """Cumulative buckets of what a histogram observed between two scrapes."""
+    old = dict(before)
+    return [(bound, count - old.get(bound, 0.0)) for bound, count in after]
+
+
+def highest_bucket(buckets: Sequence[tuple[float, float]]) -> float | None:
+    """Upper bound of the highest bucket holding an observation (inf past the last finite
+    bound): a ceiling on the largest value observed. None if the histogram is empty."""
+    highest, previous = None, 0.0
+    for bound, count in buckets:
+        if count > previous:
+            highest = bound
+        previous = count
+    return highest
+
+
+GC_PAUSE = "python_gc_pause_seconds"
+GC_PAUSE_MAX = "python_gc_pause_max_seconds"
+
+
+def gc_pauses(before: str, after: str) -> dict[str, dict[str, float | None]]:
+    """Per GC generation, from two scrapes of /metrics: collections between them, the
+    ceiling of the longest pause between them (histogram), and the worst pause since the
+    worker started (gauge) at each scrape. Generations absent from `after` are left out."""
+    old, new = parse_prometheus(before), parse_prometheus(after)
+    named = (s for s in new if s.name in (f"{GC_PAUSE}_bucket", GC_PAUSE_MAX))
+    generations = sorted({g for s in named if (g := s.label("generation")) is not None})
+    out: dict[str, dict[str, float | None]] = {}
+    for g in generations:
+        where = {"generation": g}
+        delta = bucket_delta(
+            histogram_buckets(old, GC_PAUSE, where), histogram_buckets(new, GC_PAUSE, where)
+        )
+        out[g] = {
+            "count": delta[-1][1] if delta else None,
+            "window_max_s": highest_bucket(delta),
+            "max_at_start_s": gauge_max(old, GC_PAUSE_MAX, where),
+            "max_s": gauge_max(new, GC_PAUSE_MAX, where),
+        }
+    return out
+
+
+def nearest_rank(ordered: Sequence[float], q: float) -> float:
+    """Quantile `q` of sorted, non-empty samples by nearest rank: a value that occurred."""
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def tail_summary(samples: Iterable[float]) -> dict[str, float | None]:
+    """p50, p99, p99.9 (nearest rank), max and count, in the samples' unit; None if empty."""
+    ordered = sorted(samples)
+    if not ordered:
+        return {"p50": None, "p99": None, "p99_9": None, "max": None, "n": 0}
+    return {
+        "p50": nearest_rank(ordered, 0.5),
+        "p99": nearest_rank(ordered, 0.99),
+        "p99_9": nearest_rank(ordered, 0.999),
+        "max": ordered[-1],
+        "n": len(ordered),
+    }
+
+
 @dataclass(frozen=True, slots=True)
 class ServerStats:
     """What the service's own /metrics says about a run."""

@@ -1,13 +1,15 @@
-"""The load harness on canned numbers: parsing, quantiles from buckets, the verdict."""
+"""The load harness on canned numbers: parsing, quantiles from buckets, the verdict,
+Server-Timing and GC pauses."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 import pytest
 
 from features.demo import user_ids
-from load_tests import report
+from load_tests import httpload, report
 from load_tests.skew import SkewedPool
 
 METRICS = """\
@@ -155,3 +157,117 @@ def test_skewed_pool_gives_the_head_its_share() -> None:
     again = SkewedPool(ids, head_fraction=0.01, head_share=0.2, seed=1)
     rng = random.Random(7)
     assert [again.draw(rng) for _ in range(5)] == draws[:5]
+
+
+GC_BEFORE = """\
+python_gc_pause_seconds_bucket{generation="0",le="0.001"} 10.0
+python_gc_pause_seconds_bucket{generation="0",le="0.005"} 10.0
+python_gc_pause_seconds_bucket{generation="0",le="+Inf"} 10.0
+python_gc_pause_seconds_bucket{generation="2",le="0.001"} 0.0
+python_gc_pause_seconds_bucket{generation="2",le="0.005"} 0.0
+python_gc_pause_seconds_bucket{generation="2",le="+Inf"} 1.0
+python_gc_pause_max_seconds{generation="0",pid="7"} 0.0004
+python_gc_pause_max_seconds{generation="2",pid="7"} 0.12
+"""
+GC_AFTER = """\
+python_gc_pause_seconds_bucket{generation="0",le="0.001"} 40.0
+python_gc_pause_seconds_bucket{generation="0",le="0.005"} 42.0
+python_gc_pause_seconds_bucket{generation="0",le="+Inf"} 42.0
+python_gc_pause_seconds_bucket{generation="2",le="0.001"} 0.0
+python_gc_pause_seconds_bucket{generation="2",le="0.005"} 0.0
+python_gc_pause_seconds_bucket{generation="2",le="+Inf"} 1.0
+python_gc_pause_max_seconds{generation="0",pid="7"} 0.0031
+python_gc_pause_max_seconds{generation="0",pid="8"} 0.0007
+python_gc_pause_max_seconds{generation="2",pid="7"} 0.12
+"""
+
+
+def test_highest_bucket_of_a_delta_bounds_the_longest_observation() -> None:
+    before = [(0.001, 5.0), (0.005, 6.0), (float("inf"), 6.0)]
+    after = [(0.001, 9.0), (0.005, 11.0), (float("inf"), 11.0)]
+    delta = report.bucket_delta(before, after)
+    assert delta == [(0.001, 4.0), (0.005, 5.0), (float("inf"), 5.0)]
+    assert report.highest_bucket(delta) == 0.005
+    assert report.highest_bucket([(0.001, 0.0), (float("inf"), 1.0)]) == float("inf")
+    assert report.highest_bucket(report.bucket_delta(after, after)) is None
+    assert report.highest_bucket([]) is None
+
+
+def test_gc_pauses_per_generation_between_scrapes() -> None:
+    gc = report.gc_pauses(GC_BEFORE, GC_AFTER)
+    assert list(gc) == ["0", "2"]
+    assert gc["0"] == {
+        "count": 32.0,
+        "window_max_s": 0.005,
+        "max_at_start_s": 0.0004,
+        "max_s": 0.0031,  # the worst worker
+    }
+    # The start-up collection: in the gauge, not in the run window.
+    assert gc["2"]["count"] == 0.0 and gc["2"]["window_max_s"] is None
+    assert gc["2"]["max_s"] == 0.12
+    assert report.gc_pauses("", METRICS) == {}  # a service without the GC metrics
+
+
+def test_tail_summary_by_nearest_rank() -> None:
+    samples = [float(i) for i in range(1, 1001)]
+    random.Random(1).shuffle(samples)
+    tail = report.tail_summary(samples)
+    assert tail == {"p50": 501.0, "p99": 991.0, "p99_9": 1000.0, "max": 1000.0, "n": 1000}
+    assert report.tail_summary([]) == {
+        "p50": None,
+        "p99": None,
+        "p99_9": None,
+        "max": None,
+        "n": 0,
+    }
+
+
+@pytest.mark.parametrize(
+    ("head", "metric", "expected"),
+    [
+        (b"HTTP/1.1 200 OK\r\nserver-timing: features;dur=0.125, total;dur=1.5", "features", 0.125),
+        (b"HTTP/1.1 200 OK\r\nServer-Timing: total;dur=1.5, features;dur=2", "features", 2.0),
+        (b'HTTP/1.1 200 OK\r\nServer-Timing: features;desc="x";dur="3.5"', "features", 3.5),
+        (
+            b"HTTP/1.1 200 OK\r\nServer-Timing: db;dur=1\r\nServer-Timing: features;dur=4",
+            "features",
+            4.0,
+        ),
+        (b"HTTP/1.1 200 OK\r\nServer-Timing: featuresx;dur=1, features", "features", None),
+        (b"HTTP/1.1 200 OK\r\ncontent-length: 2", "features", None),
+    ],
+)
+def test_server_timing_duration(head: bytes, metric: str, expected: float | None) -> None:
+    assert httpload.server_timing_ms(head, metric) == expected
+
+
+async def test_open_loop_traces_each_response_from_its_schedule() -> None:
+    body = b'{"ok": true}'
+    answer = (
+        b"HTTP/1.1 200 OK\r\nServer-Timing: features;dur=0.25\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError:
+                break
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            await reader.readexactly(length)
+            writer.write(answer)
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    requests = httpload.encode_requests(port, "/predict", [{"a": 1}])
+    async with server:
+        run = await httpload.open_loop(port, requests, 200.0, 0.1, concurrency=2, trace=True)
+    assert run.trace is not None and len(run.trace) == 20 == len(run.latencies)
+    scheduled = sorted(r.scheduled for r in run.trace)
+    assert scheduled[1] - scheduled[0] == pytest.approx(1 / 200.0, rel=1e-6)
+    for r in run.trace:
+        assert r.scheduled <= r.sent < r.done and r.body == body
+        assert r.latency_s >= r.done - r.sent
+        assert r.timing_ms() == 0.25
