@@ -122,6 +122,10 @@ class DelayProxy:
         self._connections.add(task)
         try:
             await self._proxy(client_reader, client_writer)
+        except asyncio.CancelledError:
+            # stop() cancelled it. Ended here, not re-raised: Python 3.11's start_server
+            # callback calls exception() on the task, which raises for a cancelled one.
+            return
         finally:
             await _close(client_writer)
             self._connections.discard(task)
