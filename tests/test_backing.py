@@ -29,9 +29,9 @@ from features import (
     metrics,
     open_redis,
 )
-from features.bigtable import BigtableStore
+from features.backing.bigtable import BigtableStore
+from features.backing.dynamo import DynamoStore
 from features.connection import Client
-from features.dynamo import DynamoStore
 from features.warm import warm
 from tests.conftest import FakeClock, Service
 from tools.emulators import BigtableEmulator, Dynalite

@@ -24,7 +24,7 @@ def test_public_names_are_pinned() -> None:
             "Feature",
             "FeatureError", "FeatureGroup", "FeatureRows", "FeatureStore",
             "FeatureStoreUnavailable", "FeatureWriteError", "FeatureWriter", "GroupRead",
-            "InvalidEntityId", "Reason", "Settings", "Source", "describe_skew",
+            "InvalidEntityId", "Key", "Reason", "Settings", "Source", "Tier", "describe_skew",
             "fingerprint", "model_inputs", "open_redis", "redact_url", "schema",
             "validate_entity_id",
             "BackingStore", "BackingStoreError", "Record", "open_backing",
