@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from collections.abc import Callable, Sequence
@@ -121,6 +122,13 @@ class GroupCodec:
             return _frozen(values), self.clean[source, stale]
         defaulted = tuple(spec.field_names[i] for i in bad)
         return _frozen(values), self.intern(GroupRead(source, defaulted, Reason.INVALID, stale))
+
+
+@functools.cache
+def codec_for(group: FeatureGroup) -> GroupCodec:
+    """The one codec of `group` in this process. Entries carry indices into its tables,
+    so the store and every tier must use the same instance: build yours with this."""
+    return GroupCodec(group)
 
 
 def _frozen(values: list[float]) -> npt.NDArray[np.float64]:

@@ -18,7 +18,7 @@ from features.connection import Client
 from features.errors import InvalidEntityId
 from features.online.backing_tier import BackingTier
 from features.online.cache import EntryCache
-from features.online.codec import GroupCodec
+from features.online.codec import GroupCodec, codec_for
 from features.online.entry import NOT_CACHED, Entry, FeatureRows, GroupRead, Reason, Source
 from features.online.keys import Key
 from features.online.redis_tier import RedisTier
@@ -60,7 +60,7 @@ class FeatureStore:
     ) -> None:
         if deadline_s is not None and not deadline_s > 0:
             raise ValueError("deadline_s must be positive")
-        self._groups = [GroupCodec(group) for group in groups]
+        self._groups = [codec_for(group) for group in groups]
         self._codecs = {codec.name: codec for codec in self._groups}
         self._width = sum(len(group.features) for group in groups)
         self._deadline_s = deadline_s
