@@ -10,6 +10,7 @@ from features.errors import (
     FeatureWriteError,
     InvalidEntityId,
 )
+from features.offline.writer import FeatureWriter
 from features.ondemand import model_inputs
 from features.online import FeatureRows, FeatureStore, GroupRead, Key, Reason, Source, Tier
 from features.settings import Settings, redact_url
@@ -29,7 +30,6 @@ from features.spec import (
     schema,
     validate_entity_id,
 )
-from features.writer import FeatureWriter
 
 __all__ = [
     "ENTITY_ID_MAX_LEN",

@@ -168,7 +168,10 @@ def test_features_imports_neither_bentoml_nor_torch() -> None:
     import subprocess
     import sys
 
-    code = "import sys, features, features.load; print({'bentoml', 'torch'} & set(sys.modules))"
+    code = (
+        "import sys, features, features.offline.load; "
+        "print({'bentoml', 'torch'} & set(sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "set()"
 
