@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import logging
@@ -16,15 +17,18 @@ import numpy as np
 from bentoml.exceptions import BentoMLException
 from prometheus_client import Histogram
 from pydantic import BaseModel, Field
+from redis.exceptions import RedisError
 
 from features import (
     ENTITY_ID_PATTERN,
+    GROUPS,
     CircuitBreaker,
     FeatureRows,
     FeatureStore,
     GroupRead,
     InvalidEntityId,
     Settings,
+    collector,
     describe_skew,
     model_inputs,
     open_backing,
@@ -223,6 +227,8 @@ class FraudService:
         self.redis = open_redis(self.settings)
         self.store = FeatureStore(
             self.redis,
+            deadline_s=self.settings.deadline_s,
+            stale_max_age_s=self.settings.stale_max_age_s,
             cache_ttl_s=self.settings.cache_ttl_s,
             cache_maxsize=self.settings.cache_maxsize,
             error_log_interval_s=self.settings.error_log_interval_s,
@@ -231,14 +237,20 @@ class FraudService:
             backing_breaker=CircuitBreaker(
                 name=self.settings.backing_store,
                 failure_threshold=self.settings.backing_breaker_failures,
+                slow_threshold=self.settings.breaker_slow_calls,
+                window=self.settings.breaker_window,
                 reset_s=self.settings.backing_breaker_cooldown_s,
             ),
             read_repair_max_tasks=self.settings.read_repair_max_tasks,
             breaker=CircuitBreaker(
                 failure_threshold=self.settings.breaker_failures,
+                slow_threshold=self.settings.breaker_slow_calls,
+                window=self.settings.breaker_window,
                 reset_s=self.settings.breaker_reset_s,
             ),
         )
+        self.gc_pauses = collector.GcPauses()
+        self._gc_flush: asyncio.Task[None] | None = None
         logger.info(
             "model %s loaded, fingerprint %s; online store %s",
             self.model.tag,
@@ -246,8 +258,32 @@ class FraudService:
             redact_url(self.settings.redis_url),
         )
 
+    @bentoml.on_startup
+    async def warm_up(self) -> None:
+        """Build the stores' clients, run the model once, then freeze what start-up made,
+        so no later collection walks it (features/collector.py)."""
+        await self.store.open()
+        try:
+            await self.redis.ping()  # one pooled connection, opened outside any deadline
+        except (RedisError, OSError, TimeoutError) as exc:  # down at start: serve defaults
+            logger.warning("Redis not reachable at start-up (%s); serving defaults", exc)
+        x = model_inputs(
+            np.concatenate([g.defaults for g in GROUPS]).reshape(1, -1),
+            np.ones(1),
+            np.full(1, time.time()),
+        )
+        for _ in range(3):  # TorchScript profiles the first calls, then optimises
+            self.scorer.predict(x)
+        frozen = collector.freeze()
+        self.gc_pauses.install()
+        self._gc_flush = asyncio.create_task(self.gc_pauses.run())
+        logger.info("start-up objects frozen out of garbage collection: %d", frozen)
+
     @bentoml.on_shutdown
     async def close(self) -> None:
+        if self._gc_flush is not None:
+            self._gc_flush.cancel()
+        self.gc_pauses.uninstall()
         await self.store.aclose()
         await self.redis.aclose()
 

@@ -10,7 +10,9 @@ from features.errors import (
     FeatureWriteError,
     InvalidEntityId,
 )
+from features.offline.writer import FeatureWriter
 from features.ondemand import model_inputs
+from features.online import FeatureRows, FeatureStore, GroupRead, Key, Reason, Source, Tier
 from features.settings import Settings, redact_url
 from features.spec import (
     ENTITY_ID_MAX_LEN,
@@ -28,8 +30,6 @@ from features.spec import (
     schema,
     validate_entity_id,
 )
-from features.store import FeatureRows, FeatureStore, GroupRead, Reason, Source
-from features.writer import FeatureWriter
 
 __all__ = [
     "ENTITY_ID_MAX_LEN",
@@ -53,10 +53,12 @@ __all__ = [
     "FeatureWriter",
     "GroupRead",
     "InvalidEntityId",
+    "Key",
     "Reason",
     "Record",
     "Settings",
     "Source",
+    "Tier",
     "describe_skew",
     "fingerprint",
     "model_inputs",

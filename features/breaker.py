@@ -1,11 +1,16 @@
-"""A circuit breaker: while a store (Redis, the backing store) is down, no read waits on it.
+"""A circuit breaker: while a store (Redis, the backing store) is down or slow, no read waits
+on it.
 
-CLOSED     every read goes to the store; `failure_threshold` failures in a row open it.
+CLOSED     every read goes to the store. Two rules open it: `failure_threshold` failures
+           in a row, or `slow_threshold` slow calls among its last `window` calls (a
+           call is slow when it answered, but after the request's deadline; the
+           slow-call rate of resilience4j). A slow store fails nothing, so only the
+           second rule sees it.
 OPEN       no read goes to it (callers serve defaults at once) for `reset_s`.
 HALF_OPEN  one caller claims the probe: for Redis a PING sent off the request path
            (reads still get defaults), for the backing store one read under its
            deadline. Its success closes the breaker, its failure opens it for another
-           `reset_s`.
+           `reset_s`. A probe that answers slowly counts as a failure.
 
 One event loop owns a breaker (like the store's cache), so it needs no lock.
 """
@@ -13,6 +18,7 @@ One event loop owns a breaker (like the store's cache), so it needs no lock.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
 from enum import IntEnum
 
@@ -28,18 +34,23 @@ class State(IntEnum):
 
 
 class CircuitBreaker:
-    """Counts consecutive failures of one dependency and stops calls while it is down."""
+    """Counts failures and slow calls of one dependency and stops calls while it is down
+    or slow."""
 
     def __init__(
         self,
         *,
         name: str = "redis",
         failure_threshold: int = 5,
+        slow_threshold: int = 5,
+        window: int = 10,
         reset_s: float = 1.0,
         timer: Callable[[], float] = time.monotonic,
     ) -> None:
         if failure_threshold < 1 or reset_s <= 0:
             raise ValueError("failure_threshold must be >= 1 and reset_s > 0")
+        if not 1 <= slow_threshold <= window:
+            raise ValueError("slow_threshold must be between 1 and window")
         self._state_gauge = metrics.BREAKER_STATE.labels(name)
         self._name = name
         self._threshold = failure_threshold
@@ -47,6 +58,9 @@ class CircuitBreaker:
         self._timer = timer
         self._state = State.CLOSED
         self._failures = 0
+        self._slow_threshold = slow_threshold
+        self._recent: deque[bool] = deque(maxlen=window)  # True: that call was slow
+        self._slow = 0  # slow calls in _recent
         self._opened_at = 0.0
         self._probing = False
         self._state_gauge.set(State.CLOSED)
@@ -71,11 +85,23 @@ class CircuitBreaker:
         return False
 
     def success(self) -> None:
-        """The dependency answered."""
+        """The dependency answered in time."""
         self._failures = 0
         self._probing = False
         if self._state is not State.CLOSED:
             self._move(State.CLOSED)
+        self._record(slow=False)
+
+    def slow(self) -> None:
+        """The dependency answered, but after the deadline: a failed probe, and in the
+        closed state one slow call of the window."""
+        self._probing = False
+        if self._state is State.HALF_OPEN:
+            self._open()
+        elif self._state is State.CLOSED:
+            self._record(slow=True)
+            if self._slow >= self._slow_threshold:
+                self._open()
 
     def failure(self) -> None:
         """The dependency failed or timed out."""
@@ -93,9 +119,18 @@ class CircuitBreaker:
         locally); the next caller may probe."""
         self._probing = False
 
+    def _record(self, *, slow: bool) -> None:
+        recent = self._recent
+        if len(recent) == recent.maxlen and recent[0]:
+            self._slow -= 1  # the oldest call leaves the window
+        recent.append(slow)
+        self._slow += slow
+
     def _open(self) -> None:
         self._opened_at = self._timer()
         self._failures = 0
+        self._recent.clear()
+        self._slow = 0
         self._move(State.OPEN)
 
     def _move(self, state: State) -> None:

@@ -45,6 +45,11 @@ CORRUPT_VALUES = Counter(
     "Stored values that failed to parse or check, served as their default",
     ["group", "feature"],
 )
+DEADLINE_EXCEEDED = Counter(
+    "features_deadline_exceeded_total",
+    "Feature groups no store answered within the deadline, by what was served instead",
+    ["group", "served"],  # served: stale (the last value read) or default
+)
 BACKING_READS = Counter(
     "features_backing_reads_total",
     "Reads of the backing store for keys Redis missed or failed, by outcome",
@@ -76,4 +81,16 @@ BREAKER_TRANSITIONS = Counter(
     "features_breaker_transitions_total",
     "Circuit breaker state changes, by store and the state entered",
     ["dependency", "state"],
+)
+GC_PAUSE_SECONDS = Histogram(
+    "python_gc_pause_seconds",
+    "Stop-the-world garbage collections in the serving worker, by generation",
+    ["generation"],
+    buckets=LATENCY_BUCKETS_S,
+)
+GC_PAUSE_MAX_SECONDS = Gauge(
+    "python_gc_pause_max_seconds",
+    "Longest garbage collection since the worker started, by generation",
+    ["generation"],
+    multiprocess_mode="livemax",
 )

@@ -54,8 +54,19 @@ class Settings:
     """Connections per worker; size as peak_rps x avg latency s x 1.5, plus headroom."""
     redis_pool_timeout_s: float = 0.01
     """Longest wait for a free pooled connection before serving defaults."""
+    deadline_s: float = 0.015
+    """Longest the feature step may take, every tier included (the 15 ms slice). At the
+    deadline, groups not yet read get their last value read (flagged stale) or defaults,
+    with reason `deadline`; reads still in flight fill the cache when they land."""
+    stale_max_age_s: float = 300.0
+    """Oldest last-read value served at the deadline; older ones give way to defaults."""
     breaker_failures: int = 5
     """Failed Redis reads in a row that open the circuit breaker (defaults, no waiting)."""
+    breaker_slow_calls: int = 5
+    """Slow reads (answered after the deadline), among the last FEATURES_BREAKER_WINDOW,
+    that open the Redis or backing-store breaker."""
+    breaker_window: int = 10
+    """How many recent reads the slow-call rule looks at."""
     breaker_reset_s: float = 1.0
     """How long the breaker stays open before one probe read may go to Redis."""
     cache_ttl_s: float = 5.0
@@ -127,6 +138,13 @@ class Settings:
         if self.redis_mode == "sentinel" and not nodes:
             raise ValueError(f"{PREFIX}REDIS_NODES must list the sentinels in sentinel mode")
 
+        if self.breaker_slow_calls > self.breaker_window:
+            raise ValueError(
+                f"{PREFIX}BREAKER_SLOW_CALLS must be at most {PREFIX}BREAKER_WINDOW"
+                f" ({self.breaker_window}), got {self.breaker_slow_calls}"
+            )
+        if self.stale_max_age_s < self.cache_ttl_s:
+            raise ValueError(f"{PREFIX}STALE_MAX_AGE_S must be at least {PREFIX}CACHE_TTL_S")
         if self.max_id_length > ENTITY_ID_MAX_LEN:
             raise ValueError(f"{PREFIX}MAX_ID_LENGTH must be at most {ENTITY_ID_MAX_LEN}")
         url = urlsplit(self.redis_url)

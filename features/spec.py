@@ -59,10 +59,13 @@ class FeatureGroup:
     freshness_s: int
     features: tuple[Feature, ...]
     field_names: tuple[str, ...] = field(init=False)
+    qualified_name: str = field(init=False)
+    """`entity:group`, the group's name in metrics and responses."""
     defaults: npt.NDArray[np.float64] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "field_names", tuple(f.name for f in self.features))
+        object.__setattr__(self, "qualified_name", f"{self.entity}:{self.name}")
         defaults = np.array([f.default for f in self.features], dtype=np.float64)
         defaults.flags.writeable = False
         object.__setattr__(self, "defaults", defaults)
@@ -71,11 +74,6 @@ class FeatureGroup:
     def ttl_s(self) -> int:
         """Key lifetime in Redis: twice the freshness window."""
         return 2 * self.freshness_s
-
-    @property
-    def qualified_name(self) -> str:
-        """`entity:group`, the group's name in metrics and responses."""
-        return f"{self.entity}:{self.name}"
 
     def key(self, entity_id: str) -> str:
         """Redis key of this group for an already validated entity id."""

@@ -61,7 +61,7 @@ def stack(users: int, merchants: int, **service_env: str) -> Iterator[Stack]:
     with RedisServer(quiet=True) as redis:
         env["FEATURES_REDIS_URL"] = redis.url
         print(f"redis-server {redis.url}; loading {users} users, {merchants} merchants")
-        _run(sys.executable, "-m", "features.load", "--demo", "--users", str(users),
+        _run(sys.executable, "-m", "features.offline.load", "--demo", "--users", str(users),
              "--merchants", str(merchants), env=env)  # fmt: skip
         _run(sys.executable, "-m", "models.train", "--if-missing", env=env)
         port = free_port()

@@ -31,8 +31,8 @@ import numpy as np
 import redis
 
 from features import GROUPS, MERCHANT_RISK, USER_FEATURES, FeatureStore, Settings, open_redis
-from features.demo import merchant_ids, user_ids
-from features.load import demo_rows, load
+from features.offline.demo import merchant_ids, user_ids
+from features.offline.load import demo_rows, load
 from features.ondemand import model_inputs
 from load_tests import httpload
 from load_tests._stack import RESULTS, scrape, start_serve, stop_serve

@@ -29,8 +29,8 @@ import numpy as np
 
 from features import USER_FEATURES, FeatureWriter, Settings, open_redis
 from features.backing import BackingStore
-from features.bigtable import BigtableStore
-from features.dynamo import DynamoStore
+from features.backing.bigtable import BigtableStore
+from features.backing.dynamo import DynamoStore
 from tools.emulators import BigtableEmulator, Dynalite, EmulatorMissing
 from tools.redis_server import RedisServer
 

@@ -11,7 +11,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from features.demo import merchant_ids, user_ids
+from features.offline.demo import merchant_ids, user_ids
 from load_tests.skew import SkewedPool
 
 USERS = SkewedPool(user_ids(100_000), head_fraction=0.01, head_share=0.2, seed=1)

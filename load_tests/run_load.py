@@ -74,7 +74,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         redis_server = stack.enter_context(RedisServer(quiet=True))
         env["FEATURES_REDIS_URL"] = redis_server.url
         print(f"redis-server on {redis_server.url}", flush=True)
-        subprocess.run([python, "-m", "features.load", "--demo"], env=env, cwd=ROOT, check=True)
+        subprocess.run(
+            [python, "-m", "features.offline.load", "--demo"], env=env, cwd=ROOT, check=True
+        )
         subprocess.run(
             [python, "-m", "models.train", "--if-missing"], env=env, cwd=ROOT, check=True
         )

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from features.demo import merchant_ids, user_ids
+from features.offline.demo import merchant_ids, user_ids
 
 
 def zipf_exponent(n: int, head: int, share: float) -> float:

@@ -12,7 +12,8 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
-from features import demo, ondemand, spec
+from features import ondemand, spec
+from features.offline import demo
 from features.spec import GROUPS, MERCHANT_RISK, MODEL_FEATURES, USER_FEATURES
 from models import MODEL_NAME
 from models.net import FraudNet

@@ -109,6 +109,10 @@ class Service:
             **os.environ,
             "BENTOML_HOME": str(home),
             "FEATURES_REDIS_URL": redis_url,
+            # Functional tests check what each fault is answered with; a 15 ms deadline
+            # on a busy 2-vCPU runner would turn some into `deadline`. tests/test_deadline.py
+            # tests the deadline itself, and `make bench` measures the default.
+            "FEATURES_DEADLINE_S": "1.0",
             **env,
         }
         self.process: subprocess.Popen[bytes] | None = None

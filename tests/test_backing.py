@@ -29,10 +29,10 @@ from features import (
     metrics,
     open_redis,
 )
-from features.bigtable import BigtableStore
+from features.backing.bigtable import BigtableStore
+from features.backing.dynamo import DynamoStore
 from features.connection import Client
-from features.dynamo import DynamoStore
-from features.warm import warm
+from features.offline.warm import warm
 from tests.conftest import FakeClock, Service
 from tools.emulators import BigtableEmulator, Dynalite
 from tools.redis_server import RedisServer, free_port
@@ -198,7 +198,7 @@ async def test_warm_refills_redis_completely_and_idempotently(backing, own_redis
 
 
 def test_warm_command_reports_counts(dynalite, own_redis, monkeypatch, capsys) -> None:
-    from features.warm import main
+    from features.offline.warm import main
 
     store = dynamo_store(dynalite.url)
     settings = settings_for(own_redis.url)
@@ -233,7 +233,7 @@ def dynamo_env(monkeypatch: pytest.MonkeyPatch, table: str, url: str) -> None:
 
 
 def test_loader_writes_through_in_batches(dynalite, own_redis, monkeypatch) -> None:
-    from features.load import main
+    from features.offline.load import main
 
     table = f"load-{uuid.uuid4().hex[:12]}"
     dynamo_env(monkeypatch, table, dynalite.url)
@@ -253,7 +253,7 @@ def test_loader_writes_through_in_batches(dynalite, own_redis, monkeypatch) -> N
 
 
 def test_warm_command_fails_cleanly_when_the_store_is_down(own_redis, monkeypatch, capsys) -> None:
-    from features.warm import main
+    from features.offline.warm import main
 
     dynamo_env(monkeypatch, "t-down", f"http://127.0.0.1:{free_port()}")
     assert main(["--redis-url", own_redis.url, "--quiet"]) == 1

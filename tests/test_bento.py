@@ -37,7 +37,7 @@ def test_bentoml_build_packs_service_features_and_model(bentoml_home: Path) -> N
     model_name, model_version = model["tag"].split(":")
     assert (bentoml_home / "models" / model_name / model_version / "model.pt").exists()
     src = bento / "src"
-    for path in ("service.py", "features/store.py", "features/spec.py", "models/scorer.py"):
+    for path in ("service.py", "features/online/store.py", "features/spec.py", "models/scorer.py"):
         assert (src / path).exists(), path
     assert not (src / "tests").exists() and not (src / ".pytest_cache").exists()
     assert "redis==" in (bento / "env" / "python" / "requirements.txt").read_text()

@@ -121,7 +121,7 @@ async def test_batch_read_is_one_pipeline_per_master(client, cluster, monkeypatc
 
 
 def test_loader_writes_the_demo_population_to_a_cluster(admin, cluster, monkeypatch) -> None:
-    from features.load import main
+    from features.offline.load import main
 
     monkeypatch.setenv("FEATURES_REDIS_MODE", "cluster")
     monkeypatch.setenv("FEATURES_REDIS_NODES", cluster.nodes)

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from schemathesis.generation.modes import GenerationMode
 
 from features import GROUPS, USER_FEATURES, FeatureStore, Reason, Settings, Source, open_redis
-from features.store import _Group
+from features.online.codec import GroupCodec
 from tests.conftest import Service
 
 FIELD_BYTES = st.one_of(
@@ -44,11 +44,12 @@ def test_any_stored_bytes_decode_to_a_float_or_the_default(data: st.DataObject) 
     n = len(spec.features)
     # The fields, then the event time: any bytes there too.
     reply = data.draw(st.lists(FIELD_BYTES, min_size=n + 1, max_size=n + 1))
-    entry = _Group(spec).decode(reply, now=1.8e9)
-    check_row(entry.values, reply[:-1], spec.defaults)
-    for name in entry.read.defaulted:
+    codec = GroupCodec(spec)
+    values, read_id = codec.decode(reply, now=1.8e9)
+    check_row(values, reply[:-1], spec.defaults)
+    for name in codec.reads[read_id][0].defaulted:
         i = spec.field_names.index(name)
-        assert entry.values[i] == spec.defaults[i]
+        assert values[i] == spec.defaults[i]
 
 
 @settings(

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from features.demo import user_ids
+from features.offline.demo import user_ids
 from load_tests import httpload, report
 from load_tests.skew import SkewedPool
 

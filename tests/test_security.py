@@ -145,7 +145,7 @@ async def test_refused_connections_serve_defaults_and_leak_no_secret(
             "redis_tls_key_file": "",
         }
     settings = tls_redis.settings(**change)
-    with caplog.at_level(logging.WARNING, logger="features.store"):
+    with caplog.at_level(logging.WARNING, logger="features.online.redis_tier"):
         source, reason, _ = await read_user(settings)
     assert (source, reason) == (Source.DEFAULT, Reason.UNAVAILABLE)
     assert "Redis read failed" in caplog.text and re.search(cause, caplog.text)

@@ -1,4 +1,4 @@
-"""`python -m features.sizing` against a real redis-server."""
+"""`python -m features.offline.sizing` against a real redis-server."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from features import USER_FEATURES
 
 
 def test_sizing_measures_stored_keys_and_applies_the_rules(redis_url, sync_redis, capsys) -> None:
-    from features.sizing import GroupSize, main, report
+    from features.offline.sizing import GroupSize, main, report
 
     assert main(["--redis-url", redis_url, "--sample", "20", "--reads", "50"]) == 0
     assert sync_redis.dbsize() == 0  # probe keys were deleted

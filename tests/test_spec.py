@@ -24,7 +24,7 @@ def test_public_names_are_pinned() -> None:
             "Feature",
             "FeatureError", "FeatureGroup", "FeatureRows", "FeatureStore",
             "FeatureStoreUnavailable", "FeatureWriteError", "FeatureWriter", "GroupRead",
-            "InvalidEntityId", "Reason", "Settings", "Source", "describe_skew",
+            "InvalidEntityId", "Key", "Reason", "Settings", "Source", "Tier", "describe_skew",
             "fingerprint", "model_inputs", "open_redis", "redact_url", "schema",
             "validate_entity_id",
             "BackingStore", "BackingStoreError", "Record", "open_backing",
@@ -168,7 +168,10 @@ def test_features_imports_neither_bentoml_nor_torch() -> None:
     import subprocess
     import sys
 
-    code = "import sys, features, features.load; print({'bentoml', 'torch'} & set(sys.modules))"
+    code = (
+        "import sys, features, features.offline.load; "
+        "print({'bentoml', 'torch'} & set(sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "set()"
 

@@ -276,7 +276,7 @@ def test_loader_writes_demo_csv_and_parquet(redis_url, sync_redis, tmp_path) -> 
     import pyarrow.csv
     import pyarrow.parquet
 
-    from features.load import main
+    from features.offline.load import main
 
     assert main(["--demo", "--users", "300", "--merchants", "20", "--redis-url", redis_url]) == 0
     assert sync_redis.dbsize() == 320

@@ -45,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         env["FEATURES_REDIS_URL"] = url
         if not args.no_demo:
             demo = ["--demo", "--users", str(args.users), "--merchants", str(args.merchants)]
-            _run([python, "-m", "features.load", *demo], env)
+            _run([python, "-m", "features.offline.load", *demo], env)
         _run([python, "-m", "models.train", "--if-missing"], env)
 
         serve = [

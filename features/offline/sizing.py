@@ -1,4 +1,5 @@
-"""Size Redis for this feature store: `python -m features.sizing --entities 10000000 --rps 20000`.
+"""Size Redis for this feature store:
+`python -m features.offline.sizing --entities 10000000 --rps 20000`.
 
 Measures MEMORY USAGE of real stored keys of every group (existing keys if there are
 enough, else a few probe entities it writes with demo values and deletes), and the
@@ -21,10 +22,10 @@ import time
 from collections.abc import Sequence
 
 from features.connection import Client, open_redis
-from features.load import demo_rows
+from features.offline.load import demo_rows
+from features.offline.writer import FeatureWriter
 from features.settings import Settings
 from features.spec import GROUPS, FeatureGroup
-from features.writer import FeatureWriter
 
 OVERHEAD = 1.3
 FILL_LOW, FILL_HIGH = 0.6, 0.7
@@ -156,7 +157,7 @@ async def run(args: argparse.Namespace, settings: Settings) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m features.sizing", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m features.offline.sizing", description=__doc__)
     parser.add_argument("--entities", type=int, default=10_000_000, help="active users")
     parser.add_argument("--merchants", type=int, help="active merchants (default: 1%%)")
     parser.add_argument("--rps", type=float, default=20_000, help="peak requests/s")

@@ -1,4 +1,4 @@
-"""Re-warm Redis from the backing store: `python -m features.warm [--create]`.
+"""Re-warm Redis from the backing store: `python -m features.offline.warm [--create]`.
 
 Scans the store named by FEATURES_BACKING_STORE in batches and writes each batch to Redis
 in one pipeline, with a bounded number of batches in flight. Only absent keys are written,
@@ -120,7 +120,7 @@ async def _main(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m features.warm", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m features.offline.warm", description=__doc__)
     parser.add_argument("--batch", type=int, default=500, help="records per scan page / pipeline")
     parser.add_argument("--concurrency", type=int, default=4, help="pipelines in flight")
     parser.add_argument("--create", action="store_true", help="create the table first if absent")

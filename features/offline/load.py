@@ -1,4 +1,4 @@
-"""Bulk loader: `python -m features.load --demo` or `--group user:features FILE`.
+"""Bulk loader: `python -m features.offline.load --demo` or `--group user:features FILE`.
 
 FILE is CSV or Parquet with an `entity_id` column and one column per feature; columns
 not in the group are rejected, absent ones are left as stored. With a backing store
@@ -17,12 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from features import demo
 from features.backing import open_backing
 from features.connection import open_redis
+from features.offline import demo
+from features.offline.writer import FeatureWriter, Row
 from features.settings import Settings
 from features.spec import GROUPS, MERCHANT_RISK, USER_FEATURES, FeatureGroup
-from features.writer import FeatureWriter, Row
 
 BATCH_ROWS = 2000
 
@@ -92,7 +92,7 @@ async def load(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m features.load", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m features.offline.load", description=__doc__)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--demo", action="store_true", help="generated demo population")
     source.add_argument("--group", choices=[g.qualified_name for g in GROUPS])

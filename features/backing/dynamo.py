@@ -17,7 +17,7 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
 
-from features.backing import EncodedRow, Record
+from features.backing.base import EncodedRow, Record
 from features.errors import BackingStoreError
 from features.spec import EVENT_TS_FIELD, GROUPS, FeatureGroup
 

@@ -22,7 +22,7 @@ from google.cloud.bigtable.data import (
 from google.cloud.bigtable.data.exceptions import MutationsExceptionGroup
 from google.cloud.bigtable.data.row_filters import CellsColumnLimitFilter
 
-from features.backing import EncodedRow, Record
+from features.backing.base import EncodedRow, Record
 from features.errors import BackingStoreError
 from features.spec import EVENT_TS_FIELD, GROUPS, FeatureGroup
 

@@ -1,0 +1,63 @@
+"""The interface every persistent store behind Redis meets, and the record it returns.
+
+Two implementations: dynamo.py (DynamoDB) and bigtable.py (Bigtable), beside this file.
+Values travel as the same strings Redis holds (`repr(float)`, `str(int)`), with the group's
+event time, so what one tier serves the next can store unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from features.spec import FeatureGroup
+
+EncodedRow = tuple[str, Mapping[str, str]]
+"""(entity id, {feature: value as Redis stores it})"""
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One group of one entity as persisted: raw values in field order, and its event time."""
+
+    fields: tuple[bytes | None, ...]
+    event_ts: float | None
+
+
+class BackingStore(Protocol):
+    """What FeatureStore, FeatureWriter and the warm command need of a persistent store.
+
+    Every method raises BackingStoreError for a failure of the store; none retries past
+    its own deadline.
+    """
+
+    name: str
+
+    async def open(self) -> None:
+        """Build the client in the running loop (idempotent, no I/O awaited on the server).
+
+        Building a client costs far more than one read (the AWS SDK loads its service
+        model): FeatureStore calls this outside the read's deadline.
+        """
+        ...
+
+    async def read(self, keys: Sequence[tuple[FeatureGroup, str]]) -> list[Record | None]:
+        """Latest record of each (group, entity id), None where absent; one batched call."""
+        ...
+
+    async def write(self, group: FeatureGroup, rows: Sequence[EncodedRow], event_ts: float) -> None:
+        """Set the given fields and the event time of each row; others keep their values."""
+        ...
+
+    def scan(self, batch_size: int) -> AsyncIterator[list[tuple[FeatureGroup, str, Record]]]:
+        """Every stored (group, entity id, record), in batches of about `batch_size`."""
+        ...
+
+    async def create_layout(self) -> None:
+        """Create the table (and column families) if absent; idempotent."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections."""
+        ...

@@ -1,0 +1,40 @@
+"""A log line per failure kind at most once per interval, with the count it stands for."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+
+class RateLimitedLog:
+    """Warns about repeated failures at most once per `interval_s`."""
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        interval_s: float,
+        timer: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._logger = logger
+        self._interval_s = interval_s
+        self._timer = timer
+        self._last = -float("inf")
+        self._unlogged = 0
+
+    def failed(self, what: str, exc: BaseException, n_keys: int) -> None:
+        """Count one failure of `what`; log it if the interval has passed."""
+        self._unlogged += 1
+        now = self._timer()
+        if now - self._last < self._interval_s:
+            return
+        self._logger.warning(
+            "%s failed (%s: %s) for %d keys; %d failures since the last report",
+            what,
+            type(exc).__name__,
+            exc,
+            n_keys,
+            self._unlogged,
+        )
+        self._last = now
+        self._unlogged = 0

@@ -1,0 +1,132 @@
+"""The backing-store tier: one batched read under its own timeout and breaker, and read
+repair of what it found back into Redis, off the request path."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+from redis.exceptions import RedisError
+
+from features import metrics
+from features.backing import BackingStore, Record, restore_to_redis
+from features.breaker import CircuitBreaker
+from features.connection import Client
+from features.errors import BackingStoreError
+from features.online._log import RateLimitedLog
+from features.online.codec import GroupCodec
+from features.online.entry import Reason, Source
+from features.online.keys import Key
+from features.online.tier import Answer
+from features.spec import FeatureGroup
+
+logger = logging.getLogger(__name__)
+
+
+class BackingTier:
+    """Reads the keys Redis missed or failed from the store of record."""
+
+    def __init__(
+        self,
+        store: BackingStore,
+        codecs: Mapping[str, GroupCodec],
+        *,
+        repair_client: Client,
+        repair_when: Callable[[], bool] = lambda: True,
+        timeout_s: float = 0.01,
+        breaker: CircuitBreaker | None = None,
+        read_repair_max_tasks: int = 8,
+        error_log_interval_s: float = 10.0,
+        timer: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.name = store.name
+        self._codecs = codecs
+        self._repair_client = repair_client
+        self._repair_when = repair_when  # e.g. Redis's breaker is closed
+        self._timeout_s = timeout_s
+        self.breaker = breaker or CircuitBreaker(name=store.name, reset_s=5.0, timer=timer)
+        self._repair_max_tasks = read_repair_max_tasks
+        self._repairs: set[asyncio.Task[None]] = set()
+        self._clock = clock
+        self._log = RateLimitedLog(logger, error_log_interval_s)
+
+    async def open(self) -> None:
+        """Build the store's client (the AWS SDK takes ~130 ms): never inside a deadline."""
+        await self.store.open()
+
+    async def read(self, keys: Sequence[Key], deadline: float) -> list[Answer]:
+        """Each key's entry, MISSING where the store has none, UNAVAILABLE on failure."""
+        breaker = self.breaker
+        name = self.name
+        if not (breaker.allow() or breaker.claim_probe()):
+            metrics.BACKING_READS.labels(name, "skipped").inc()
+            return [Reason.UNAVAILABLE] * len(keys)
+        loop = asyncio.get_running_loop()
+        try:
+            await self.store.open()  # once per worker (a no-op after): not timed
+            started = loop.time()
+            async with asyncio.timeout(self._timeout_s):
+                records = await self.store.read([(key.group, key.entity_id) for key in keys])
+        except (TimeoutError, BackingStoreError) as exc:
+            breaker.failure()
+            kind = "timeout" if isinstance(exc, TimeoutError) else "error"
+            metrics.BACKING_READS.labels(name, kind).inc()
+            self._log.failed(f"{name} read", exc, len(keys))
+            # The store of record could not be asked: unknown, not missing (and not cached).
+            return [Reason.UNAVAILABLE] * len(keys)
+        except BaseException:
+            breaker.abandon()  # cancelled: no answer either way, the next read may probe
+            raise
+        ended = loop.time()
+        if started < deadline < ended:
+            breaker.slow()
+        else:
+            breaker.success()
+        metrics.BACKING_READS.labels(name, "ok").inc()
+        metrics.BACKING_SECONDS.labels(name).observe(ended - started)
+        now = self._clock()
+        answers: list[Answer] = []
+        repair: list[tuple[FeatureGroup, str, Record]] = []
+        for key, record in zip(keys, records, strict=True):
+            if record is None or all(raw is None for raw in record.fields):
+                answers.append(Reason.MISSING)  # the store of record has no such entity
+                continue
+            codec = self._codecs[key.group.qualified_name]
+            answers.append(codec.decode_values(record.fields, record.event_ts, now, Source.BACKING))
+            repair.append((key.group, key.entity_id, record))
+        if repair and self._repair_when():
+            self._schedule_repair(repair)
+        return answers
+
+    def _schedule_repair(self, items: list[tuple[FeatureGroup, str, Record]]) -> None:
+        if len(self._repairs) >= self._repair_max_tasks:
+            metrics.READ_REPAIRS.labels("dropped").inc(len(items))
+            return
+        task = asyncio.create_task(self._repair(items))
+        self._repairs.add(task)
+        task.add_done_callback(self._repairs.discard)
+
+    async def _repair(self, items: list[tuple[FeatureGroup, str, Record]]) -> None:
+        try:
+            counts = await restore_to_redis(self._repair_client, items, self._clock())
+        except (TimeoutError, RedisError, OSError) as exc:
+            metrics.READ_REPAIRS.labels("failed").inc(len(items))
+            self._log.failed("read repair", exc, len(items))
+            return
+        metrics.READ_REPAIRS.labels("written").inc(counts.written)
+        metrics.READ_REPAIRS.labels("present").inc(counts.present)
+        metrics.READ_REPAIRS.labels("expired").inc(counts.expired)
+
+    async def wait_repairs(self) -> None:
+        """Wait for the read repairs in flight (tests, shutdown)."""
+        while self._repairs:
+            await asyncio.gather(*self._repairs, return_exceptions=True)
+
+    async def aclose(self) -> None:
+        """Finish read repairs and close the store."""
+        await self.wait_repairs()
+        await self.store.aclose()

@@ -1,0 +1,171 @@
+"""Decoding one group's stored strings into checked values, and the GroupReads they carry."""
+
+from __future__ import annotations
+
+import functools
+import math
+import operator
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+from features import metrics
+from features.online.entry import Entry, GroupRead, Reason, Source
+from features.spec import EVENT_TS_FIELD, Dtype, FeatureGroup
+
+# The smallest magnitude that becomes inf as float32 (FLT_MAX plus half an ulp):
+# values must stay finite as float32, because the model reads float32.
+_FLOAT32_OVERFLOW = 3.4028235677973366e38
+_ZERO_ONE = frozenset((0.0, 1.0))
+
+
+class GroupCodec:
+    """Decoding state of one group, computed once per store.
+
+    GroupReads are interned: an Entry carries the index of its (as read, as served from
+    the cache) pair in `reads`, so cached entries hold no tracked objects.
+    """
+
+    def __init__(self, group: FeatureGroup) -> None:
+        self.spec = group
+        self.name = group.qualified_name
+        names = group.field_names
+        self.fields = (*names, EVENT_TS_FIELD)  # what one HMGET asks for
+        # Per field: (must be a whole number, must be 0 or 1, default).
+        self.checks = tuple(
+            (f.dtype != Dtype.FLOAT, f.dtype == Dtype.BOOL, float(f.default))
+            for f in group.features
+        )
+        self.whole = _picker([i for i, f in enumerate(group.features) if f.dtype != Dtype.FLOAT])
+        self.flags = _picker([i for i, f in enumerate(group.features) if f.dtype == Dtype.BOOL])
+        self.reads: list[tuple[GroupRead, GroupRead]] = []
+        self._ids: dict[GroupRead, int] = {}
+        # The reads of a clean decode, by (source, stale): looked up, not built, per read.
+        self.clean = {
+            (source, stale): self.intern(GroupRead(source, (), None, stale))
+            for source in (Source.REDIS, Source.BACKING)
+            for stale in (False, True)
+        }
+        self.defaults = {
+            reason: (group.defaults, self.intern(GroupRead(Source.DEFAULT, names, reason)))
+            for reason in Reason
+        }
+        self.missing = self.defaults[Reason.MISSING]
+        self.wrongtype = self.defaults[Reason.INVALID]
+
+    def intern(self, read: GroupRead) -> int:
+        """The index of `read` (and its as-cached twin) in `reads`."""
+        index = self._ids.get(read)
+        if index is None:
+            cached = read
+            if read.source in (Source.REDIS, Source.BACKING):
+                cached = GroupRead(Source.CACHE, read.defaulted, read.reason, read.stale)
+            index = self._ids[read] = len(self.reads)
+            self.reads.append((read, cached))
+        return index
+
+    def on_deadline(self, values: npt.NDArray[np.float64], read_id: int) -> Entry:
+        """The last value read, served at the deadline: from the cache, stale, reason
+        deadline."""
+        read = self.reads[read_id][0]
+        stale = GroupRead(Source.CACHE, read.defaulted, Reason.DEADLINE, True)
+        return values, self.intern(stale)
+
+    def decode(self, reply: list[bytes | None], now: float) -> Entry:
+        """Turn one HMGET reply (fields, then event time) into values; bad or absent
+        fields get their defaults."""
+        if reply.count(None) == len(reply):
+            return self.missing
+        return self.decode_values(reply[:-1], _event_ts(reply[-1]), now, Source.REDIS)
+
+    def all_valid(self, values: list[float]) -> bool:
+        """Every value passes its checks, tested in aggregate (C loops, no Python loop).
+
+        False can still mean valid (a finite sum that overflows): decode_values() then
+        checks each value on its own.
+        """
+        total = sum(values)
+        return (
+            total - total == 0.0  # NaN or inf anywhere makes this NaN
+            and min(values) > -_FLOAT32_OVERFLOW
+            and max(values) < _FLOAT32_OVERFLOW
+            and all(map(float.is_integer, self.whole(values)))
+            and set(self.flags(values)) <= _ZERO_ONE
+        )
+
+    def decode_values(
+        self, reply: Sequence[bytes | None], event_ts: float | None, now: float, source: Source
+    ) -> Entry:
+        """Values of one group from raw strings in field order."""
+        stale = event_ts is not None and now - event_ts > self.spec.freshness_s
+        # Plain floats: for ten fields, several times cheaper than numpy.
+        values = _floats(reply)
+        if self.all_valid(values):
+            return _frozen(values), self.clean[source, stale]
+        spec = self.spec
+        bad: list[int] = []
+        for i, (value, (integral, boolean, default)) in enumerate(
+            zip(values, self.checks, strict=True)
+        ):
+            if (
+                -_FLOAT32_OVERFLOW < value < _FLOAT32_OVERFLOW  # also False for NaN
+                and (not integral or value.is_integer())
+                and (not boolean or value in (0.0, 1.0))
+            ):
+                continue
+            bad.append(i)
+            values[i] = default
+            if reply[i] is not None:
+                metrics.CORRUPT_VALUES.labels(self.name, spec.field_names[i]).inc()
+        if not bad:
+            return _frozen(values), self.clean[source, stale]
+        defaulted = tuple(spec.field_names[i] for i in bad)
+        return _frozen(values), self.intern(GroupRead(source, defaulted, Reason.INVALID, stale))
+
+
+@functools.cache
+def codec_for(group: FeatureGroup) -> GroupCodec:
+    """The one codec of `group` in this process. Entries carry indices into its tables,
+    so the store and every tier must use the same instance: build yours with this."""
+    return GroupCodec(group)
+
+
+def _frozen(values: list[float]) -> npt.NDArray[np.float64]:
+    array = np.array(values, dtype=np.float64)
+    array.flags.writeable = False
+    return array
+
+
+def _picker(indices: list[int]) -> Callable[[list[float]], Sequence[float]]:
+    """`values -> the values at indices`, as one C call (itemgetter)."""
+    if not indices:
+        return lambda values: ()
+    if len(indices) == 1:
+        (only,) = indices
+        return lambda values: (values[only],)
+    return operator.itemgetter(*indices)
+
+
+def _floats(reply: Sequence[bytes | None]) -> list[float]:
+    try:
+        return [float(raw) for raw in reply]  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return [_to_float(raw) for raw in reply]
+
+
+def _event_ts(raw: bytes | None) -> float | None:
+    if raw is None:
+        return None
+    try:
+        ts = float(raw)
+    except ValueError:
+        return None
+    return ts if math.isfinite(ts) else None
+
+
+def _to_float(raw: bytes | None) -> float:
+    try:
+        return float(raw) if raw is not None else float("nan")
+    except ValueError:
+        return float("nan")

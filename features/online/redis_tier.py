@@ -1,0 +1,144 @@
+"""The Redis tier: one pipelined round trip of HMGETs, behind a circuit breaker."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from features import metrics
+from features.breaker import CircuitBreaker
+from features.connection import Client
+from features.online._log import RateLimitedLog
+from features.online.codec import GroupCodec
+from features.online.entry import Reason
+from features.online.keys import Key
+from features.online.tier import Answer
+
+logger = logging.getLogger(__name__)
+
+_FAILURES = (TimeoutError, RedisError, OSError)
+
+
+class RedisTier:
+    """ONE non-transactional pipeline of HMGETs per read; failures become reasons.
+
+    While the breaker is open a read answers at once without touching the network, and
+    one PING at a time, off the request path, asks whether Redis is back (and fast).
+    """
+
+    name = "redis"
+
+    def __init__(
+        self,
+        client: Client,
+        codecs: Mapping[str, GroupCodec],
+        *,
+        breaker: CircuitBreaker | None = None,
+        probe_slow_s: float | None = None,
+        error_log_interval_s: float = 10.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.client = client
+        self._codecs = codecs
+        self.breaker = breaker or CircuitBreaker()
+        self._probe_slow_s = probe_slow_s
+        self._clock = clock  # wall time, for event-time freshness
+        self._log = RateLimitedLog(logger, error_log_interval_s)
+        self._probe_task: asyncio.Task[None] | None = None  # referenced, so it is not collected
+
+    async def open(self) -> None:
+        """Nothing to build: connections open on first use."""
+
+    async def read(self, keys: Sequence[Key], deadline: float) -> list[Answer]:
+        """Each key's entry (missing keys decode to their defaults: final), or a Reason."""
+        breaker = self.breaker
+        if not breaker.allow():
+            if breaker.claim_probe():
+                # Off the request path: no request waits to learn whether Redis is back.
+                self._probe_task = asyncio.create_task(self._probe())
+            return [Reason.CIRCUIT_OPEN] * len(keys)
+        codecs = self._codecs
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.hmget(key.id, codecs[key.group.qualified_name].fields)
+                replies: list[Any] = await pipe.execute(raise_on_error=False)
+        except _FAILURES as exc:
+            if not _pool_exhausted(exc):  # our own backlog is no sign that Redis is down
+                breaker.failure()
+            self._failed(exc, len(keys))
+            return [Reason.UNAVAILABLE] * len(keys)
+        if started < deadline < loop.time():
+            breaker.slow()
+        else:
+            breaker.success()
+        metrics.REDIS_UP.set(1)
+        now = self._clock()
+        answers: list[Answer] = []
+        for key, reply in zip(keys, replies, strict=True):
+            codec = codecs[key.group.qualified_name]
+            if isinstance(reply, Exception):
+                answers.append(codec.wrongtype)
+            elif reply.count(None) == len(reply):
+                answers.append(Reason.MISSING)  # the backing store, if any, may have it
+            else:
+                answers.append(codec.decode(reply, now))
+        return answers
+
+    async def aclose(self) -> None:
+        """Stop a probe in flight; the client is the caller's to close."""
+        task = self._probe_task
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def _probe(self) -> None:
+        """The half-open breaker's question: PING, under the same timeouts; an answer
+        slower than `probe_slow_s` keeps the breaker open."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            await self.client.ping()
+        except _FAILURES as exc:
+            if _pool_exhausted(exc):
+                self.breaker.abandon()  # no answer either way: the next read probes
+            else:
+                self.breaker.failure()
+            self._failed(exc, 0)
+        except BaseException:
+            self.breaker.abandon()  # cancelled (shutdown)
+            raise
+        else:
+            slow_s = self._probe_slow_s
+            if slow_s is not None and loop.time() - started > slow_s:
+                self.breaker.slow()
+                metrics.REDIS_ERRORS.labels("slow_probe").inc()
+            else:
+                self.breaker.success()
+                metrics.REDIS_UP.set(1)
+
+    def _failed(self, exc: BaseException, n_keys: int) -> None:
+        if _pool_exhausted(exc):
+            kind = "pool_exhausted"
+        elif isinstance(exc, RedisTimeoutError | TimeoutError):
+            kind = "timeout"
+        else:
+            kind = type(exc).__name__
+        metrics.REDIS_ERRORS.labels(kind).inc()
+        if kind != "pool_exhausted":
+            metrics.REDIS_UP.set(0)
+        self._log.failed("Redis read", exc, n_keys)
+
+
+def _pool_exhausted(exc: BaseException) -> bool:
+    """True for BlockingConnectionPool's timeout waiting for a free connection."""
+    return isinstance(exc, RedisConnectionError) and isinstance(exc.__cause__, TimeoutError)

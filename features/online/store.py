@@ -1,0 +1,318 @@
+"""The read path's orchestrator: cache, then each store tier in turn, then defaults, all
+under one deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+from features import metrics
+from features.backing import BackingStore
+from features.breaker import CircuitBreaker
+from features.connection import Client
+from features.errors import InvalidEntityId
+from features.online.backing_tier import BackingTier
+from features.online.cache import EntryCache
+from features.online.codec import GroupCodec, codec_for
+from features.online.entry import NOT_CACHED, Entry, FeatureRows, GroupRead, Reason, Source
+from features.online.keys import Key
+from features.online.redis_tier import RedisTier
+from features.online.tier import Tier
+from features.spec import GROUPS, FeatureGroup, validate_entity_id
+
+logger = logging.getLogger(__name__)
+
+
+class FeatureStore:
+    """Feature rows by entity ids: the in-process cache, then one pipelined Redis read,
+    then (if configured) one backing-store read for what Redis lacked, then defaults.
+
+    `deadline_s` bounds the whole step for the caller: joins of reads in flight and every
+    tier. At the deadline each group still unanswered gets the last value this worker read
+    for it (if younger than `stale_max_age_s`), else its defaults, both with reason
+    `deadline`; the reads go on in the background and fill the cache when they land.
+    `tiers` replaces the Redis and backing tiers (tests run the chain on in-memory ones).
+    """
+
+    def __init__(
+        self,
+        client: Client | None = None,
+        *,
+        groups: Sequence[FeatureGroup] = GROUPS,
+        deadline_s: float | None = None,
+        stale_max_age_s: float = 300.0,
+        cache_ttl_s: float = 5.0,
+        cache_maxsize: int = 100_000,
+        error_log_interval_s: float = 10.0,
+        backing: BackingStore | None = None,
+        backing_timeout_s: float = 0.01,
+        backing_breaker: CircuitBreaker | None = None,
+        read_repair_max_tasks: int = 8,
+        breaker: CircuitBreaker | None = None,
+        tiers: Sequence[Tier] | None = None,
+        timer: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if deadline_s is not None and not deadline_s > 0:
+            raise ValueError("deadline_s must be positive")
+        self._groups = [codec_for(group) for group in groups]
+        self._codecs = {codec.name: codec for codec in self._groups}
+        self._width = sum(len(group.features) for group in groups)
+        self._deadline_s = deadline_s
+        self._timer = timer  # cache freshness
+        self._cache = EntryCache(cache_maxsize, cache_ttl_s, max(cache_ttl_s, stale_max_age_s))
+        self._backing: BackingTier | None = None
+        if tiers is None:
+            if client is None:
+                raise ValueError("FeatureStore needs a Redis client or its tiers")
+            tiers = self._standard_tiers(
+                client,
+                breaker=breaker,
+                error_log_interval_s=error_log_interval_s,
+                backing=backing,
+                backing_timeout_s=backing_timeout_s,
+                backing_breaker=backing_breaker,
+                read_repair_max_tasks=read_repair_max_tasks,
+                timer=timer,
+                clock=clock,
+            )
+        self._tiers = tuple(tiers)
+        # One event loop per worker owns the store: no lock around the cache or these.
+        self._inflight: dict[str, asyncio.Future[dict[str, Entry]]] = {}
+        self._reads: set[asyncio.Task[None]] = set()  # referenced, so none is collected
+        # Label children bound once: .labels() costs about a microsecond per call.
+        self._hits = metrics.CACHE_LOOKUPS.labels("hit")
+        self._misses = metrics.CACHE_LOOKUPS.labels("miss")
+        self._retrieval = {s: metrics.RETRIEVAL_SECONDS.labels(s) for s in Source}
+
+    def _standard_tiers(
+        self,
+        client: Client,
+        *,
+        breaker: CircuitBreaker | None,
+        error_log_interval_s: float,
+        backing: BackingStore | None,
+        backing_timeout_s: float,
+        backing_breaker: CircuitBreaker | None,
+        read_repair_max_tasks: int,
+        timer: Callable[[], float],
+        clock: Callable[[], float],
+    ) -> list[Tier]:
+        redis_tier = RedisTier(
+            client,
+            self._codecs,
+            breaker=breaker or CircuitBreaker(timer=timer),
+            probe_slow_s=self._deadline_s,
+            error_log_interval_s=error_log_interval_s,
+            clock=clock,
+        )
+        if backing is None:
+            return [redis_tier]
+        self._backing = BackingTier(
+            backing,
+            self._codecs,
+            repair_client=client,
+            repair_when=redis_tier.breaker.allow,
+            timeout_s=backing_timeout_s,
+            breaker=backing_breaker,
+            read_repair_max_tasks=read_repair_max_tasks,
+            error_log_interval_s=error_log_interval_s,
+            timer=timer,
+            clock=clock,
+        )
+        return [redis_tier, self._backing]
+
+    async def open(self) -> None:
+        """Build every tier's clients (outside any deadline); reads call nothing else first."""
+        for tier in self._tiers:
+            await tier.open()
+
+    async def read(self, rows: Sequence[Mapping[str, str]]) -> FeatureRows:
+        """Values of every group for every row; never raises for a store failure.
+
+        Each row maps entity type to id, e.g. {"user": "u1", "merchant": "m1"}.
+        Raises InvalidEntityId, before any I/O, for an id that may not become a key.
+        """
+        started = time.perf_counter()
+        keyed = [pair for row in rows for pair in self._keys(row)]
+        now = self._timer()
+        cache = self._cache
+        served: dict[str, tuple[npt.NDArray[np.float64], GroupRead]] = {}
+        misses: dict[str, tuple[Key, GroupCodec]] = {}
+        for key, codec in keyed:
+            key_id = key.id
+            if key_id in served or key_id in misses:
+                continue
+            cached = cache.fresh(key_id, now)
+            if cached is None:
+                misses[key_id] = key, codec
+            else:
+                served[key_id] = cached[0], codec.reads[cached[1]][1]
+        if served:
+            self._hits.inc(len(served))
+        source = Source.CACHE
+        if misses:
+            self._misses.inc(len(misses))
+            source = await self._read_misses(misses, served, now)
+        parts: list[npt.NDArray[np.float64]] = []
+        reads: list[dict[str, GroupRead]] = []
+        row_reads: dict[str, GroupRead] = {}
+        per_row = len(self._groups)
+        for i, (key, codec) in enumerate(keyed):
+            values, read = served[key.id]
+            parts.append(values)
+            row_reads[codec.name] = read
+            if read.defaulted and read.reason is not None:
+                metrics.DEFAULTS.labels(codec.name, read.reason).inc()
+            if read.stale:
+                metrics.STALE.labels(codec.name, read.source).inc()
+            if i % per_row == per_row - 1:
+                reads.append(row_reads)
+                row_reads = {}
+        # One concatenation: cheaper than a slice assignment per group and row.
+        values = (
+            np.concatenate(parts).reshape(len(rows), self._width)
+            if parts
+            else np.empty((0, self._width), dtype=np.float64)
+        )
+        self._retrieval[source].observe(time.perf_counter() - started)
+        return FeatureRows(values, reads, source)
+
+    def _keys(self, row: Mapping[str, str]) -> list[tuple[Key, GroupCodec]]:
+        keys = []
+        for codec in self._groups:
+            group = codec.spec
+            entity = group.entity
+            try:
+                entity_id = row[entity]
+            except KeyError:
+                raise InvalidEntityId(f"{entity}_id", "is required") from None
+            entity_id = validate_entity_id(f"{entity}_id", entity_id)
+            keys.append((Key(group, entity_id, group.key(entity_id)), codec))
+        return keys
+
+    async def _read_misses(
+        self,
+        misses: dict[str, tuple[Key, GroupCodec]],
+        served: dict[str, tuple[npt.NDArray[np.float64], GroupRead]],
+        now: float,
+    ) -> Source:
+        """Serve the cache's misses: join reads in flight, start one for the rest, wait
+        until the deadline; what is still unanswered then gets the deadline's fallback.
+        Returns the slowest source used."""
+        loop = asyncio.get_running_loop()
+        deadline = float("inf") if self._deadline_s is None else loop.time() + self._deadline_s
+        inflight = self._inflight
+        waits: dict[str, asyncio.Future[dict[str, Entry]]] = {}
+        own: list[Key] = []
+        for key_id, (key, _) in misses.items():
+            joined = inflight.get(key_id)
+            if joined is None:
+                own.append(key)
+            else:
+                waits[key_id] = joined
+        if waits:
+            metrics.SHARED_READS.inc(len(waits))
+        if own:
+            # One future per read, not per key: joiners look their keys up in its result.
+            future: asyncio.Future[dict[str, Entry]] = loop.create_future()
+            for key in own:
+                inflight[key.id] = future
+                waits[key.id] = future
+            task = loop.create_task(self._fetch(own, future, deadline))
+            self._reads.add(task)
+            task.add_done_callback(self._read_done)
+        pending = set(waits.values())
+        if self._deadline_s is None:
+            await asyncio.wait(pending)
+        else:
+            await asyncio.wait(pending, timeout=max(0.0, deadline - loop.time()))
+        source = Source.REDIS
+        cache = self._cache
+        for key_id, (_, codec) in misses.items():
+            waited = waits[key_id]
+            entry = waited.result().get(key_id) if waited.done() else None
+            if entry is None:  # the deadline passed first
+                last = cache.last(key_id, now)
+                if last is None:
+                    entry = codec.defaults[Reason.DEADLINE]
+                    metrics.DEADLINE_EXCEEDED.labels(codec.name, "default").inc()
+                else:
+                    entry = codec.on_deadline(last[0], last[1])
+                    metrics.DEADLINE_EXCEEDED.labels(codec.name, "stale").inc()
+            read = codec.reads[entry[1]][0]
+            served[key_id] = entry[0], read
+            if read.reason in NOT_CACHED:
+                source = Source.DEFAULT
+            elif read.source is Source.BACKING and source is Source.REDIS:
+                source = Source.BACKING
+        return source
+
+    async def _fetch(
+        self, keys: list[Key], future: asyncio.Future[dict[str, Entry]], deadline: float
+    ) -> None:
+        """Ask each tier in turn for the keys still unanswered, then fill the cache. Runs
+        as its own task, so a reply after the deadline (or the caller's cancellation)
+        still lands; its result goes to every reader waiting on `future`."""
+        result: dict[str, Entry] = {}
+        try:
+            pending, reasons = keys, [Reason.UNAVAILABLE] * len(keys)
+            for tier in self._tiers:
+                answers = await tier.read(pending, deadline)
+                left: list[Key] = []
+                reasons = []
+                for key, answer in zip(pending, answers, strict=True):
+                    if isinstance(answer, Reason):
+                        left.append(key)
+                        reasons.append(answer)
+                    else:
+                        result[key.id] = answer
+                pending = left
+                if not pending:
+                    break
+            codecs = self._codecs
+            for key, reason in zip(pending, reasons, strict=True):
+                result[key.id] = codecs[key.group.qualified_name].defaults[reason]
+        finally:
+            # Runs on cancellation and errors too (result then lacks keys: readers get
+            # unavailable), so readers never wait forever.
+            inflight = self._inflight
+            for key in keys:
+                if inflight.get(key.id) is future:
+                    del inflight[key.id]
+            for key in keys:
+                result.setdefault(
+                    key.id, self._codecs[key.group.qualified_name].defaults[Reason.UNAVAILABLE]
+                )
+            future.set_result(result)
+        now = self._timer()
+        cache = self._cache
+        codecs = self._codecs
+        for key in keys:
+            entry = result[key.id]
+            if codecs[key.group.qualified_name].reads[entry[1]][0].reason not in NOT_CACHED:
+                cache.put(key.id, entry, now)
+
+    def _read_done(self, task: asyncio.Task[None]) -> None:
+        self._reads.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            logger.error("feature read failed unexpectedly", exc_info=exc)
+
+    async def wait_repairs(self) -> None:
+        """Wait for the reads and read repairs in flight (tests, shutdown)."""
+        while self._reads:
+            await asyncio.gather(*self._reads, return_exceptions=True)
+        if self._backing is not None:
+            await self._backing.wait_repairs()
+
+    async def aclose(self) -> None:
+        """Finish reads and read repairs, stop probes, close the backing store; the Redis
+        client is the caller's."""
+        await self.wait_repairs()
+        for tier in self._tiers:
+            await tier.aclose()

@@ -1,0 +1,38 @@
+"""The interface of a store tier on the read path (Redis, the backing store, test tiers).
+
+The orchestrator (store.py) hands a tier the keys no earlier tier answered and the
+request's deadline; the tier answers each key with an Entry, or with a Reason to ask the
+next tier (missing, unavailable, circuit open). It never raises for a store failure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from features.online.entry import Entry, Reason
+from features.online.keys import Key
+
+Answer = Entry | Reason
+"""A tier's answer for one key: its values, or why the next tier should be asked."""
+
+
+class Tier(Protocol):
+    """One store on the read path."""
+
+    name: str
+
+    async def open(self) -> None:
+        """Build clients and warm connections; called once, outside any deadline."""
+        ...
+
+    async def read(self, keys: Sequence[Key], deadline: float) -> list[Answer]:
+        """Answers in key order. `deadline` is the loop time by which the request wants
+        them: the caller stops waiting then, while the tier may finish later (bounded by
+        its own timeout) so its reply still fills the cache. A read that started before
+        the deadline and ended after it counts as slow against the tier's breaker."""
+        ...
+
+    async def aclose(self) -> None:
+        """Finish background work and release what `open` built."""
+        ...

@@ -1,0 +1,154 @@
+"""Each tier of the read path on its own: the cache, Redis (real server), the backing tier."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+
+import numpy as np
+import pytest
+import redis
+
+from features import MERCHANT_RISK, USER_FEATURES, CircuitBreaker, FeatureWriter, Reason, Source
+from features.backing import EncodedRow, Record
+from features.breaker import State
+from features.connection import Client
+from features.errors import BackingStoreError
+from features.online.backing_tier import BackingTier
+from features.online.cache import EntryCache
+from features.online.codec import codec_for
+from features.online.keys import key_of
+from features.online.redis_tier import RedisTier
+from features.spec import FeatureGroup
+from tests.conftest import command_calls
+
+CODECS = {g.qualified_name: codec_for(g) for g in (USER_FEATURES, MERCHANT_RISK)}
+USER = {f.name: 1.0 for f in USER_FEATURES.features}
+
+
+def far() -> float:
+    return asyncio.get_running_loop().time() + 60.0
+
+
+def test_cache_is_fresh_for_its_ttl_and_kept_for_the_fallback() -> None:
+    cache = EntryCache(maxsize=2, ttl_s=5.0, keep_s=60.0)
+    entry = codec_for(USER_FEATURES).missing
+    cache.put("a", entry, now=100.0)
+    assert cache.fresh("a", 104.9) is not None
+    assert cache.fresh("a", 105.0) is None
+    last = cache.last("a", 159.9)
+    assert last is not None and last[:2] == entry
+    assert cache.last("a", 160.0) is None
+    cache.put("b", entry, now=100.0)
+    cache.fresh("a", 100.0)  # a is now the most recently used
+    cache.put("c", entry, now=100.0)
+    assert cache.fresh("b", 100.0) is None and cache.fresh("a", 100.0) is not None
+    assert len(cache) == 2
+    with pytest.raises(ValueError):
+        EntryCache(maxsize=1, ttl_s=5.0, keep_s=1.0)
+
+
+async def test_redis_tier_answers_values_missing_and_wrong_types(
+    client: Client, sync_redis: redis.Redis
+) -> None:
+    await FeatureWriter(client).write(USER_FEATURES, [("u1", USER)])
+    sync_redis.set(USER_FEATURES.key("bad"), "not a hash")
+    tier = RedisTier(client, CODECS)
+    keys = [key_of(USER_FEATURES, u) for u in ("u1", "ghost", "bad")]
+    found, missing, wrong = await tier.read(keys, far())
+    assert missing is Reason.MISSING  # for the next tier to ask
+    assert not isinstance(found, Reason) and not isinstance(wrong, Reason)
+    np.testing.assert_array_equal(found[0], [1.0] * len(USER_FEATURES.features))
+    read = CODECS["user:features"].reads[wrong[1]][0]
+    assert (read.source, read.reason) == (Source.DEFAULT, Reason.INVALID)
+    assert command_calls(sync_redis, "hmget") == 3
+
+
+async def test_redis_tier_counts_a_reply_after_the_deadline_as_slow(redis_server) -> None:
+    from features import Settings, open_redis
+    from tools.delay_proxy import DelayProxy
+
+    breaker = CircuitBreaker(slow_threshold=2, window=4)
+    with DelayProxy("127.0.0.1", redis_server.port, delay_s=0.03) as proxy:
+        slow = open_redis(Settings(redis_url=proxy.url(), redis_socket_timeout_s=1.0))
+        try:
+            tier = RedisTier(slow, CODECS, breaker=breaker)
+            key = key_of(USER_FEATURES, "u1")
+            for _ in range(2):  # each reply lands 30 ms later, the deadline is 5 ms away
+                await tier.read([key], asyncio.get_running_loop().time() + 0.005)
+            assert breaker.state is State.OPEN
+            assert await tier.read([key], far()) == [Reason.CIRCUIT_OPEN]
+            await tier.aclose()
+        finally:
+            await slow.aclose()
+
+
+async def test_redis_tier_reports_a_failure_as_unavailable() -> None:
+    from features import Settings, open_redis
+    from tools.redis_server import free_port
+
+    down = open_redis(Settings(redis_url=f"redis://127.0.0.1:{free_port()}/0"))
+    try:
+        tier = RedisTier(down, CODECS)
+        assert await tier.read([key_of(USER_FEATURES, "u1")], far()) == [Reason.UNAVAILABLE]
+    finally:
+        await down.aclose()
+
+
+class MemoryBacking:
+    """A backing store held in a dict: the backing tier's logic without an emulator."""
+
+    name = "memory"
+
+    def __init__(self, records: dict[tuple[str, str], Record], fails: bool = False) -> None:
+        self.records = records
+        self.fails = fails
+        self.opened = 0
+
+    async def open(self) -> None:
+        self.opened += 1
+
+    async def read(self, keys: Sequence[tuple[FeatureGroup, str]]) -> list[Record | None]:
+        if self.fails:
+            raise BackingStoreError("down")
+        return [self.records.get((g.qualified_name, e)) for g, e in keys]
+
+    async def write(self, group: FeatureGroup, rows: Sequence[EncodedRow], event_ts: float) -> None:
+        raise NotImplementedError
+
+    def scan(self, batch_size: int) -> AsyncIterator[list[tuple[FeatureGroup, str, Record]]]:
+        raise NotImplementedError
+
+    async def create_layout(self) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_backing_tier_answers_found_missing_and_repairs_redis(
+    client: Client, sync_redis: redis.Redis
+) -> None:
+    record = Record(tuple(b"2" for _ in USER_FEATURES.features), 1.7e9)
+    store = MemoryBacking({("user:features", "u1"): record})
+    tier = BackingTier(store, CODECS, repair_client=client, clock=lambda: 1.7e9 + 1)
+    found, missing = await tier.read(
+        [key_of(USER_FEATURES, "u1"), key_of(USER_FEATURES, "u2")], far()
+    )
+    assert missing is Reason.MISSING and not isinstance(found, Reason)
+    assert CODECS["user:features"].reads[found[1]][0].source is Source.BACKING
+    await tier.wait_repairs()
+    assert sync_redis.hget(USER_FEATURES.key("u1"), "tx_count_1h") == b"2"
+
+
+async def test_backing_tier_skips_repair_while_redis_is_down_and_reports_failures(
+    client: Client, sync_redis: redis.Redis
+) -> None:
+    record = Record(tuple(b"2" for _ in USER_FEATURES.features), None)
+    store = MemoryBacking({("user:features", "u1"): record})
+    tier = BackingTier(store, CODECS, repair_client=client, repair_when=lambda: False)
+    await tier.read([key_of(USER_FEATURES, "u1")], far())
+    await tier.wait_repairs()
+    assert sync_redis.dbsize() == 0
+    store.fails = True
+    assert await tier.read([key_of(USER_FEATURES, "u1")], far()) == [Reason.UNAVAILABLE]
