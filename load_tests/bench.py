@@ -4,7 +4,9 @@
     same two HMGETs; (b) the same on a cache hit, assembled into the model vector;
 (c) 100 transactions, miss: project vs raw pipeline, and HMGET vs HGETALL;
 (d) Feast 0.67 get_online_features for (a) and (c), in its own venv;
-(e) /predict vs a constant BentoML endpoint: p50 at concurrency 1, max RPS, p99 at half.
+(e) /predict vs a constant BentoML endpoint: p50 at concurrency 1, max RPS, p99 at half;
+(f) and (g), in load_tests/bench_tail.py: open-loop tails from a cold start, and behind a
+    Redis whose replies turn slow.
 Every comparison is measured in the same run, interleaved in rounds. Placement: the
 client and redis-server pinned to one vCPU ("shared") or to different ones ("split").
 """
@@ -34,7 +36,7 @@ from features import GROUPS, MERCHANT_RISK, USER_FEATURES, FeatureStore, Setting
 from features.offline.demo import merchant_ids, user_ids
 from features.offline.load import demo_rows, load
 from features.ondemand import model_inputs
-from load_tests import httpload
+from load_tests import bench_tail, httpload
 from load_tests._stack import RESULTS, scrape, start_serve, stop_serve
 from load_tests.report import diff_stats, nearest_rank
 from load_tests.skew import transactions
@@ -414,6 +416,7 @@ def table(results: dict[str, Any]) -> str:
             f"| {p['max_failures']} / {p['half_failures']} | 0 | "
             f"{_ok(p['max_failures'] + p['half_failures'] == 0)} |"
         )
+    lines += bench_tail.table_lines(results)
     return "\n".join(lines)
 
 
@@ -435,6 +438,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         default="unpinned",
         help="pinned: service and redis-server on vCPU 1, client on 0",
     )
+    parser.add_argument("--no-tail", action="store_true", help="skip (f)")
+    parser.add_argument("--tail-seconds", type=float, default=30.0)
+    parser.add_argument("--tail-rate", type=float, default=250.0, help="req/s")
+    parser.add_argument("--no-slow-redis", action="store_true", help="skip (g)")
+    parser.add_argument("--slow-redis-seconds", type=float, default=10.0, help="per phase")
+    parser.add_argument("--slow-redis-rate", type=float, default=120.0, help="req/s")
     args = parser.parse_args(argv)
     RESULTS.mkdir(parents=True, exist_ok=True)
     modes = list(PLACEMENTS) if args.placement == "both" else [args.placement]
@@ -462,14 +471,27 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"Feast, placement {mode}", flush=True)
                 results["feast"][mode] = run_feast(server.port, args.n, client_cpus)
             os.sched_setaffinity(0, own_cpus)
-        if not args.no_e2e:
+        if not (args.no_e2e and args.no_tail and args.no_slow_redis):
             _train_if_missing()
+        if not args.no_e2e:
             pinned = args.e2e_placement == "pinned"
             # Redis work is part of serving /predict: pinned, it shares the server's vCPU.
             os.sched_setaffinity(server.process.pid, {1} if pinned else own_cpus)
             print(f"end to end ({args.e2e_placement}): trivial and /predict", flush=True)
             results["e2e"] = end_to_end(server.url, args.n, args.e2e_seconds, pinned=pinned)
             results["e2e"]["placement"] = args.e2e_placement
+        os.sched_setaffinity(server.process.pid, own_cpus)
+        if not args.no_tail:
+            print(
+                f"tail from a cold start: {args.tail_rate:g} req/s, trivial then /predict",
+                flush=True,
+            )
+            results["tail"] = bench_tail.tail(server.url, args.tail_rate, args.tail_seconds)
+        if not args.no_slow_redis:
+            print(f"slow Redis: {args.slow_redis_rate:g} req/s, fast / slow / fast", flush=True)
+            results["slow_redis"] = bench_tail.slow_redis(
+                server.port, args.slow_redis_rate, args.slow_redis_seconds
+            )
     text = table(results)
     print(text)
     stamp = time.strftime("%Y%m%dT%H%M%S")

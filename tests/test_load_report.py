@@ -1,15 +1,16 @@
 """The load harness on canned numbers: parsing, quantiles from buckets, the verdict,
-Server-Timing and GC pauses."""
+Server-Timing, GC pauses and the phases of a traced run."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 
 import pytest
 
 from features.offline.demo import user_ids
-from load_tests import httpload, report
+from load_tests import bench_tail, httpload, report
 from load_tests.skew import SkewedPool
 
 METRICS = """\
@@ -271,3 +272,71 @@ async def test_open_loop_traces_each_response_from_its_schedule() -> None:
         assert r.scheduled <= r.sent < r.done and r.body == body
         assert r.latency_s >= r.done - r.sent
         assert r.timing_ms() == 0.25
+
+
+def _response(
+    at: float, done: float, sources: dict[str, tuple[str, str | None]] | None, ms: float = 0.5
+) -> httpload.Response:
+    head = b"HTTP/1.1 200 OK\r\nServer-Timing: features;dur=%g" % ms
+    if sources is None:
+        return httpload.Response(at, at, done, 503, b"HTTP/1.1 503 X", b"{}")
+    groups = {g: {"source": s, "reason": why} for g, (s, why) in sources.items()}
+    return httpload.Response(at, at, done, 200, head, json.dumps({"sources": groups}).encode())
+
+
+def test_phase_report_finds_the_breaker_and_the_recovery() -> None:
+    redis, cache = ("redis", None), ("cache", None)
+    deadline, opened = ("default", "deadline"), ("default", "circuit_open")
+    trace = [
+        _response(0.0, 0.001, {"u": redis, "m": cache}, ms=0.3),
+        _response(0.5, 0.501, {"u": cache, "m": cache}, ms=0.01),
+        # slow from 1.0 to 2.0
+        _response(1.0, 1.016, {"u": deadline, "m": cache}, ms=15.5),
+        _response(1.1, 1.117, {"u": deadline, "m": cache}, ms=16.0),
+        _response(1.2, 1.2001, {"u": opened, "m": cache}, ms=0.05),
+        _response(1.3, 1.3001, {"u": opened, "m": opened}, ms=0.02),
+        _response(1.4, 1.4001, {"u": cache, "m": cache}, ms=0.04),
+        _response(1.9, 1.95, None),
+        # fast again: the breaker still open, then Redis
+        _response(2.1, 2.1001, {"u": opened, "m": cache}, ms=0.02),
+        _response(2.6, 2.601, {"u": cache, "m": redis}, ms=0.4),
+    ]
+    out = bench_tail.phase_report(trace, 1.0, 2.0)
+    assert out["fast"]["features_ms"]["n"] == 2 and out["fast"]["non_200"] == 0
+    slow = out["slow"]
+    assert slow["features_ms"]["n"] == 5 and slow["features_ms"]["max"] == 16.0
+    assert slow["non_200"] == 1 and slow["client_ms"]["n"] == 5
+    assert slow["sources"] == {
+        "cache": 5,
+        "default/deadline": 2,
+        "default/circuit_open": 3,
+    }
+    assert out["breaker_open_after_s"] == pytest.approx(0.2001)
+    # Sent after the first circuit_open answer: 0.02 and 0.04 ms.
+    assert out["slow_features_p50_since_open_ms"] == pytest.approx(0.03)
+    assert out["slow_since_open_n"] == 2
+    assert out["redis_back_after_s"] == pytest.approx(0.601)
+    assert out["fast_again"]["features_ms"]["n"] == 2
+
+
+def test_phase_report_without_breaker_or_recovery() -> None:
+    trace = [_response(1.5, 1.53, {"u": ("redis", None)}, ms=30.0)]
+    out = bench_tail.phase_report(trace, 1.0, 2.0)
+    assert out["breaker_open_after_s"] is None
+    assert out["slow_features_p50_since_open_ms"] is None
+    assert out["redis_back_after_s"] is None  # a slow answer does not count as back
+    lines = bench_tail.table_lines(
+        {"slow_redis": {"rate": 100, "phase_s": 1, "delay_ms": 30, "deadline_ms": 15, **out}}
+    )
+    assert any("slow p99 <= 17 ms" in line and "**no**" in line for line in lines)
+
+
+def test_tail_table_without_gc_metrics_or_server_timing() -> None:
+    empty = report.tail_summary([])
+    client = report.tail_summary([1.0, 2.0, 30.0])
+    side = {"client_ms": client, "non_200": 0, "late": 0, "features_ms": empty, "gc": {}}
+    tail = {"rate": 250, "seconds": 1, "trivial": side, "predict": side}
+    lines = bench_tail.table_lines({"tail": tail})
+    assert any(line.startswith("| client p99.9 / max") and "30.00" in line for line in lines)
+    gc_line = next(line for line in lines if "since start-up" in line)
+    assert "n/a" in gc_line and gc_line.endswith("| **no** |")

@@ -1,0 +1,351 @@
+"""`make bench` (f) and (g): tails at a fixed offered rate, from a cold start and behind a
+slow Redis. Latency is taken from each request's scheduled send time, so a client or
+server that falls behind shows in it; ids are skewed as in (e).
+
+(f) tail: `bentoml serve` from cold (start, wait for /readyz), then straight away an open
+    loop on /predict; the trivial endpoint first, started cold and run the same way, as
+    the baseline. Client p50/p99/p99.9/max, the Server-Timing feature time of every
+    response, and the worker's GC pauses from /metrics.
+(g) slow Redis: one worker reading Redis through a proxy that holds every reply: after a
+    2 s warm-up, fast, 30 ms slow (below the socket timeout), fast again, in one open
+    loop. Per phase the Server-Timing feature time; when the breaker opened and the
+    feature median after it; how soon after the delay ended Redis values came back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import os
+import statistics
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from features import Settings
+from load_tests import httpload
+from load_tests._stack import scrape, start_serve, stop_serve
+from load_tests.httpload import Response, Run
+from load_tests.report import gc_pauses, tail_summary
+from load_tests.skew import transactions
+from tools.delay_proxy import DelayProxy
+from tools.redis_server import free_port
+
+TARGETS = {
+    "trivial": "load_tests.trivial_service:TrivialService",
+    "predict": "service:FraudService",
+}
+SLOW_REPLY_S = 0.03
+WARMUP_S = 2.0  # (g) only: (f) is about the cold start itself
+GC_FLUSH_S = 1.5  # the worker moves GC pauses into /metrics once a second (features/collector)
+BREAKER_OPEN = "circuit_open"
+# Targets (ms, except where named).
+TAIL_P99_MS, TAIL_P999_MS, TAIL_FEATURE_P99_MS, GC_PAUSE_MS = 10.0, 20.0, 1.0, 5.0
+DEADLINE_SLACK_MS, OPEN_MEDIAN_MS, REDIS_BACK_S = 2.0, 1.0, 2.0
+
+
+def _env(redis_url: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "FEATURES_REDIS_URL": redis_url,
+        "FRAUD_WORKERS": "1",
+        "BENTOML_DO_NOT_TRACK": "true",
+    }
+
+
+def _deadline_s(env: dict[str, str]) -> float:
+    """The read deadline the service runs with in `env`."""
+    return Settings.from_env(env).deadline_s
+
+
+# --- reading a traced run -------------------------------------------------------------
+
+
+def feature_ms(trace: Iterable[Response]) -> list[float]:
+    """The Server-Timing feature time of every response that has one."""
+    return [ms for r in trace if (ms := r.timing_ms("features")) is not None]
+
+
+def client_ms(trace: Iterable[Response]) -> list[float]:
+    """Latencies (ms, from the scheduled send) of the 200 responses."""
+    return [r.latency_s * 1e3 for r in trace if r.status == 200]
+
+
+def sources(response: Response) -> list[tuple[str, str | None]]:
+    """(source, reason) of each feature group in a /predict answer; [] if none."""
+    if response.status != 200:
+        return []
+    groups = json.loads(response.body).get("sources", {})
+    return [(g["source"], g.get("reason")) for g in groups.values()]
+
+
+def _breaker_open(response: Response) -> bool:
+    return any(reason == BREAKER_OPEN for _, reason in sources(response))
+
+
+def _from_redis(response: Response) -> bool:
+    return any(source == "redis" for source, _ in sources(response))
+
+
+def _done(response: Response) -> float:
+    return response.done
+
+
+def _source_counts(trace: Iterable[Response]) -> dict[str, int]:
+    counts = Counter(
+        source if reason is None else f"{source}/{reason}"
+        for r in trace
+        for source, reason in sources(r)
+    )
+    return dict(counts.most_common())
+
+
+def phase_report(trace: Sequence[Response], slow_from: float, slow_until: float) -> dict[str, Any]:
+    """Split a run at the start and end of a slow dependency (perf_counter times).
+
+    Phases go by scheduled send time. The breaker counts as open from the first slow-phase
+    answer carrying reason `circuit_open`; Redis counts as back at the first answer sent
+    after the slow phase with a group read from Redis.
+    """
+    phases = {
+        "fast": [r for r in trace if r.scheduled < slow_from],
+        "slow": [r for r in trace if slow_from <= r.scheduled < slow_until],
+        "fast_again": [r for r in trace if r.scheduled >= slow_until],
+    }
+    out: dict[str, Any] = {
+        name: {
+            "features_ms": tail_summary(feature_ms(rs)),
+            "client_ms": tail_summary(client_ms(rs)),
+            "non_200": sum(r.status != 200 for r in rs),
+            "sources": _source_counts(rs),
+        }
+        for name, rs in phases.items()
+    }
+    slow = sorted(phases["slow"], key=_done)
+    opened = next((r.done for r in slow if _breaker_open(r)), None)
+    since_open = [] if opened is None else feature_ms(r for r in slow if r.sent >= opened)
+    after = sorted((r for r in trace if r.sent >= slow_until), key=_done)
+    back = next((r.done for r in after if _from_redis(r)), None)
+    out["breaker_open_after_s"] = None if opened is None else opened - slow_from
+    out["slow_features_p50_since_open_ms"] = statistics.median(since_open) if since_open else None
+    out["slow_since_open_n"] = len(since_open)
+    out["redis_back_after_s"] = None if back is None else back - slow_until
+    out["slow_s"] = slow_until - slow_from
+    return out
+
+
+# --- (f) tail from a cold start -------------------------------------------------------
+
+
+@contextmanager
+def _own_gc_pauses() -> Iterator[list[float]]:
+    """This process's collections meanwhile (s): a stall of the client shows here."""
+    pauses: list[float] = []
+    started = 0.0
+
+    def timed(phase: str, info: dict[str, Any]) -> None:
+        nonlocal started
+        if phase == "start":
+            started = time.perf_counter()
+        else:
+            pauses.append(time.perf_counter() - started)
+
+    gc.callbacks.append(timed)
+    try:
+        yield pauses
+    finally:
+        gc.callbacks.remove(timed)
+
+
+async def _open_loop(port: int, bodies: list[dict[str, Any]], rate: float, dur_s: float) -> Run:
+    requests = httpload.encode_requests(port, "/predict", bodies)
+    return await httpload.open_loop(port, requests, rate, dur_s, trace=True)
+
+
+def tail(redis_url: str, rate: float, dur_s: float) -> dict[str, Any]:
+    """(f): each endpoint started cold and run alone, the trivial one first."""
+    env, cpus = _env(redis_url), os.sched_getaffinity(0)
+    bodies = transactions(20_000)
+    out: dict[str, Any] = {"rate": rate, "seconds": dur_s}
+    for name, target in TARGETS.items():
+        port = free_port()
+        proc = start_serve(target, port, env, cpus, log_name=f"tail-{name}")
+        try:
+            before = scrape(port)
+            with _own_gc_pauses() as client_gc:
+                run = asyncio.run(_open_loop(port, bodies, rate, dur_s))
+            time.sleep(GC_FLUSH_S)
+            after = scrape(port)
+        finally:
+            stop_serve(proc)
+        trace = run.trace or []
+        out[name] = {
+            "client_ms": tail_summary(client_ms(trace)),
+            "non_200": sum(r.status != 200 for r in trace),
+            "late": run.late,
+            "features_ms": tail_summary(feature_ms(trace)),
+            "gc": gc_pauses(before, after),
+            "client_gc_max_ms": max(client_gc, default=0.0) * 1e3,
+        }
+    return out
+
+
+# --- (g) slow Redis -------------------------------------------------------------------
+
+
+async def _phases(
+    port: int,
+    bodies: list[dict[str, Any]],
+    rate: float,
+    phase_s: float,
+    proxy: DelayProxy,
+) -> tuple[Run, float, float]:
+    """A warm-up, then one open loop over three phases; the proxy turns slow for the
+    middle one."""
+
+    async def switch() -> tuple[float, float]:
+        await asyncio.sleep(phase_s)
+        proxy.set_delay(SLOW_REPLY_S)
+        slow_from = time.perf_counter()
+        await asyncio.sleep(phase_s)
+        proxy.set_delay(0.0)
+        return slow_from, time.perf_counter()
+
+    # Past start-up, for a fair fast phase; on ids from the far end of the list, so the
+    # phases do not start on a cache the warm-up has just filled.
+    await _open_loop(port, bodies[len(bodies) // 2 :], rate, WARMUP_S)
+    run, (slow_from, slow_until) = await asyncio.gather(
+        _open_loop(port, bodies, rate, 3 * phase_s), switch()
+    )
+    return run, slow_from, slow_until
+
+
+def slow_redis(redis_port: int, rate: float, phase_s: float) -> dict[str, Any]:
+    """(g): one worker whose Redis replies arrive 30 ms late for the middle phase."""
+    bodies = transactions(20_000, seed=6)
+    port = free_port()
+    with DelayProxy("127.0.0.1", redis_port) as proxy:
+        env = _env(proxy.url())
+        proc = start_serve(
+            "service:FraudService", port, env, os.sched_getaffinity(0), log_name="slow-redis"
+        )
+        try:
+            run, slow_from, slow_until = asyncio.run(_phases(port, bodies, rate, phase_s, proxy))
+        finally:
+            stop_serve(proc)
+    return {
+        "rate": rate,
+        "phase_s": phase_s,
+        "delay_ms": SLOW_REPLY_S * 1e3,
+        "deadline_ms": _deadline_s(env) * 1e3,
+        **phase_report(run.trace or [], slow_from, slow_until),
+    }
+
+
+# --- the table ------------------------------------------------------------------------
+
+
+def _f(value: float | None, digits: int = 2) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _ok(flag: bool) -> str:
+    return "yes" if flag else "**no**"
+
+
+def _within(value: float | None, limit: float) -> bool:
+    return value is not None and value <= limit
+
+
+def _tail_lines(f: dict[str, Any]) -> list[str]:
+    t, p = f["trivial"], f["predict"]
+    tc, pc, pf = t["client_ms"], p["client_ms"], p["features_ms"]
+    gc = p["gc"]
+    gens = "/".join(gc) or "0/1/2"
+
+    def per_gen(key: str, scale: float = 1e3, digits: int = 2) -> str:
+        values = [None if g[key] is None else g[key] * scale for g in gc.values()]
+        return " / ".join(_f(v, digits) for v in values) or "n/a"
+
+    def worst(key: str) -> float | None:
+        values = [g[key] for g in gc.values() if g[key] is not None]
+        return max(values) * 1e3 if values else None
+
+    gauge = worst("max_s")
+    return [
+        "",
+        f"| (f) tail from a cold start, open loop {f['rate']:g} req/s x {f['seconds']:g} s "
+        "| trivial | /predict | target | met |",
+        "| --- | --- | --- | --- | --- |",
+        f"| client p50 / p99 (ms, from the scheduled send; n={pc['n']}) "
+        f"| {_f(tc['p50'])} / {_f(tc['p99'])} | {_f(pc['p50'])} / {_f(pc['p99'])} "
+        f"| p99 <= {TAIL_P99_MS:g} ms | {_ok(_within(pc['p99'], TAIL_P99_MS))} |",
+        f"| client p99.9 / max (ms) | {_f(tc['p99_9'])} / {_f(tc['max'])} "
+        f"| {_f(pc['p99_9'])} / {_f(pc['max'])} "
+        f"| p99.9 <= {TAIL_P999_MS:g} ms | {_ok(_within(pc['p99_9'], TAIL_P999_MS))} |",
+        f"| non-200 / sent > 2 ms late | {t['non_200']} / {t['late']} "
+        f"| {p['non_200']} / {p['late']} | 0 non-200 | {_ok(p['non_200'] == 0)} |",
+        f"| the client's own longest GC pause (ms) | {_f(t.get('client_gc_max_ms'))} "
+        f"| {_f(p.get('client_gc_max_ms'))} | | |",
+        f"| Server-Timing features p50 / p99 / max (ms; n={pf['n']}) | "
+        f"| {_f(pf['p50'], 3)} / {_f(pf['p99'], 3)} / {_f(pf['max'])} "
+        f"| p99 <= {TAIL_FEATURE_P99_MS:g} ms | {_ok(_within(pf['p99'], TAIL_FEATURE_P99_MS))} |",
+        f"| GC collections in the run, gen {gens} | | {per_gen('count', 1.0, 0)} | | |",
+        f"| longest GC pause in the run, gen {gens} (ms; its histogram bucket's bound) "
+        f"| | {per_gen('window_max_s')} | | |",
+        f"| longest GC pause since start-up, gen {gens} (ms; gauge; worst at /readyz: "
+        f"{_f(worst('max_at_start_s'))}) | | {per_gen('max_s')} "
+        f"| all <= {GC_PAUSE_MS:g} ms | {_ok(_within(gauge, GC_PAUSE_MS))} |",
+    ]
+
+
+def _slow_lines(g: dict[str, Any]) -> list[str]:
+    names = ("fast", "slow", "fast_again")
+    limit = g["deadline_ms"] + DEADLINE_SLACK_MS
+    slow_p99 = g["slow"]["features_ms"]["p99"]
+    since = g["slow_features_p50_since_open_ms"]
+    back = g["redis_back_after_s"]
+    opened = g["breaker_open_after_s"]
+    non_200 = sum(g[n]["non_200"] for n in names)
+
+    def cells(fmt: Any) -> str:
+        return " | ".join(fmt(g[n]) for n in names)
+
+    def feature(phase: dict[str, Any]) -> str:
+        s = phase["features_ms"]
+        return f"{_f(s['p50'], 3)} / {_f(s['p99'])} / {_f(s['max'])} (n={s['n']})"
+
+    def reads(phase: dict[str, Any]) -> str:
+        return ", ".join(f"{k} {v}" for k, v in phase["sources"].items()) or "none"
+
+    return [
+        "",
+        f"| (g) slow Redis: {g['delay_ms']:g} ms replies, 1 worker, {g['rate']:g} req/s, "
+        f"{g['phase_s']:g} s per phase | fast | slow | fast again | target | met |",
+        "| --- | --- | --- | --- | --- | --- |",
+        f"| Server-Timing features p50 / p99 / max (ms) | {cells(feature)} "
+        f"| slow p99 <= {limit:g} ms (deadline + {DEADLINE_SLACK_MS:g}) "
+        f"| {_ok(_within(slow_p99, limit))} |",
+        f"| client p99 (ms, from the scheduled send) "
+        f"| {cells(lambda p: _f(p['client_ms']['p99']))} | | |",
+        f"| group reads by source | {cells(reads)} | | |",
+        f"| breaker open after / feature median since (n) | "
+        f"| {_f(opened, 3)} s / {_f(since, 3)} ms (n={g['slow_since_open_n']}) | "
+        f"| median <= {OPEN_MEDIAN_MS:g} ms | {_ok(_within(since, OPEN_MEDIAN_MS))} |",
+        f"| Redis values back after the delay ended | | | {_f(back, 3)} s "
+        f"| <= {REDIS_BACK_S:g} s | {_ok(_within(back, REDIS_BACK_S))} |",
+        f"| non-200 responses | {cells(lambda p: str(p['non_200']))} | 0 | {_ok(non_200 == 0)} |",
+    ]
+
+
+def table_lines(results: dict[str, Any]) -> list[str]:
+    """The (f) and (g) tables, each target with its verdict; none for a case not run."""
+    lines = []
+    if "tail" in results:
+        lines += _tail_lines(results["tail"])
+    if "slow_redis" in results:
+        lines += _slow_lines(results["slow_redis"])
+    return lines
