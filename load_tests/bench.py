@@ -101,8 +101,9 @@ async def micro(url: str, n: int) -> dict[str, dict[str, float]]:
     """(a), (b) and (c) against the Redis at `url`."""
     settings = Settings(redis_url=url, redis_socket_timeout_s=1.0, redis_pool_timeout_s=1.0)
     client = open_redis(settings)
-    miss_store = FeatureStore(client, timer=_Jump())
-    hit_store = FeatureStore(client, cache_ttl_s=1e9)
+    deadline_s = Settings().deadline_s  # as the service runs it
+    miss_store = FeatureStore(client, deadline_s=deadline_s, timer=_Jump())
+    hit_store = FeatureStore(client, deadline_s=deadline_s, cache_ttl_s=1e9)
     pairs = _pairs(4000, seed=3)
     u_fields, m_fields = USER_FEATURES.field_names, MERCHANT_RISK.field_names
     results: dict[str, dict[str, float]] = {}
