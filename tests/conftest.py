@@ -113,6 +113,7 @@ class Service:
             # on a busy 2-vCPU runner would turn some into `deadline`. tests/test_deadline.py
             # tests the deadline itself, and `make bench` measures the default.
             "FEATURES_DEADLINE_S": "1.0",
+            "FRAUD_REQUEST_TIMEOUT_S": "10",
             **env,
         }
         self.process: subprocess.Popen[bytes] | None = None
