@@ -12,11 +12,21 @@ from features.errors import (
 )
 from features.offline.writer import FeatureWriter
 from features.ondemand import model_inputs
-from features.online import FeatureRows, FeatureStore, GroupRead, Key, Reason, Source, Tier
+from features.online import (
+    FeatureRows,
+    FeatureStore,
+    GroupRead,
+    Key,
+    Reason,
+    Source,
+    Tier,
+    open_store,
+)
 from features.settings import Settings, redact_url
 from features.spec import (
     ENTITY_ID_MAX_LEN,
     ENTITY_ID_PATTERN,
+    ENTITY_TYPES,
     GROUPS,
     MERCHANT_RISK,
     MODEL_FEATURES,
@@ -34,6 +44,7 @@ from features.spec import (
 __all__ = [
     "ENTITY_ID_MAX_LEN",
     "ENTITY_ID_PATTERN",
+    "ENTITY_TYPES",
     "GROUPS",
     "MERCHANT_RISK",
     "MODEL_FEATURES",
@@ -64,6 +75,7 @@ __all__ = [
     "model_inputs",
     "open_backing",
     "open_redis",
+    "open_store",
     "redact_url",
     "schema",
     "validate_entity_id",

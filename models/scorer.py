@@ -47,9 +47,7 @@ class Scorer:
 
     def check_schema(self) -> None:
         """Raise SchemaMismatch unless features/ still defines what the model learned."""
-        diffs = spec.describe_skew(self.schema)
-        if diffs:
-            raise SchemaMismatch("model and features/ disagree: " + "; ".join(diffs))
+        _refuse_skew(self.schema, "model")
 
     def predict(self, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         """Fraud probability per row of `x`, shape (n,)."""
@@ -60,6 +58,22 @@ class Scorer:
             # forward() directly: Module.__call__'s hook handling costs ~5 us at batch 1.
             probabilities: torch.Tensor = self._module.forward(inputs)
         return probabilities.numpy()
+
+
+def check_saved_schema(path: str | Path, name: str) -> None:
+    """Raise SchemaMismatch unless the model saved in directory `path` was trained on the
+    features features/ defines now. Reads only its features.json, so `bentoml serve` can
+    refuse a skewed model before any worker loads it."""
+    schema = _read_schema(Path(path) / SCHEMA_FILE)
+    for saved in schema:
+        _feature(saved)  # a malformed entry is a SchemaMismatch, not a TypeError later
+    _refuse_skew(schema, name)
+
+
+def _refuse_skew(schema: list[dict[str, object]], name: str) -> None:
+    diffs = spec.describe_skew(schema)
+    if diffs:
+        raise SchemaMismatch(f"{name} was trained on other features: " + "; ".join(diffs))
 
 
 def _read_net(path: Path) -> FraudNet:

@@ -118,19 +118,34 @@ def test_any_request_body_is_served_or_refused_with_a_4xx(
 
 
 def corrected_schema(url: str) -> dict[str, Any]:
-    """The service's OpenAPI schema with two errors of BentoML's generator fixed.
+    """The service's OpenAPI schema with three errors of BentoML's generator fixed.
 
     BentoML 1.4.40 (a) does not mark request bodies required, though every API
-    refuses a request without one, and (b) types the 400 body's `detail` as a string
-    while it sends pydantic's list of errors there.
+    refuses a request without one, (b) types the 400 body's `detail` as a string
+    while it sends pydantic's list of errors there, and (c) drops `null` from an
+    optional field's type (`timestamp: null` is accepted, as the model says).
     """
     spec: dict[str, Any] = httpx.get(f"{url}/docs.json", timeout=10).raise_for_status().json()
     for item in spec["paths"].values():
         if "requestBody" in item.get("post", {}):
             item["post"]["requestBody"]["required"] = True
+    for schema in _object_schemas(spec):
+        for field in schema.get("properties", {}).values():
+            if "default" in field and field["default"] is None:
+                field["nullable"] = True  # OpenAPI 3.0's spelling of "or null"
     spec["components"]["schemas"]["InvalidArgument"]["properties"]["detail"] = {}
     spec["servers"] = [{"url": url}]
     return spec
+
+
+def _object_schemas(node: Any) -> list[dict[str, Any]]:
+    """Every schema with properties anywhere in `node`."""
+    if isinstance(node, list):
+        return [s for item in node for s in _object_schemas(item)]
+    if not isinstance(node, dict):
+        return []
+    found = [node] if isinstance(node.get("properties"), dict) else []
+    return found + [s for value in node.values() for s in _object_schemas(value)]
 
 
 @pytest.mark.e2e

@@ -1,0 +1,38 @@
+"""The FeatureStore a deployment's settings describe: its tiers, breakers and deadline."""
+
+from __future__ import annotations
+
+from features.backing import open_backing
+from features.breaker import CircuitBreaker
+from features.connection import Client
+from features.online.store import FeatureStore
+from features.settings import Settings
+
+
+def open_store(settings: Settings, client: Client) -> FeatureStore:
+    """The store reading through `client` (the caller's, closed by the caller), with the
+    backing store `settings` name, if any. Nothing connects until `FeatureStore.open`."""
+    return FeatureStore(
+        client,
+        deadline_s=settings.deadline_s,
+        stale_max_age_s=settings.stale_max_age_s,
+        cache_ttl_s=settings.cache_ttl_s,
+        cache_maxsize=settings.cache_maxsize,
+        error_log_interval_s=settings.error_log_interval_s,
+        backing=open_backing(settings),
+        backing_timeout_s=settings.backing_timeout_s,
+        backing_breaker=CircuitBreaker(
+            name=settings.backing_store,
+            failure_threshold=settings.backing_breaker_failures,
+            slow_threshold=settings.breaker_slow_calls,
+            window=settings.breaker_window,
+            reset_s=settings.backing_breaker_cooldown_s,
+        ),
+        read_repair_max_tasks=settings.read_repair_max_tasks,
+        breaker=CircuitBreaker(
+            failure_threshold=settings.breaker_failures,
+            slow_threshold=settings.breaker_slow_calls,
+            window=settings.breaker_window,
+            reset_s=settings.breaker_reset_s,
+        ),
+    )

@@ -1,0 +1,105 @@
+"""Request and response types of the API. The entity id fields come from the feature
+spec: a new entity type in features/spec.py is a new `<entity>_id` field here."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from http import HTTPStatus
+from typing import Annotated, Any
+
+from bentoml.exceptions import BentoMLException
+from pydantic import BaseModel, Field, create_model
+
+from features import ENTITY_ID_PATTERN, ENTITY_TYPES, Settings
+
+MIN_TIMESTAMP_S = 946_684_800.0  # 2000-01-01
+MAX_TIMESTAMP_S = 4_102_444_800.0  # 2100-01-01
+MAX_AMOUNT = 1e9
+
+
+def entity_field(entity: str) -> str:
+    """The request field that carries an entity's id: `user` -> `user_id`."""
+    return f"{entity}_id"
+
+
+def transaction_model(
+    settings: Settings, entities: Sequence[str] = ENTITY_TYPES
+) -> type[BaseModel]:
+    """One card transaction to score: an id per entity type, the amount, the time."""
+    entity_id = Annotated[
+        str, Field(min_length=1, max_length=settings.max_id_length, pattern=ENTITY_ID_PATTERN)
+    ]
+    # strict: a JSON number only, never true/false or a numeric string.
+    amount = Annotated[float, Field(ge=0, le=MAX_AMOUNT, allow_inf_nan=False, strict=True)]
+    timestamp = Annotated[
+        float | None,
+        Field(
+            ge=MIN_TIMESTAMP_S,
+            le=MAX_TIMESTAMP_S,
+            allow_inf_nan=False,
+            strict=True,
+            description="unix s",
+        ),
+    ]
+    fields: dict[str, Any] = {entity_field(e): (entity_id, ...) for e in entities}
+    return create_model(
+        "Transaction",
+        __doc__="One card transaction to score.",
+        **fields,
+        amount=(amount, ...),
+        timestamp=(timestamp, None),
+    )
+
+
+def batch_model(settings: Settings, transaction: type[BaseModel]) -> type[BaseModel]:
+    """Many transactions, at most FEATURES_MAX_BATCH (in the schema too: clients see it)."""
+    many: Any = Annotated[
+        list[transaction],  # type: ignore[valid-type]
+        Field(min_length=1, max_length=settings.max_batch),
+    ]
+    return create_model(
+        "TransactionBatch", __doc__="Transactions to score in one call.", transactions=(many, ...)
+    )
+
+
+class GroupSource(BaseModel):
+    """Where a feature group came from: cache, redis, backing or default."""
+
+    source: str
+    defaulted: list[str]
+    reason: str | None
+    stale: bool = Field(description="event time older than the group's freshness window")
+
+
+class Timings(BaseModel):
+    """Server-side time in milliseconds."""
+
+    features_ms: float
+    inference_ms: float
+    total_ms: float
+
+
+class Score(BaseModel):
+    """Fraud probability of one transaction and where its features came from."""
+
+    fraud_probability: float
+    sources: dict[str, GroupSource]
+
+
+class Prediction(Score):
+    """Response of /predict."""
+
+    timings: Timings
+
+
+class BatchPrediction(BaseModel):
+    """Response of /predict_batch, in request order."""
+
+    predictions: list[Score]
+    timings: Timings
+
+
+class InvalidRequest(BentoMLException):
+    """A request that is well-formed JSON but cannot be served as sent."""
+
+    error_code = HTTPStatus.UNPROCESSABLE_ENTITY
