@@ -34,8 +34,10 @@ from features import (
 from features.metrics import LATENCY_BUCKETS_S
 from models import MODEL_NAME
 from models.scorer import Scorer, check_saved_schema
+from serving import client_errors
+from serving.admission import Admission
 from serving.limits import RequestLimits
-from serving.runtime import service_config
+from serving.runtime import admission_config, service_config
 from serving.schemas import (
     BatchPrediction,
     GroupSource,
@@ -56,6 +58,8 @@ SETTINGS = Settings.from_env()
 Transaction = transaction_model(SETTINGS)
 TransactionBatch = batch_model(SETTINGS, Transaction)
 ID_FIELDS = {entity: entity_field(entity) for entity in ENTITY_TYPES}
+
+client_errors.install(SETTINGS.error_log_interval_s)
 
 INFERENCE_SECONDS = Histogram(
     "fraud_inference_seconds",
@@ -166,6 +170,10 @@ class FraudService:
 
 
 # The decorator made FraudService a bentoml Service; its stub types it as the class.
+# Outermost first: refuse what cannot be served before reading any body.
+ADMISSION = admission_config()
+if ADMISSION.enabled:
+    FraudService.add_asgi_middleware(Admission, config=ADMISSION)  # type: ignore[attr-defined]
 FraudService.add_asgi_middleware(RequestLimits, max_bytes=SETTINGS.max_body_bytes)  # type: ignore[attr-defined]
 
 

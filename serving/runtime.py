@@ -1,5 +1,5 @@
-"""BentoML's runtime options for the service, from FRAUD_* environment variables, read
-when service.py is imported (the `@bentoml.service` decorator takes them)."""
+"""The service's runtime options from FRAUD_* environment variables, read when service.py
+is imported: BentoML's (the `@bentoml.service` decorator takes them) and admission control."""
 
 from __future__ import annotations
 
@@ -8,8 +8,28 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from serving.admission import AdmissionConfig
+
 # Matches every URL: BentoML's OpenTelemetry middleware then makes no span at all.
 _ALL_URLS = [".*"]
+
+
+def admission_config(env: Mapping[str, str] = os.environ) -> AdmissionConfig:
+    """The admission control serving/admission.py applies, from FRAUD_ADMISSION_*."""
+    config = AdmissionConfig(
+        enabled=_flag(env, "FRAUD_ADMISSION", "1"),
+        initial_limit=_number(env, "FRAUD_ADMISSION_INITIAL_LIMIT", "32", int),
+        min_limit=_number(env, "FRAUD_ADMISSION_MIN_LIMIT", "4", int),
+        max_limit=_number(env, "FRAUD_ADMISSION_MAX_LIMIT", "256", int),
+        target_delay_s=_number(env, "FRAUD_ADMISSION_TARGET_DELAY_MS", "5", float) / 1e3,
+    )
+    if not config.min_limit <= config.initial_limit <= config.max_limit:
+        raise RuntimeConfigError(
+            "FRAUD_ADMISSION_MIN_LIMIT <= FRAUD_ADMISSION_INITIAL_LIMIT <= "
+            f"FRAUD_ADMISSION_MAX_LIMIT: got {config.min_limit}, {config.initial_limit}, "
+            f"{config.max_limit}"
+        )
+    return config
 
 
 class RuntimeConfigError(ValueError):
@@ -30,8 +50,8 @@ def service_config(env: Mapping[str, str] = os.environ) -> dict[str, Any]:
     }
 
 
-def _flag(env: Mapping[str, str], name: str) -> bool:
-    value = env.get(name, "")
+def _flag(env: Mapping[str, str], name: str, default: str = "") -> bool:
+    value = env.get(name, default)
     if value not in ("", "0", "1"):
         raise RuntimeConfigError(f"{name}={value!r}: must be 0 or 1")
     return value == "1"

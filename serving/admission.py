@@ -1,0 +1,191 @@
+"""Admission control: refuse at once, with 503 and Retry-After, what the worker cannot serve
+inside its budget, before any parsing or feature work.
+
+A worker is one event loop on one CPU. When it is overloaded, the queue that grows is the
+loop's own: work waiting for the CPU. `LoopLag` measures that queueing delay directly (how
+late a timer fires), and `ConcurrencyLimit` adapts the number of requests admitted at once
+to it, CoDel-style: when even the smallest delay seen in an interval is over the target,
+the queue is standing, and the limit shrinks by a factor; while the delay stays under the
+target and the limit is what refuses requests, it grows by one. A Redis that is slow but
+alive keeps requests waiting on I/O, not on the CPU: the delay stays low and nothing is
+refused for it (the feature deadline bounds those requests instead).
+
+A caller may send its remaining budget in `x-envoy-expected-rq-timeout-ms` (Envoy's
+header, milliseconds); a request whose budget is below the time admitted requests take now
+is refused rather than started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import Counter, Gauge
+
+BUDGET_HEADER = b"x-envoy-expected-rq-timeout-ms"
+# Probes and scrapes are never refused: an overloaded worker is alive and ready.
+BYPASS_PATHS = frozenset({"/readyz", "/livez", "/healthz", "/metrics"})
+
+LIMIT = Gauge(
+    "fraud_admission_limit",
+    "Requests this worker admits at once",
+    multiprocess_mode="liveall",
+)
+IN_FLIGHT = Gauge(
+    "fraud_admission_in_flight",
+    "Requests admitted and not yet answered",
+    multiprocess_mode="liveall",
+)
+QUEUE_DELAY = Gauge(
+    "fraud_admission_queue_delay_seconds",
+    "Smallest event-loop delay seen in the last interval",
+    multiprocess_mode="liveall",
+)
+REFUSED = Counter(
+    "fraud_admission_refused_total",
+    "Requests refused before any work: limit (overloaded) or budget (caller's too short)",
+    ["reason"],
+)
+
+
+@dataclass(frozen=True)
+class AdmissionConfig:
+    """How the limit adapts; see serving/runtime.py for the FRAUD_ADMISSION_* variables."""
+
+    enabled: bool = True
+    initial_limit: int = 32
+    min_limit: int = 4
+    max_limit: int = 256
+    target_delay_s: float = 0.005
+    interval_s: float = 0.1
+    decrease: float = 0.8
+    retry_after_s: int = 1
+
+
+class ConcurrencyLimit:
+    """The number of requests admitted at once, adapted once an interval to the queueing
+    delay measured in it (pure logic: the caller supplies the measurements)."""
+
+    def __init__(self, config: AdmissionConfig) -> None:
+        self.config = config
+        self.limit = float(config.initial_limit)
+
+    def update(self, min_delay_s: float, limited: bool) -> int:
+        """One interval's smallest loop delay and whether the limit refused anything in it;
+        returns the new limit."""
+        config = self.config
+        if min_delay_s > config.target_delay_s:
+            self.limit = max(config.min_limit, self.limit * config.decrease)
+        elif limited:
+            self.limit = min(config.max_limit, self.limit + 1)
+        return int(self.limit)
+
+
+class LoopLag:
+    """Samples how late the event loop runs a timer; reports each interval's minimum."""
+
+    SAMPLE_S = 0.002
+
+    def __init__(self, interval_s: float, on_interval: Callable[[float], None]) -> None:
+        self._interval_s = interval_s
+        self._on_interval = on_interval
+
+    async def run(self) -> None:
+        # time.monotonic, not loop.time: uvloop's clock is cached per loop iteration.
+        ends = time.monotonic() + self._interval_s
+        smallest = math.inf
+        while True:
+            expected = time.monotonic() + self.SAMPLE_S
+            await asyncio.sleep(self.SAMPLE_S)
+            now = time.monotonic()
+            smallest = min(smallest, max(0.0, now - expected))
+            if now >= ends:
+                self._on_interval(smallest)
+                ends, smallest = now + self._interval_s, math.inf
+
+
+ASGIApp = Any
+
+
+class Admission:
+    """ASGI middleware: admit a request if fewer than the limit are in flight and the
+    caller's budget (if sent) covers what admitted requests take now; else 503."""
+
+    def __init__(self, app: ASGIApp, config: AdmissionConfig) -> None:
+        self.app = app
+        self.config = config
+        self.limit = ConcurrencyLimit(config)
+        self.admitted = 0
+        self._limited = False  # the limit refused a request this interval
+        self._service_s = 0.0  # moving average of an admitted request's time
+        self._delay_s = 0.0  # the last interval's queueing delay
+        self._monitor: asyncio.Task[None] | None = None
+        retry = str(config.retry_after_s).encode()
+        self._headers = [(b"content-type", b"application/json"), (b"retry-after", retry)]
+        LIMIT.set(int(self.limit.limit))
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            try:
+                await self.app(scope, receive, send)  # returns when the worker shuts down
+            finally:
+                if self._monitor is not None:
+                    self._monitor.cancel()
+            return
+        if scope["type"] != "http" or scope["path"] in BYPASS_PATHS:
+            await self.app(scope, receive, send)
+            return
+        if self._monitor is None:
+            self._start_monitor()
+        if self.admitted >= self.limit.limit:
+            self._limited = True
+            await self._refuse(send, "limit", f"overloaded: {self.admitted} requests in flight")
+            return
+        budget = _budget_s(scope)
+        if budget is not None and budget < (needed := self._service_s + self._delay_s):
+            await self._refuse(
+                send, "budget", f"budget {budget * 1e3:.1f} ms, requests take {needed * 1e3:.1f} ms"
+            )
+            return
+        self.admitted += 1
+        IN_FLIGHT.set(self.admitted)
+        started = time.perf_counter()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.admitted -= 1
+            IN_FLIGHT.set(self.admitted)
+            self._service_s += 0.05 * (time.perf_counter() - started - self._service_s)
+
+    def _start_monitor(self) -> None:
+        lag = LoopLag(self.config.interval_s, self._on_interval)
+        self._monitor = asyncio.get_running_loop().create_task(lag.run())
+
+    def _on_interval(self, min_delay_s: float) -> None:
+        LIMIT.set(self.limit.update(min_delay_s, self._limited))
+        QUEUE_DELAY.set(min_delay_s)
+        self._delay_s = min_delay_s
+        self._limited = False
+
+    async def _refuse(self, send: Any, reason: str, message: str) -> None:
+        REFUSED.labels(reason).inc()
+        body = json.dumps({"error": message, "reason": reason}).encode()
+        headers = [*self._headers, (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": 503, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+def _budget_s(scope: dict[str, Any]) -> float | None:
+    for name, value in scope["headers"]:
+        if name == BUDGET_HEADER:
+            try:
+                ms = float(value)
+            except ValueError:
+                return None  # a header we cannot read limits nothing
+            return ms / 1e3 if math.isfinite(ms) and ms >= 0 else None
+    return None

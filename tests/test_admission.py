@@ -1,0 +1,209 @@
+"""Admission control: the adaptive limit's rule, the middleware on a stand-in app, and the
+real `bentoml serve` refusing a burst over its limit while /readyz still answers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from serving.admission import Admission, AdmissionConfig, ConcurrencyLimit, LoopLag
+from serving.runtime import RuntimeConfigError, admission_config
+from tests.conftest import Service
+from tools.delay_proxy import DelayProxy
+from tools.redis_server import RedisServer
+
+CONFIG = AdmissionConfig(initial_limit=10, min_limit=4, max_limit=12, target_delay_s=0.005)
+
+
+def test_a_standing_queue_shrinks_the_limit_to_its_floor() -> None:
+    limit = ConcurrencyLimit(CONFIG)
+    assert limit.update(0.006, limited=True) == 8  # 10 * 0.8
+    for _ in range(20):
+        limit.update(0.050, limited=True)
+    assert limit.limit == CONFIG.min_limit
+
+
+def test_the_limit_grows_only_while_it_refuses_and_the_queue_is_short() -> None:
+    limit = ConcurrencyLimit(CONFIG)
+    assert limit.update(0.001, limited=False) == 10  # not binding: no reason to grow
+    assert limit.update(0.001, limited=True) == 11
+    for _ in range(5):
+        limit.update(0.0, limited=True)
+    assert limit.limit == CONFIG.max_limit
+
+
+def test_admission_settings_from_env() -> None:
+    assert admission_config({}) == AdmissionConfig()
+    env = {"FRAUD_ADMISSION_MIN_LIMIT": "2", "FRAUD_ADMISSION_TARGET_DELAY_MS": "3"}
+    config = admission_config(env)
+    assert (config.min_limit, config.target_delay_s) == (2, 0.003)
+    assert admission_config({"FRAUD_ADMISSION": "0"}).enabled is False
+    with pytest.raises(RuntimeConfigError, match="FRAUD_ADMISSION_MIN_LIMIT <="):
+        admission_config({"FRAUD_ADMISSION_MIN_LIMIT": "64", "FRAUD_ADMISSION_MAX_LIMIT": "8"})
+    with pytest.raises(RuntimeConfigError, match=r"^FRAUD_ADMISSION_TARGET_DELAY_MS="):
+        admission_config({"FRAUD_ADMISSION_TARGET_DELAY_MS": "0"})
+
+
+async def test_loop_lag_sees_a_blocked_loop() -> None:
+    seen: list[float] = []
+    lag = LoopLag(0.02, seen.append)
+    task = asyncio.create_task(lag.run())
+    await asyncio.sleep(0.05)
+    quiet = min(seen)
+    for _ in range(6):  # the loop blocked, in 20 ms steps, for longer than intervals
+        time.sleep(0.02)
+        await asyncio.sleep(0)
+    task.cancel()
+    assert quiet < 0.01
+    assert max(seen) >= 0.015
+
+
+class Recorder:
+    """An ASGI `send` that keeps what the middleware sent."""
+
+    def __init__(self) -> None:
+        self.messages: list[dict[str, Any]] = []
+
+    async def __call__(self, message: dict[str, Any]) -> None:
+        self.messages.append(message)
+
+    @property
+    def status(self) -> int:
+        return int(self.messages[0]["status"])
+
+    @property
+    def headers(self) -> dict[bytes, bytes]:
+        return dict(self.messages[0]["headers"])
+
+    @property
+    def body(self) -> dict[str, Any]:
+        parsed: dict[str, Any] = json.loads(self.messages[1]["body"])
+        return parsed
+
+
+def http_scope(path: str = "/predict", headers: list[tuple[bytes, bytes]] | None = None) -> Any:
+    return {"type": "http", "method": "POST", "path": path, "headers": headers or []}
+
+
+async def nothing() -> dict[str, Any]:
+    return {"type": "http.request", "body": b"", "more_body": False}
+
+
+async def test_requests_over_the_limit_are_refused_at_once() -> None:
+    release = asyncio.Event()
+
+    async def slow_app(scope: Any, receive: Any, send: Any) -> None:
+        await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    admission = Admission(slow_app, AdmissionConfig(initial_limit=2, min_limit=2, max_limit=2))
+    held = [Recorder() for _ in range(2)]
+    tasks = [asyncio.create_task(admission(http_scope(), nothing, r)) for r in held]
+    await asyncio.sleep(0.01)
+    assert admission.admitted == 2
+    refused = Recorder()
+    await admission(http_scope(), nothing, refused)  # returns without waiting
+    assert refused.status == 503
+    assert refused.headers[b"retry-after"] == b"1"
+    assert int(refused.headers[b"content-length"]) == len(refused.messages[1]["body"])
+    assert refused.body["reason"] == "limit"
+    probe = asyncio.create_task(admission(http_scope("/readyz"), nothing, Recorder()))
+    await asyncio.sleep(0.01)
+    assert not probe.done()  # not refused: it waits on the app like the others
+    release.set()
+    await asyncio.gather(*tasks, probe)
+    assert [r.status for r in held] == [200, 200]
+    assert admission.admitted == 0
+    after = Recorder()
+    await admission(http_scope(), nothing, after)
+    assert after.status == 200
+
+
+async def test_a_budget_shorter_than_requests_take_is_refused() -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await asyncio.sleep(0.02)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    admission = Admission(app, CONFIG)
+    budget = b"x-envoy-expected-rq-timeout-ms"
+    first = Recorder()
+    await admission(http_scope(headers=[(budget, b"1")]), nothing, first)
+    assert first.status == 200  # nothing measured yet: no grounds to refuse
+    short = Recorder()
+    await admission(http_scope(headers=[(budget, b"0.5")]), nothing, short)
+    assert short.status == 503 and short.body["reason"] == "budget"
+    for value in (b"5000", b"junk", b"-3", b"nan"):  # enough, or unreadable: admitted
+        ok = Recorder()
+        await admission(http_scope(headers=[(budget, value)]), nothing, ok)
+        assert ok.status == 200, value
+
+
+async def test_the_lag_monitor_stops_with_the_lifespan() -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"{}"})
+
+    admission = Admission(app, CONFIG)
+    await admission(http_scope(), nothing, Recorder())
+    monitor = admission._monitor
+    assert monitor is not None and not monitor.done()
+    await admission({"type": "lifespan"}, nothing, Recorder())
+    await asyncio.sleep(0)
+    assert monitor.cancelled()
+
+
+@pytest.fixture
+def slow_redis(redis_server: RedisServer) -> Iterator[DelayProxy]:
+    with DelayProxy("127.0.0.1", redis_server.port, delay_s=0.3) as proxy:
+        yield proxy
+
+
+@pytest.mark.e2e
+def test_serve_refuses_a_burst_over_its_limit_and_recovers(
+    bentoml_home: Path, slow_redis: DelayProxy
+) -> None:
+    # Replies 300 ms late and a 1 s deadline keep each request in flight for ~300 ms.
+    svc = Service(
+        bentoml_home,
+        slow_redis.url(),
+        FRAUD_ADMISSION_INITIAL_LIMIT="3",
+        FRAUD_ADMISSION_MIN_LIMIT="3",
+        FRAUD_ADMISSION_MAX_LIMIT="3",
+        FEATURES_REDIS_SOCKET_TIMEOUT_S="2",
+        FEATURES_REDIS_POOL_TIMEOUT_S="2",
+        FEATURES_CACHE_TTL_S="0.001",
+    ).start()
+
+    def predict(i: int) -> httpx.Response:
+        body = {"user_id": f"burst{i}", "merchant_id": f"m{i}", "amount": 1.0}
+        return httpx.post(f"{svc.url}/predict", json=body, timeout=10)
+
+    try:
+        with ThreadPoolExecutor(12) as pool:
+            futures = [pool.submit(predict, i) for i in range(12)]
+            time.sleep(0.1)  # the burst is in flight
+            ready = httpx.get(f"{svc.url}/readyz", timeout=5)
+            burst = [f.result() for f in futures]
+        statuses = sorted(r.status_code for r in burst)
+        assert set(statuses) == {200, 503}, statuses
+        assert statuses.count(200) >= 3
+        refused = [r for r in burst if r.status_code == 503]
+        assert all(r.headers["retry-after"] == "1" for r in refused)
+        assert all(r.json()["reason"] == "limit" for r in refused)
+        assert ready.status_code == 200
+        metrics = httpx.get(f"{svc.url}/metrics", timeout=5).text
+        assert f'fraud_admission_refused_total{{reason="limit"}} {len(refused)}.0' in metrics
+        assert predict(99).status_code == 200  # recovered once the burst is served
+    finally:
+        svc.stop()
