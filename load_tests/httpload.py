@@ -8,6 +8,7 @@ whole ms, so the sub-ms comparisons of the benchmark use this instead.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import time
@@ -29,20 +30,36 @@ def encode_requests(port: int, path: str, bodies: Sequence[Any]) -> list[bytes]:
     return out
 
 
-class Connection:
-    """One keep-alive connection; one request in flight at a time."""
+DROPPED = 0  # the status of an exchange whose connection failed
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+
+class Connection:
+    """One keep-alive connection; one request in flight at a time. One the server drops
+    answers that request with status DROPPED and is opened again for the next."""
+
+    def __init__(
+        self, port: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        self._port = port
         self._reader = reader
         self._writer = writer
 
     @classmethod
     async def open(cls, port: int) -> Connection:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        return cls(reader, writer)
+        return cls(port, reader, writer)
 
     async def send(self, request: bytes) -> tuple[int, bytes, bytes]:
         """Send one request and read its whole response: status code, head and body."""
+        try:
+            return await self._exchange(request)
+        except (OSError, asyncio.IncompleteReadError):
+            self._writer.close()
+            with contextlib.suppress(OSError):  # else the next send fails fast, tries again
+                self._reader, self._writer = await asyncio.open_connection("127.0.0.1", self._port)
+            return DROPPED, b"", b""
+
+    async def _exchange(self, request: bytes) -> tuple[int, bytes, bytes]:
         self._writer.write(request)
         head = await self._reader.readuntil(b"\r\n\r\n")
         status = int(head[9:12])

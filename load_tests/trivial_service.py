@@ -1,18 +1,19 @@
 """The baseline of `make bench` (e): a BentoML endpoint that returns a constant.
 
-Served exactly as service.py is (same workers, access log off, same request fields,
-a pydantic response), so the difference is the fraud service's own work.
+Served exactly as service.py is (BentoML's runtime options from serving/runtime.py, the
+same request fields, a pydantic response), so the difference is the fraud service's own
+work: features, model, admission control and the body limits.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Annotated
 
 import bentoml
 from pydantic import BaseModel, Field
 
 from features import ENTITY_ID_MAX_LEN, ENTITY_ID_PATTERN
+from serving.runtime import service_config
 
 EntityId = Annotated[
     str, Field(min_length=1, max_length=ENTITY_ID_MAX_LEN, pattern=ENTITY_ID_PATTERN)
@@ -28,11 +29,7 @@ class Constant(BaseModel):
 _ANSWER = Constant(fraud_probability=0.5)
 
 
-@bentoml.service(
-    workers=int(os.environ.get("FRAUD_WORKERS", "1")),
-    logging={"access": {"enabled": os.environ.get("FRAUD_ACCESS_LOG", "") == "1"}},
-    traffic={"timeout": 10},
-)
+@bentoml.service(**service_config())
 class TrivialService:
     """Answers /predict with a constant."""
 

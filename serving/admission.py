@@ -31,6 +31,13 @@ BUDGET_HEADER = b"x-envoy-expected-rq-timeout-ms"
 # Probes and scrapes are never refused: an overloaded worker is alive and ready.
 BYPASS_PATHS = frozenset({"/readyz", "/livez", "/healthz", "/metrics"})
 
+MESSAGES = {
+    "limit": "overloaded: this worker is serving all the requests it can in budget",
+    "budget": "the request's budget (x-envoy-expected-rq-timeout-ms) is shorter than "
+    "requests take now",
+}
+REASONS = tuple(MESSAGES)
+
 LIMIT = Gauge(
     "fraud_admission_limit",
     "Requests this worker admits at once",
@@ -125,8 +132,9 @@ class Admission:
         self._service_s = 0.0  # moving average of an admitted request's time
         self._delay_s = 0.0  # the last interval's queueing delay
         self._monitor: asyncio.Task[None] | None = None
-        retry = str(config.retry_after_s).encode()
-        self._headers = [(b"content-type", b"application/json"), (b"retry-after", retry)]
+        # A refusal is built ahead: under overload it is most of what the worker sends.
+        self._refusals = {reason: _refusal(reason, config) for reason in REASONS}
+        self._refused = {reason: REFUSED.labels(reason) for reason in REASONS}
         LIMIT.set(int(self.limit.limit))
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -144,13 +152,11 @@ class Admission:
             self._start_monitor()
         if self.admitted >= self.limit.limit:
             self._limited = True
-            await self._refuse(send, "limit", f"overloaded: {self.admitted} requests in flight")
+            await self._refuse(send, "limit")
             return
         budget = _budget_s(scope)
-        if budget is not None and budget < (needed := self._service_s + self._delay_s):
-            await self._refuse(
-                send, "budget", f"budget {budget * 1e3:.1f} ms, requests take {needed * 1e3:.1f} ms"
-            )
+        if budget is not None and budget < self._service_s + self._delay_s:
+            await self._refuse(send, "budget")
             return
         self.admitted += 1
         IN_FLIGHT.set(self.admitted)
@@ -172,12 +178,26 @@ class Admission:
         self._delay_s = min_delay_s
         self._limited = False
 
-    async def _refuse(self, send: Any, reason: str, message: str) -> None:
-        REFUSED.labels(reason).inc()
-        body = json.dumps({"error": message, "reason": reason}).encode()
-        headers = [*self._headers, (b"content-length", str(len(body)).encode())]
-        await send({"type": "http.response.start", "status": 503, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+    async def _refuse(self, send: Any, reason: str) -> None:
+        self._refused[reason].inc()
+        start, body = self._refusals[reason]
+        # Copies: a middleware outside this one may add headers to what it is sent.
+        await send({**start, "headers": list(start["headers"])})
+        await send(dict(body))
+
+
+def _refusal(reason: str, config: AdmissionConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The two ASGI messages of a 503 for `reason`."""
+    body = json.dumps({"error": MESSAGES[reason], "reason": reason}).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"retry-after", str(config.retry_after_s).encode()),
+    ]
+    return (
+        {"type": "http.response.start", "status": 503, "headers": headers},
+        {"type": "http.response.body", "body": body},
+    )
 
 
 def _budget_s(scope: dict[str, Any]) -> float | None:
