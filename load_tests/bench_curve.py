@@ -1,0 +1,142 @@
+"""`make bench` (i): latency against offered rate, one worker, admission control on.
+
+An open loop at fixed fractions of the max rate (closed loop, 32 connections), a few
+seconds each, from the scheduled send: client p99 and the server's Server-Timing feature
+p99 per step, goodput and refusals. The knee is the highest rate whose p99 stays within
+10 ms. Drawn to docs/latency-vs-throughput.png; the service on the last vCPU, the client
+and redis-server on the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Any
+
+from load_tests import httpload
+from load_tests._stack import start_serve, stop_serve
+from load_tests.bench_overload import placement
+from load_tests.report import tail_summary
+from load_tests.skew import transactions
+from tools.redis_server import free_port
+
+FRACTIONS = (0.1, 0.25, 0.5, 0.7, 0.8, 0.9, 1.0, 1.2, 1.5, 2.0, 3.0)
+KNEE_P99_MS = 10.0
+KNEE_TARGET = 0.8  # of the max rate
+PNG = Path(__file__).resolve().parent.parent / "docs" / "latency-vs-throughput.png"
+
+
+async def _sweep(port: int, bodies: list[dict[str, Any]], step_s: float) -> dict[str, Any]:
+    requests = httpload.encode_requests(port, "/predict", bodies)
+    await httpload.closed_loop(port, requests, 16, 3.0)  # warm-up
+    peak = await httpload.closed_loop(port, requests, 32, 2 * step_s)
+    max_rps = len(peak.latencies) / peak.elapsed_s
+    steps = []
+    for fraction in FRACTIONS:
+        rate = fraction * max_rps
+        run = await httpload.open_loop(port, requests, rate, step_s, 256, trace=True)
+        trace = run.trace or []
+        ok = [r for r in trace if r.status == 200]
+        features = [f for r in ok if (f := r.timing_ms("features")) is not None]
+        steps.append(
+            {
+                "fraction": fraction,
+                "offered_rps": rate,
+                "goodput_rps": len(ok) / run.elapsed_s,
+                "refused": sum(r.status in (429, 503) for r in trace),
+                "other": sum(r.status not in (200, 429, 503) for r in trace),
+                "client_ms": tail_summary(r.latency_s * 1e3 for r in ok),
+                "feature_ms": tail_summary(features),
+            }
+        )
+    return {"max_rps": max_rps, "steps": steps}
+
+
+def knee(result: dict[str, Any]) -> float | None:
+    """The highest offered rate, as a fraction of max, whose client p99 is within 10 ms
+    with every step below it too."""
+    best = None
+    for step in result["steps"]:
+        p99 = step["client_ms"]["p99"]
+        if p99 is None or p99 > KNEE_P99_MS:
+            break
+        best = step["fraction"]
+    return best
+
+
+def curve(redis_url: str, redis_pid: int, step_s: float) -> dict[str, Any]:
+    server_cpus, client_cpus = placement()
+    own = os.sched_getaffinity(0)
+    os.sched_setaffinity(redis_pid, client_cpus)
+    env = {
+        **os.environ,
+        "FEATURES_REDIS_URL": redis_url,
+        "FRAUD_WORKERS": "1",
+        "BENTOML_DO_NOT_TRACK": "true",
+    }
+    port = free_port()
+    proc = start_serve("service:FraudService", port, env, server_cpus, log_name="curve")
+    try:
+        os.sched_setaffinity(0, client_cpus)
+        result = asyncio.run(_sweep(port, transactions(20_000), step_s))
+    finally:
+        os.sched_setaffinity(0, own)
+        stop_serve(proc)
+    result["step_s"] = step_s
+    result["knee"] = knee(result)
+    draw(result, PNG)
+    return result
+
+
+def draw(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = result["steps"]
+    x = [s["offered_rps"] for s in steps]
+    fig, (lat, thr) = plt.subplots(1, 2, figsize=(12, 4.5))
+    lat.plot(x, [s["client_ms"]["p99"] for s in steps], "o-", label="client p99 (accepted)")
+    lat.plot(x, [s["client_ms"]["p50"] for s in steps], "o-", label="client p50")
+    lat.plot(x, [s["feature_ms"]["p99"] for s in steps], "s-", label="server feature p99")
+    lat.axhline(KNEE_P99_MS, color="red", linestyle="--", label="10 ms")
+    lat.axvline(result["max_rps"], color="grey", linestyle=":", label="max rate")
+    lat.set(xlabel="offered req/s", ylabel="ms", yscale="log", title="Latency vs offered rate")
+    lat.legend()
+    thr.plot(x, [s["goodput_rps"] for s in steps], "o-", label="goodput (200)")
+    thr.plot(x, [s["refused"] / result["step_s"] for s in steps], "o-", label="refused (503)/s")
+    thr.plot(x, x, color="grey", linestyle=":", label="offered")
+    thr.set(xlabel="offered req/s", ylabel="req/s", title="Goodput and refusals, 1 worker")
+    thr.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _f(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def table_lines(i: dict[str, Any]) -> list[str]:
+    """(i)'s part of the `make bench` table."""
+    at = "-" if i["knee"] is None else f"{i['knee']:.0%}"
+    lines = [
+        "",
+        f"(i) latency vs offered rate, 1 worker, {i['step_s']:g} s a step; max "
+        f"{i['max_rps']:.0f} req/s; knee (p99 <= {KNEE_P99_MS:g} ms) at {at} of max "
+        f"({'met' if (i['knee'] or 0) >= KNEE_TARGET else 'MISSED'}: >= {KNEE_TARGET:.0%}); "
+        f"{PNG.name}",
+        "",
+        "| offered | req/s | goodput | refused | client p50 / p99 / p99.9 ms | feature p99 ms |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for s in i["steps"]:
+        c = s["client_ms"]
+        lines.append(
+            f"| {s['fraction']:.0%} | {s['offered_rps']:.0f} | {s['goodput_rps']:.0f} | "
+            f"{s['refused']} | {_f(c['p50'])} / {_f(c['p99'])} / {_f(c['p99_9'])} | "
+            f"{_f(s['feature_ms']['p99'])} |"
+        )
+    return lines
