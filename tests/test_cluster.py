@@ -30,12 +30,14 @@ from features import (
     FeatureWriteError,
     FeatureWriter,
     Reason,
+    Record,
     Settings,
     Source,
     open_redis,
 )
+from features.backing import restore_to_redis
 from features.connection import Client
-from tests.conftest import Service
+from tests.conftest import Service, command_calls
 from tools.redis_cluster import LocalCluster, LocalSentinel
 from tools.redis_server import RedisServer, free_port
 
@@ -161,6 +163,33 @@ async def test_write_refused_by_one_master_names_its_rows_only(client, admin, cl
             assert float(stored.pop(b"_ts")) > 0  # the event time travels with the values
             assert stored == {b"tx_count_1h": b"1", b"tx_sum_1h": b"2.0"}
             assert admin.ttl(USER_FEATURES.key(f"u{i}")) > 0
+
+
+async def test_scripts_run_by_sha_on_every_master_and_survive_a_flush(
+    client, admin, cluster
+) -> None:
+    masters = [redis.Redis("127.0.0.1", port) for port, role in cluster.roles().items()]
+    masters = [m for m in masters if m.info("replication")["role"] == "master"]
+    values = tuple(b"3" for _ in USER_FEATURES.features)
+
+    async def write_and_restore(prefix: str) -> None:
+        await seed(client, 30)
+        items = [(USER_FEATURES, f"{prefix}{i}", Record(values, None)) for i in range(30)]
+        counts = await restore_to_redis(client, items, time.time())
+        assert counts.written == 30
+
+    for master in masters:
+        master.script_flush()  # as after a restart or a failover: no script cached
+    await write_and_restore("a")  # NOSCRIPT on each master: those calls sent again whole
+    for master in masters:
+        master.config_resetstat()
+    await write_and_restore("b")
+    for master in masters:
+        assert command_calls(master, "eval") == 0
+        assert command_calls(master, "evalsha") > 0
+    assert admin.hget(USER_FEATURES.key("u7"), "tx_count_1h") == b"7"
+    for restored in ("a7", "b7"):
+        assert admin.hget(USER_FEATURES.key(restored), "tx_count_1h") == b"3"
 
 
 async def test_ask_and_moved_are_followed_and_the_slot_map_updated(client, admin, cluster) -> None:

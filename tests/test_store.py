@@ -261,6 +261,21 @@ async def test_write_to_a_full_redis_is_reported_and_not_half_applied(client, sy
     assert sync_redis.dbsize() == 0
 
 
+async def test_writer_runs_its_script_by_sha_and_resends_it_after_a_flush(
+    client, sync_redis
+) -> None:
+    sync_redis.script_flush()  # as after a restart: the server knows no script
+    await seed(client, ["u1", "u2"], ["m1"])  # NOSCRIPT: these rows are sent again whole
+    sync_redis.config_resetstat()
+    await seed(client, ["u3", "u4"], ["m2"])
+    assert command_calls(sync_redis, "eval") == 0
+    assert command_calls(sync_redis, "evalsha") == 3
+    assert sync_redis.dbsize() == 6
+    for user in ("u1", "u4"):
+        assert sync_redis.hget(USER_FEATURES.key(user), "tx_count_1h") == b"1"
+        assert sync_redis.ttl(USER_FEATURES.key(user)) > 0
+
+
 def test_settings_reach_the_client(settings: Settings) -> None:
     client = open_redis(settings)
     assert isinstance(client, aioredis.Redis)

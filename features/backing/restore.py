@@ -7,18 +7,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from features._script import Call, Script
 from features.backing.base import Record
 from features.connection import Client
 from features.spec import EVENT_TS_FIELD, FeatureGroup
 
 # Write only where the key is absent: a writer that got there first holds newer values,
 # and running the same refill twice changes nothing.
-_RESTORE_SCRIPT = """
+_RESTORE = Script("""
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], unpack(ARGV, 2))
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 return 1
-"""
+""")
 
 
 @dataclass(slots=True)
@@ -50,24 +51,25 @@ async def restore_to_redis(
 ) -> RestoreCounts:
     """Write records to Redis where their keys are absent, in one pipeline, TTL from event time."""
     counts = RestoreCounts()
-    sent = 0
-    async with client.pipeline(transaction=False) as pipe:
-        for group, entity_id, record in items:
-            ttl = remaining_ttl_s(group, record.event_ts, now)
-            if ttl <= 0:
-                counts.expired += 1
-                continue
-            args: list[Any] = [ttl]
-            for name, raw in zip(group.field_names, record.fields, strict=True):
-                if raw is not None:
-                    args += [name, raw]
-            if len(args) == 1:
-                continue  # nothing but an event time: nothing to serve
-            if record.event_ts is not None:
-                args += [EVENT_TS_FIELD, repr(record.event_ts)]
-            pipe.eval(_RESTORE_SCRIPT, 1, group.key(entity_id), *args)
-            sent += 1
-        replies: list[Any] = await pipe.execute() if sent else []
+    calls: list[Call] = []
+    for group, entity_id, record in items:
+        ttl = remaining_ttl_s(group, record.event_ts, now)
+        if ttl <= 0:
+            counts.expired += 1
+            continue
+        args: list[Any] = [ttl]
+        for name, raw in zip(group.field_names, record.fields, strict=True):
+            if raw is not None:
+                args += [name, raw]
+        if len(args) == 1:
+            continue  # nothing but an event time: nothing to serve
+        if record.event_ts is not None:
+            args += [EVENT_TS_FIELD, repr(record.event_ts)]
+        calls.append((group.key(entity_id), args))
+    replies = await _RESTORE.run(client, calls) if calls else []
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply  # as the pipeline's execute() raised the first error
     written = sum(1 for r in replies if r == 1)
     counts.written += written
     counts.present += len(replies) - written

@@ -1,7 +1,7 @@
 """Writes feature groups: to the backing store first (if any), then to Redis.
 
-In Redis, one EVAL per entity sets its fields, event time and TTL together (one script:
-atomic on its key's slot), all in one non-transactional pipeline. The same code runs
+In Redis, one script call per entity (by SHA) sets its fields, event time and TTL together
+(atomic on its key's slot), all in one non-transactional pipeline. The same code runs
 standalone, on Sentinel and on a Cluster, where a MULTI/EXEC spanning the batch would be
 refused: its keys span slots.
 """
@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from redis.exceptions import RedisError
 
+from features._script import Call, Script
 from features.backing import BackingStore
 from features.connection import Client
 from features.errors import BackingStoreError, FeatureWriteError
@@ -23,10 +24,10 @@ Row = tuple[str, Mapping[str, float]]
 
 # KEYS[1] the group's key; ARGV[1] its TTL in seconds, then field, value, field, value...
 # Under maxmemory the HSET is refused before anything is written, so nothing half-applies.
-SET_WITH_TTL = """
+SET_WITH_TTL = Script("""
 redis.call('HSET', KEYS[1], unpack(ARGV, 2))
 return redis.call('EXPIRE', KEYS[1], ARGV[1])
-"""
+""")
 
 
 class FeatureWriter:
@@ -76,12 +77,12 @@ class FeatureWriter:
                 ) from exc
         persisted = "" if self._backing is None else "; already persisted in the backing store"
         stamp = {EVENT_TS_FIELD: repr(ts)}
+        calls: list[Call] = []
+        for entity_id, mapping in encoded:
+            pairs = [part for item in (mapping | stamp).items() for part in item]
+            calls.append((group.key(entity_id), [group.ttl_s, *pairs]))
         try:
-            async with self._client.pipeline(transaction=False) as pipe:
-                for entity_id, mapping in encoded:
-                    pairs = [part for item in (mapping | stamp).items() for part in item]
-                    pipe.eval(SET_WITH_TTL, 1, group.key(entity_id), group.ttl_s, *pairs)
-                replies = await pipe.execute(raise_on_error=False)
+            replies = await SET_WITH_TTL.run(self._client, calls)
         except (RedisError, OSError) as exc:  # OSError: TimeoutError of a cluster deadline
             raise FeatureWriteError(
                 f"{len(rows)} {group.qualified_name} rows not confirmed by Redis: {exc}{persisted}",
