@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
 import redis
 
-from features import MERCHANT_RISK, USER_FEATURES, CircuitBreaker, FeatureWriter, Reason, Source
-from features.backing import EncodedRow, Record
+from features import (
+    MERCHANT_RISK,
+    USER_FEATURES,
+    CircuitBreaker,
+    FeatureWriter,
+    Reason,
+    Source,
+    metrics,
+)
+from features.backing import EncodedRow, Record, restore_to_redis
 from features.breaker import State
 from features.connection import Client
 from features.errors import BackingStoreError
@@ -152,3 +162,54 @@ async def test_backing_tier_skips_repair_while_redis_is_down_and_reports_failure
     assert sync_redis.dbsize() == 0
     store.fails = True
     assert await tier.read([key_of(USER_FEATURES, "u1")], far()) == [Reason.UNAVAILABLE]
+
+
+VALUES = tuple(b"2" for _ in USER_FEATURES.features)
+N = 1000
+ROOM_BYTES = 100_000  # room for some of N records, not all
+
+
+@contextmanager
+def nearly_full(sync_redis: redis.Redis, room_bytes: int) -> Iterator[None]:
+    """Redis refuses writes once `room_bytes` more are used (maxmemory, noeviction)."""
+    used = int(sync_redis.info("memory")["used_memory"])
+    sync_redis.config_set("maxmemory", used + room_bytes)
+    sync_redis.config_set("maxmemory-policy", "noeviction")
+    try:
+        yield
+    finally:
+        sync_redis.config_set("maxmemory", 0)
+
+
+async def test_restore_counts_every_record_once(client: Client, sync_redis: redis.Redis) -> None:
+    sync_redis.hset(USER_FEATURES.key("there"), "tx_count_1h", 9)
+    only_ts = Record(tuple(None for _ in USER_FEATURES.features), time.time())
+    items = [(USER_FEATURES, f"u{i}", Record(VALUES, None)) for i in range(N)]
+    items += [
+        (USER_FEATURES, "there", Record(VALUES, None)),
+        (USER_FEATURES, "only-ts", only_ts),
+        (USER_FEATURES, "old", Record(VALUES, 1.0)),
+    ]
+    with nearly_full(sync_redis, ROOM_BYTES):
+        counts = await restore_to_redis(client, items, time.time())
+    written = sync_redis.dbsize() - 1
+    assert 0 < written < N, "Redis should fill up part way"
+    assert (counts.written, counts.failed) == (written, N - written)
+    assert (counts.present, counts.empty, counts.expired) == (1, 1, 1)
+    assert "OOM" in str(counts.error)
+
+
+async def test_read_repair_counts_only_what_redis_refused_as_failed(
+    client: Client, sync_redis: redis.Redis
+) -> None:
+    store = MemoryBacking({("user:features", f"u{i}"): Record(VALUES, None) for i in range(N)})
+    tier = BackingTier(store, CODECS, repair_client=client)
+    outcomes = ("written", "failed")
+    before = {o: metrics.READ_REPAIRS.labels(o)._value.get() for o in outcomes}
+    with nearly_full(sync_redis, ROOM_BYTES):
+        await tier.read([key_of(USER_FEATURES, f"u{i}") for i in range(N)], far())
+        await tier.wait_repairs()
+    written = sync_redis.dbsize()
+    assert 0 < written < N, "Redis should fill up part way"
+    counted = {o: metrics.READ_REPAIRS.labels(o)._value.get() - before[o] for o in outcomes}
+    assert counted == {"written": written, "failed": N - written}

@@ -24,17 +24,24 @@ return 1
 
 @dataclass(slots=True)
 class RestoreCounts:
-    """Outcome of writing backing-store records back to Redis."""
+    """Outcome of writing backing-store records back to Redis: each record counted once."""
 
     written: int = 0
     present: int = 0  # Redis already held the key: left as it was
     expired: int = 0  # older than the group's TTL: Redis would not hold it either
+    empty: int = 0  # nothing but an event time: nothing to serve, nothing sent
+    failed: int = 0  # Redis refused its command (e.g. OOM): not written
+    error: Exception | None = None  # the first refusal
 
     def add(self, other: RestoreCounts) -> None:
         """Accumulate `other` into this one."""
         self.written += other.written
         self.present += other.present
         self.expired += other.expired
+        self.empty += other.empty
+        self.failed += other.failed
+        if self.error is None:
+            self.error = other.error
 
 
 def remaining_ttl_s(group: FeatureGroup, event_ts: float | None, now: float) -> int:
@@ -49,7 +56,11 @@ async def restore_to_redis(
     items: Sequence[tuple[FeatureGroup, str, Record]],
     now: float,
 ) -> RestoreCounts:
-    """Write records to Redis where their keys are absent, in one pipeline, TTL from event time."""
+    """Write records to Redis where their keys are absent, in one pipeline, TTL from event time.
+
+    A command Redis refuses counts its record as failed, the others are counted by what
+    happened to them; a pipeline that fails as a whole raises (RedisError, OSError).
+    """
     counts = RestoreCounts()
     calls: list[Call] = []
     for group, entity_id, record in items:
@@ -62,15 +73,18 @@ async def restore_to_redis(
             if raw is not None:
                 args += [name, raw]
         if len(args) == 1:
-            continue  # nothing but an event time: nothing to serve
+            counts.empty += 1
+            continue
         if record.event_ts is not None:
             args += [EVENT_TS_FIELD, repr(record.event_ts)]
         calls.append((group.key(entity_id), args))
     replies = await _RESTORE.run(client, calls) if calls else []
     for reply in replies:
         if isinstance(reply, Exception):
-            raise reply  # as the pipeline's execute() raised the first error
-    written = sum(1 for r in replies if r == 1)
-    counts.written += written
-    counts.present += len(replies) - written
+            counts.failed += 1
+            counts.error = counts.error or reply
+        elif reply == 1:
+            counts.written += 1
+        else:
+            counts.present += 1
     return counts

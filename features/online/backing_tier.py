@@ -120,6 +120,9 @@ class BackingTier:
         metrics.READ_REPAIRS.labels("written").inc(counts.written)
         metrics.READ_REPAIRS.labels("present").inc(counts.present)
         metrics.READ_REPAIRS.labels("expired").inc(counts.expired)
+        if counts.error is not None:  # Redis refused some (e.g. full): only those failed
+            metrics.READ_REPAIRS.labels("failed").inc(counts.failed)
+            self._log.failed("read repair", counts.error, counts.failed)
 
     async def wait_repairs(self) -> None:
         """Wait for the read repairs in flight (tests, shutdown)."""
