@@ -220,6 +220,46 @@ def test_warm_command_reports_counts(dynalite, own_redis, monkeypatch, capsys) -
     assert redis.Redis.from_url(own_redis.url).dbsize() == 2
 
 
+async def test_warm_raises_when_redis_cannot_take_a_batch(dynalite) -> None:
+    store = dynamo_store(dynalite.url)
+    down = open_redis(settings_for(f"redis://127.0.0.1:{free_port()}/0"))
+    try:
+        await store.create_layout()
+        rows = [(f"u{i}", {"tx_count_1h": "1"}) for i in range(30)]
+        await store.write(USER_FEATURES, rows, time.time())
+        with pytest.raises(FeatureWriteError, match="records not written to Redis: Connection"):
+            await warm(store, down, batch_size=10, concurrency=2)
+    finally:
+        await down.aclose()
+        await store.aclose()
+
+
+def test_warm_command_fails_when_redis_refuses_records(
+    dynalite, own_redis, monkeypatch, capsys
+) -> None:
+    from features.offline.warm import main
+
+    store = dynamo_store(dynalite.url)
+
+    async def arrange() -> None:
+        await store.create_layout()
+        rows = [("u1", {"tx_count_1h": "1"}), ("u2", {"tx_count_1h": "2"})]
+        await store.write(USER_FEATURES, rows, time.time())
+        await store.aclose()
+
+    asyncio.run(arrange())
+    dynamo_env(monkeypatch, store.table, dynalite.url)
+    full = redis.Redis.from_url(own_redis.url)
+    full.config_set("maxmemory", 1)
+    full.config_set("maxmemory-policy", "noeviction")
+    assert main(["--redis-url", own_redis.url, "--quiet"]) == 1
+    captured = capsys.readouterr()
+    assert "0 written to Redis" in captured.out and "2 refused by Redis" in captured.out
+    assert "warm incomplete: 2 of 2 records not written to Redis" in captured.err
+    assert "OOM" in captured.err
+    assert full.dbsize() == 0
+
+
 def dynamo_env(monkeypatch: pytest.MonkeyPatch, table: str, url: str) -> None:
     env = {
         "FEATURES_BACKING_STORE": "dynamodb",

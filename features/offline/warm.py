@@ -3,7 +3,7 @@
 Scans the store named by FEATURES_BACKING_STORE in batches and writes each batch to Redis
 in one pipeline, with a bounded number of batches in flight. Only absent keys are written,
 each with the TTL left from its event time: running it twice, or while writers run, changes
-nothing that is already there.
+nothing that is already there. Exits 1 if any record was not written.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from features.backing import (
     restore_to_redis,
 )
 from features.connection import Client, open_redis
-from features.errors import BackingStoreError
+from features.errors import BackingStoreError, FeatureWriteError
 from features.settings import Settings
 from features.spec import FeatureGroup
 
@@ -52,19 +52,32 @@ async def warm(
     concurrency: int = 4,
     progress: bool = False,
 ) -> WarmReport:
-    """Copy every record of `backing` whose key Redis lacks into Redis."""
+    """Copy every record of `backing` whose key Redis lacks into Redis.
+
+    Records Redis refuses one by one (e.g. when full) are counted in `counts.failed`; a
+    batch Redis does not take at all stops the scan and raises FeatureWriteError.
+    """
     report = WarmReport()
     slots = asyncio.Semaphore(concurrency)
     tasks: set[asyncio.Task[None]] = set()
+    failed: list[BaseException] = []  # what the batches raised
     bar = tqdm(unit=" records", disable=not progress, file=sys.stderr)
 
     async def restore(batch: list[tuple[FeatureGroup, str, Record]]) -> None:
         try:
             counts = await restore_to_redis(client, batch, time.time())
-            report.counts.add(counts)
-            bar.update(len(batch))
+        except (RedisError, OSError) as exc:
+            what = f"{len(batch)} records not written to Redis: {type(exc).__name__}: {exc}"
+            raise FeatureWriteError(what) from exc
         finally:
             slots.release()
+        report.counts.add(counts)
+        bar.update(len(batch))
+
+    def finished(task: asyncio.Task[None]) -> None:
+        tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            failed.append(exc)
 
     try:
         async for batch in backing.scan(batch_size):
@@ -72,14 +85,18 @@ async def warm(
                 name = group.qualified_name
                 report.scanned[name] = report.scanned.get(name, 0) + 1
             await slots.acquire()  # bounded: the scan waits for Redis, not the reverse
+            if failed:
+                break  # the next batch would fare no better; a rerun skips what is there
             task = asyncio.create_task(restore(list(batch)))
             tasks.add(task)
-            task.add_done_callback(tasks.discard)
-        await asyncio.gather(*tasks)
+            task.add_done_callback(finished)
+        await asyncio.gather(*tasks, return_exceptions=True)  # `finished` keeps them
     finally:
         for task in tasks:
             task.cancel()
         bar.close()
+    if failed:
+        raise failed[0]
     return report
 
 
@@ -102,7 +119,7 @@ async def _main(settings: Settings, args: argparse.Namespace) -> int:
             progress=not args.quiet,
         )
         elapsed = time.perf_counter() - started
-    except (BackingStoreError, RedisError, OSError) as exc:
+    except (BackingStoreError, FeatureWriteError, RedisError, OSError) as exc:
         # Safe to run again: keys already written are skipped.
         print(f"warm failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
@@ -114,8 +131,16 @@ async def _main(settings: Settings, args: argparse.Namespace) -> int:
     c = report.counts
     print(
         f"{report.total} records read in {elapsed:.1f} s: {c.written} written to Redis, "
-        f"{c.present} already there, {c.expired} past their TTL"
+        f"{c.present} already there, {c.expired} past their TTL, {c.empty} with no values, "
+        f"{c.failed} refused by Redis"
     )
+    if c.failed:
+        print(
+            f"warm incomplete: {c.failed} of {report.total} records not written to Redis: "
+            f"{c.error}",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
