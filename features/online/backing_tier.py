@@ -11,11 +11,11 @@ from collections.abc import Callable, Mapping, Sequence
 from redis.exceptions import RedisError
 
 from features import metrics
+from features._log import RateLimitedLog
 from features.backing import BackingStore, Record, restore_to_redis
 from features.breaker import CircuitBreaker
 from features.connection import Client
 from features.errors import BackingStoreError
-from features.online._log import RateLimitedLog
 from features.online.codec import GroupCodec
 from features.online.entry import Reason, Source
 from features.online.keys import Key

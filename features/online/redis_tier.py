@@ -13,9 +13,9 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from features import metrics
+from features._log import RateLimitedLog
 from features.breaker import CircuitBreaker
 from features.connection import Client
-from features.online._log import RateLimitedLog
 from features.online.codec import GroupCodec
 from features.online.entry import Reason
 from features.online.keys import Key
