@@ -8,17 +8,23 @@ from collections.abc import Callable
 
 
 class RateLimitedLog:
-    """Warns about repeated failures at most once per `interval_s`."""
+    """Logs repeated failures at most once per `interval_s`: at WARNING, or at `level`
+    with the traceback for failures that betray a bug."""
 
     def __init__(
         self,
         logger: logging.Logger,
         interval_s: float,
         timer: Callable[[], float] = time.monotonic,
+        *,
+        level: int = logging.WARNING,
+        exc_info: bool = False,
     ) -> None:
         self._logger = logger
         self._interval_s = interval_s
         self._timer = timer
+        self._level = level
+        self._exc_info = exc_info
         self._last = -float("inf")
         self._unlogged = 0
 
@@ -28,13 +34,15 @@ class RateLimitedLog:
         now = self._timer()
         if now - self._last < self._interval_s:
             return
-        self._logger.warning(
+        self._logger.log(
+            self._level,
             "%s failed (%s: %s) for %d keys; %d failures since the last report",
             what,
             type(exc).__name__,
             exc,
             n_keys,
             self._unlogged,
+            exc_info=exc if self._exc_info else None,
         )
         self._last = now
         self._unlogged = 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import contextmanager
@@ -20,7 +21,7 @@ from features import (
     Source,
     metrics,
 )
-from features.backing import EncodedRow, Record, restore_to_redis
+from features.backing import EncodedRow, Record, RestoreCounts, restore_to_redis
 from features.breaker import State
 from features.connection import Client
 from features.errors import BackingStoreError
@@ -213,3 +214,25 @@ async def test_read_repair_counts_only_what_redis_refused_as_failed(
     assert 0 < written < N, "Redis should fill up part way"
     counted = {o: metrics.READ_REPAIRS.labels(o)._value.get() - before[o] for o in outcomes}
     assert counted == {"written": written, "failed": N - written}
+
+
+async def test_an_unexpected_repair_error_is_logged_and_counted(
+    client: Client, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def broken(*args: object) -> RestoreCounts:
+        raise RuntimeError("a bug in read repair")
+
+    # A fault no server shows: an error that is not Redis's, in a task no caller awaits.
+    monkeypatch.setattr("features.online.backing_tier.restore_to_redis", broken)
+    store = MemoryBacking({("user:features", f"u{i}"): Record(VALUES, None) for i in range(2)})
+    tier = BackingTier(store, CODECS, repair_client=client)
+    failed = metrics.READ_REPAIRS.labels("failed")
+    before = failed._value.get()
+    with caplog.at_level(logging.WARNING, logger="features.online.backing_tier"):
+        for _ in range(2):
+            await tier.read([key_of(USER_FEATURES, "u0"), key_of(USER_FEATURES, "u1")], far())
+            await tier.wait_repairs()
+    assert failed._value.get() == before + 4
+    (record,) = caplog.records  # rate-limited: one line for both
+    assert record.levelno == logging.ERROR and record.exc_info is not None
+    assert "RuntimeError: a bug in read repair" in record.getMessage()

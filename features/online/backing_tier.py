@@ -53,6 +53,9 @@ class BackingTier:
         self._repairs: set[asyncio.Task[None]] = set()
         self._clock = clock
         self._log = RateLimitedLog(logger, error_log_interval_s)
+        self._bugs = RateLimitedLog(
+            logger, error_log_interval_s, level=logging.ERROR, exc_info=True
+        )
 
     async def open(self) -> None:
         """Build the store's client (the AWS SDK takes ~130 ms): never inside a deadline."""
@@ -116,6 +119,10 @@ class BackingTier:
         except (TimeoutError, RedisError, OSError) as exc:
             metrics.READ_REPAIRS.labels("failed").inc(len(items))
             self._log.failed("read repair", exc, len(items))
+            return
+        except Exception as exc:  # a bug: no one awaits this task, so it is reported here
+            metrics.READ_REPAIRS.labels("failed").inc(len(items))
+            self._bugs.failed("read repair", exc, len(items))
             return
         metrics.READ_REPAIRS.labels("written").inc(counts.written)
         metrics.READ_REPAIRS.labels("present").inc(counts.present)
