@@ -94,6 +94,41 @@ async def test_redis_tier_counts_a_reply_after_the_deadline_as_slow(redis_server
             await slow.aclose()
 
 
+def probes_running() -> list[asyncio.Task[object]]:
+    return [
+        task
+        for task in asyncio.all_tasks()
+        if getattr(task.get_coro(), "__qualname__", "") == "RedisTier._probe" and not task.done()
+    ]
+
+
+async def test_aclose_stops_every_probe_in_flight_and_starts_none(redis_server, clock) -> None:
+    from features import FeatureStore, Settings, open_redis
+    from tools.delay_proxy import DelayProxy
+
+    breaker = CircuitBreaker(failure_threshold=1, reset_s=1.0, timer=clock)
+    with DelayProxy("127.0.0.1", redis_server.port, delay_s=5.0) as proxy:
+        held = open_redis(Settings(redis_url=proxy.url(), redis_socket_timeout_s=10.0))
+        store = FeatureStore(held, breaker=breaker)
+        try:
+            breaker.failure()
+            for i in range(2):
+                clock.tick(1.0)  # half-open: this read sends a PING, which the proxy holds
+                await store.read([{"user": f"u{i}", "merchant": "m1"}])
+                breaker.failure()  # a read sent before the breaker opened fails late
+            probes = probes_running()
+            assert len(probes) == 2
+            await store.aclose()
+            assert not probes_running()
+            clock.tick(1.0)
+            await store.read([{"user": "late", "merchant": "m1"}])  # racing the close
+            assert not probes_running()
+        finally:
+            for task in probes_running():
+                task.cancel()
+            await held.aclose()
+
+
 async def test_redis_tier_reports_a_failure_as_unavailable() -> None:
     from features import Settings, open_redis
     from tools.redis_server import free_port

@@ -51,7 +51,9 @@ class RedisTier:
         self._probe_slow_s = probe_slow_s
         self._clock = clock  # wall time, for event-time freshness
         self._log = RateLimitedLog(logger, error_log_interval_s)
-        self._probe_task: asyncio.Task[None] | None = None  # referenced, so it is not collected
+        # More than one when a late read's failure reopened the breaker under a probe.
+        self._probes: set[asyncio.Task[None]] = set()  # referenced, so none is collected
+        self._closed = False
 
     async def open(self) -> None:
         """Nothing to build: connections open on first use."""
@@ -60,9 +62,11 @@ class RedisTier:
         """Each key's entry (missing keys decode to their defaults: final), or a Reason."""
         breaker = self.breaker
         if not breaker.allow():
-            if breaker.claim_probe():
+            if not self._closed and breaker.claim_probe():
                 # Off the request path: no request waits to learn whether Redis is back.
-                self._probe_task = asyncio.create_task(self._probe())
+                probe = asyncio.create_task(self._probe())
+                self._probes.add(probe)
+                probe.add_done_callback(self._probes.discard)
             return [Reason.CIRCUIT_OPEN] * len(keys)
         codecs = self._codecs
         loop = asyncio.get_running_loop()
@@ -95,11 +99,12 @@ class RedisTier:
         return answers
 
     async def aclose(self) -> None:
-        """Stop a probe in flight; the client is the caller's to close."""
-        task = self._probe_task
-        if task is not None and not task.done():
+        """Stop every probe in flight and start no more, so none outlives the client;
+        the client is the caller's to close."""
+        self._closed = True
+        for task in self._probes:
             task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        await asyncio.gather(*self._probes, return_exceptions=True)
 
     async def _probe(self) -> None:
         """The half-open breaker's question: PING, under the same timeouts; an answer
