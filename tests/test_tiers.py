@@ -141,6 +141,35 @@ async def test_redis_tier_reports_a_failure_as_unavailable() -> None:
         await down.aclose()
 
 
+def state(breaker: CircuitBreaker) -> State:
+    return breaker.state  # a call, so mypy does not narrow the property between steps
+
+
+async def test_both_breakers_run_on_the_injected_timer(client: Client, clock) -> None:
+    from features import FeatureStore, Settings, open_redis
+    from tools.redis_server import free_port
+
+    down = open_redis(Settings(redis_url=f"redis://127.0.0.1:{free_port()}/0"))
+    try:
+        tier = RedisTier(down, CODECS, timer=clock)
+        for _ in range(5):  # the default threshold
+            await tier.read([key_of(USER_FEATURES, "u1")], far())
+        assert state(tier.breaker) is State.OPEN
+        clock.tick(1.0)  # the default reset, on the injected timer alone
+        assert state(tier.breaker) is State.HALF_OPEN
+    finally:
+        await down.aclose()
+    store = FeatureStore(client, backing=MemoryBacking({}), timer=clock)
+    redis_tier, backing_tier = store._tiers
+    assert isinstance(redis_tier, RedisTier) and isinstance(backing_tier, BackingTier)
+    for breaker in (redis_tier.breaker, backing_tier.breaker):
+        for _ in range(5):
+            breaker.failure()
+        assert state(breaker) is State.OPEN
+        clock.tick(5.0)  # past either default reset
+        assert state(breaker) is State.HALF_OPEN
+
+
 class MemoryBacking:
     """A backing store held in a dict: the backing tier's logic without an emulator."""
 

@@ -43,11 +43,12 @@ class RedisTier:
         breaker: CircuitBreaker | None = None,
         probe_slow_s: float | None = None,
         error_log_interval_s: float = 10.0,
+        timer: Callable[[], float] = time.monotonic,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.client = client
         self._codecs = codecs
-        self.breaker = breaker or CircuitBreaker()
+        self.breaker = breaker or CircuitBreaker(timer=timer)
         self._probe_slow_s = probe_slow_s
         self._clock = clock  # wall time, for event-time freshness
         self._log = RateLimitedLog(logger, error_log_interval_s)

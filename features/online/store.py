@@ -106,9 +106,10 @@ class FeatureStore:
         redis_tier = RedisTier(
             client,
             self._codecs,
-            breaker=breaker or CircuitBreaker(timer=timer),
+            breaker=breaker,
             probe_slow_s=self._deadline_s,
             error_log_interval_s=error_log_interval_s,
+            timer=timer,
             clock=clock,
         )
         if backing is None:
