@@ -28,19 +28,19 @@ class RateLimitedLog:
         self._last = -float("inf")
         self._unlogged = 0
 
-    def failed(self, what: str, exc: BaseException, n_keys: int) -> None:
-        """Count one failure of `what`; log it if the interval has passed."""
+    def failed(self, what: str, exc: BaseException, n_keys: int | None = None) -> None:
+        """Count one failure of `what` (on `n_keys` keys); log it if the interval has passed."""
         self._unlogged += 1
         now = self._timer()
         if now - self._last < self._interval_s:
             return
         self._logger.log(
             self._level,
-            "%s failed (%s: %s) for %d keys; %d failures since the last report",
+            "%s failed (%s: %s)%s; %d failures since the last report",
             what,
             type(exc).__name__,
             exc,
-            n_keys,
+            "" if n_keys is None else f" for {n_keys} keys",
             self._unlogged,
             exc_info=exc if self._exc_info else None,
         )

@@ -30,6 +30,7 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from features._log import RateLimitedLog
 from features.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -92,6 +93,7 @@ def _open_cluster(settings: Settings) -> RedisCluster:
         startup_nodes=[ClusterNode(host, port) for host, port in settings.node_addresses()],
         max_connections=settings.redis_max_connections,  # per node
         deadline_s=settings.redis_cluster_deadline_s,
+        error_log_interval_s=settings.error_log_interval_s,
         **kwargs,
     )
 
@@ -138,9 +140,12 @@ class _Cluster(RedisCluster):
     a request could wait seconds.
     """
 
-    def __init__(self, *args: Any, deadline_s: float, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, deadline_s: float, error_log_interval_s: float = 10.0, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.deadline_s = deadline_s
+        self._reload_log = RateLimitedLog(logger, error_log_interval_s)
         self._refresh: asyncio.Task[None] | None = None
         self._last_refresh = -float("inf")
         self._loading: asyncio.Task[Any] | None = None
@@ -176,8 +181,9 @@ class _Cluster(RedisCluster):
             async with asyncio.timeout(max(self.deadline_s, 1.0)):
                 await self.nodes_manager.initialize()
         except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
+            # Until one succeeds, reads of a moved or failed master's keys get defaults.
             # The next failing read schedules another attempt.
-            logger.debug("cluster slot map reload failed: %r", exc)
+            self._reload_log.failed("cluster slot map reload", exc)
 
     async def aclose(self) -> None:
         for task in (self._refresh, self._loading):

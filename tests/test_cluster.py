@@ -7,6 +7,7 @@ master, so each starts its own deployment.
 from __future__ import annotations
 
 import asyncio
+import logging
 import statistics
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -36,7 +37,7 @@ from features import (
     open_redis,
 )
 from features.backing import restore_to_redis
-from features.connection import Client
+from features.connection import SLOT_MAP_REFRESH_INTERVAL_S, Client
 from tests.conftest import Service, command_calls
 from tools.redis_cluster import LocalCluster, LocalSentinel
 from tools.redis_server import RedisServer, free_port
@@ -298,6 +299,28 @@ async def test_unreachable_cluster_gives_defaults_not_errors() -> None:
         assert time.perf_counter() - started < 1.0
         for read in rows.reads[0].values():
             assert (read.source, read.reason) == (Source.DEFAULT, Reason.UNAVAILABLE)
+    finally:
+        await client.aclose()
+
+
+async def test_failed_slot_map_reloads_warn_once_per_interval(caplog) -> None:
+    settings = Settings(
+        redis_url=f"redis://127.0.0.1:{free_port()}/0",
+        redis_mode="cluster",
+        redis_nodes=f"127.0.0.1:{free_port()}",
+        error_log_interval_s=60.0,
+    )
+    client = open_redis(settings)
+    try:
+        with caplog.at_level(logging.DEBUG, logger="features.connection"):
+            for _ in range(2):
+                await FeatureStore(client).read([tx(1)])  # fails, and schedules a reload
+                reload = getattr(client, "_refresh", None)
+                assert reload is not None
+                await reload
+                await asyncio.sleep(SLOT_MAP_REFRESH_INTERVAL_S)  # the next may start
+        logged = [r for r in caplog.records if "slot map reload failed" in r.getMessage()]
+        assert [r.levelno for r in logged] == [logging.WARNING]  # the second within 60 s
     finally:
         await client.aclose()
 
