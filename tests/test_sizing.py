@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from features import USER_FEATURES
+import asyncio
+
+import pytest
+
+from features import MERCHANT_RISK, USER_FEATURES, FeatureWriteError, FeatureWriter, open_redis
+from tests.conftest import command_calls
 
 
 def test_sizing_measures_stored_keys_and_applies_the_rules(redis_url, sync_redis, capsys) -> None:
@@ -18,3 +23,39 @@ def test_sizing_measures_stored_keys_and_applies_the_rules(redis_url, sync_redis
     assert "Data 2.000 GB x 1.3 overhead = 2.600 GB" in text  # the design's own example
     assert "Provision 3.71-4.33 GB" in text  # 2.6 GB filling 70%..60%
     assert "= 30.0 connections" in text and "MAX_CONNECTIONS=15 per worker" in text
+
+
+def test_sizing_deletes_probe_keys_when_writing_them_fails(redis_url, sync_redis) -> None:
+    from features.offline.sizing import main
+
+    used = int(sync_redis.info("memory")["used_memory"])
+    sync_redis.config_set("maxmemory", used + 100_000)  # room for some probe keys, not all
+    sync_redis.config_set("maxmemory-policy", "noeviction")
+    try:
+        with pytest.raises(FeatureWriteError):
+            main(["--redis-url", redis_url, "--sample", "2000", "--latency-ms", "1"])
+    finally:
+        sync_redis.config_set("maxmemory", 0)
+    assert command_calls(sync_redis, "hset") > 0  # some were written before Redis filled up
+    assert sync_redis.dbsize() == 0
+
+
+@pytest.mark.parametrize("stored", [False, True], ids=["probe-keys", "stored-keys"])
+def test_sizing_times_reads_of_keys_that_exist(redis_url, settings, sync_redis, stored) -> None:
+    from features.offline.sizing import main
+
+    async def seed() -> None:
+        client = open_redis(settings)
+        writer = FeatureWriter(client)
+        await writer.write(USER_FEATURES, [(f"u{i}", {"tx_count_1h": i}) for i in range(5)])
+        await writer.write(MERCHANT_RISK, [("m1", {"mcc_risk_score": 0.5})])
+        await client.aclose()
+
+    if stored:
+        asyncio.run(seed())
+    sync_redis.config_resetstat()
+    assert main(["--redis-url", redis_url, "--sample", "20", "--reads", "50"]) == 0
+    stats = sync_redis.info("stats")
+    assert stats["keyspace_misses"] == 0  # every timed HMGET found its key
+    assert stats["keyspace_hits"] >= 50 * 2  # one HMGET per group per read
+    assert sync_redis.dbsize() == (6 if stored else 0)

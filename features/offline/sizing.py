@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import math
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
 from features.connection import Client, open_redis
 from features.offline.load import demo_rows
@@ -36,6 +37,14 @@ PROBE_PREFIX = "sizing"
 
 
 @dataclasses.dataclass(frozen=True)
+class Sample:
+    """The keys of one group that are measured, and where they came from."""
+
+    keys: list[str]
+    source: str  # "stored keys" or "probe keys"
+
+
+@dataclasses.dataclass(frozen=True)
 class GroupSize:
     """Measured bytes per key of one group."""
 
@@ -45,36 +54,42 @@ class GroupSize:
     source: str  # "stored keys" or "probe keys"
 
 
-async def measure_group(client: Client, group: FeatureGroup, sample: int) -> GroupSize:
-    """Mean MEMORY USAGE of up to `sample` stored keys; probe keys if none are stored."""
+@contextlib.asynccontextmanager
+async def sample_keys(client: Client, group: FeatureGroup, sample: int) -> AsyncIterator[Sample]:
+    """Up to `sample` stored keys of `group`; if none is stored, probe keys written with
+    demo values for the block and deleted after it, even if writing them failed."""
     keys: list[str] = []
-    pattern = group.key("*")
-    async for key in client.scan_iter(match=pattern, count=1000):
+    async for key in client.scan_iter(match=group.key("*"), count=1000):
         keys.append(key.decode() if isinstance(key, bytes) else str(key))
         if len(keys) >= sample:
             break
-    source = "stored keys"
-    probes: list[str] = []
-    if not keys:
-        source = "probe keys"
-        ids = [f"{PROBE_PREFIX}{i:05d}" for i in range(sample)]
+    if keys:
+        yield Sample(keys, "stored keys")
+        return
+    ids = [f"{PROBE_PREFIX}{i:05d}" for i in range(sample)]
+    probes = [group.key(i) for i in ids]
+    try:
         for rows in demo_rows(group, ids, seed=5):
             await FeatureWriter(client).write(group, rows)
-        probes = keys = [group.key(i) for i in ids]
-    try:
-        sizes = [await client.memory_usage(key, samples=0) for key in keys]
+        yield Sample(probes, "probe keys")
     finally:
         for key in probes:
             await client.delete(key)
+
+
+async def measure_group(client: Client, group: FeatureGroup, sample: Sample) -> GroupSize:
+    """Mean MEMORY USAGE of the sampled keys."""
+    sizes = [await client.memory_usage(key, samples=0) for key in sample.keys]
     measured = [s for s in sizes if s is not None]
     if not measured:
         raise RuntimeError(f"{group.qualified_name}: MEMORY USAGE returned nothing")
-    return GroupSize(group, len(measured), statistics.fmean(measured), source)
+    return GroupSize(group, len(measured), statistics.fmean(measured), sample.source)
 
 
-async def measure_latency_s(client: Client, reads: int) -> float:
-    """Mean time of the read one /predict makes: one HMGET per group, one pipeline."""
-    keys = [(g.key(f"{PROBE_PREFIX}00000"), g.field_names) for g in GROUPS]
+async def measure_latency_s(
+    client: Client, keys: Sequence[tuple[str, Sequence[str]]], reads: int
+) -> float:
+    """Mean time of the read one /predict makes: one HMGET per (key, fields), one pipeline."""
     timings = []
     for _ in range(reads):
         started = time.perf_counter()
@@ -144,12 +159,18 @@ def report(
 async def run(args: argparse.Namespace, settings: Settings) -> str:
     client = open_redis(settings)
     try:
-        sizes = [await measure_group(client, g, args.sample) for g in GROUPS]
-        latency_s = (
-            args.latency_ms / 1e3
-            if args.latency_ms is not None
-            else await measure_latency_s(client, args.reads)
-        )
+        async with contextlib.AsyncExitStack() as probes:  # deleted before the client closes
+            samples = {
+                g: await probes.enter_async_context(sample_keys(client, g, args.sample))
+                for g in GROUPS
+            }
+            sizes = [await measure_group(client, g, sample) for g, sample in samples.items()]
+            read = [(sample.keys[0], g.field_names) for g, sample in samples.items()]
+            latency_s = (
+                args.latency_ms / 1e3
+                if args.latency_ms is not None
+                else await measure_latency_s(client, read, args.reads)
+            )
     finally:
         await client.aclose()
     counts = {"user": args.entities, "merchant": args.merchants or max(1, args.entities // 100)}
