@@ -6,7 +6,6 @@ from features.connection import open_redis
 from features.errors import (
     BackingStoreError,
     FeatureError,
-    FeatureStoreUnavailable,
     FeatureWriteError,
     InvalidEntityId,
 )
@@ -59,7 +58,6 @@ __all__ = [
     "FeatureGroup",
     "FeatureRows",
     "FeatureStore",
-    "FeatureStoreUnavailable",
     "FeatureWriteError",
     "FeatureWriter",
     "GroupRead",

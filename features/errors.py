@@ -1,8 +1,8 @@
-"""Errors raised by the feature layer.
+"""Errors raised by the feature layer. Reads raise none for a store failure: they serve
+defaults and say why (`GroupRead.reason`).
 
 FeatureError
 ├── InvalidEntityId           a client-supplied id that may not become a key
-├── FeatureStoreUnavailable   Redis did not answer in time, or answered with an error
 ├── FeatureWriteError         a write was not applied; nothing was reported as written
 └── BackingStoreError         the persistent store behind Redis failed or timed out
 """
@@ -23,10 +23,6 @@ class InvalidEntityId(FeatureError, ValueError):
         super().__init__(f"{field}: {reason}")
         self.field = field
         self.reason = reason
-
-
-class FeatureStoreUnavailable(FeatureError):
-    """The online store could not be read."""
 
 
 class FeatureWriteError(FeatureError):

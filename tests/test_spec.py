@@ -23,7 +23,7 @@ def test_public_names_are_pinned() -> None:
             "MODEL_FEATURES", "STORED_FEATURES", "USER_FEATURES", "CircuitBreaker", "Dtype",
             "Feature",
             "FeatureError", "FeatureGroup", "FeatureRows", "FeatureStore",
-            "FeatureStoreUnavailable", "FeatureWriteError", "FeatureWriter", "GroupRead",
+            "FeatureWriteError", "FeatureWriter", "GroupRead",
             "InvalidEntityId", "Key", "Reason", "Settings", "Source", "Tier", "describe_skew",
             "fingerprint", "model_inputs", "open_redis", "redact_url", "schema",
             "validate_entity_id",
