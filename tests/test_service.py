@@ -216,6 +216,12 @@ def test_metrics_expose_feature_retrieval(service: Service, seeded: redis.Redis)
     assert 'le="0.0001"' in text  # sub-millisecond buckets
 
 
+def test_metrics_show_breakers_of_configured_stores_only(service: Service) -> None:
+    text = httpx.get(f"{service.url}/metrics", timeout=10).text
+    breakers = re.findall(r'^features_breaker_state\{.*dependency="([^"]*)"', text, re.MULTILINE)
+    assert set(breakers) == {"redis"}  # no backing store configured: no breaker for one
+
+
 def test_redis_outage_serves_defaults_and_stays_ready(bentoml_home: Path) -> None:
     down = Service(bentoml_home, f"redis://127.0.0.1:{free_port()}/0").start()
     try:

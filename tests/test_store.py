@@ -276,6 +276,21 @@ async def test_writer_runs_its_script_by_sha_and_resends_it_after_a_flush(
         assert sync_redis.ttl(USER_FEATURES.key(user)) > 0
 
 
+def test_a_store_from_settings_has_a_breaker_per_configured_store(settings, client) -> None:
+    from prometheus_client import REGISTRY
+
+    from features import open_store
+
+    def gauge(dependency: str) -> float | None:
+        labels = {"dependency": dependency}
+        return REGISTRY.get_sample_value("features_breaker_state", labels)
+
+    assert settings.backing_store == "none"
+    open_store(settings, client)
+    assert gauge("redis") is not None
+    assert gauge("none") is None
+
+
 def test_settings_reach_the_client(settings: Settings) -> None:
     client = open_redis(settings)
     assert isinstance(client, aioredis.Redis)

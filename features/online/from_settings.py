@@ -12,6 +12,7 @@ from features.settings import Settings
 def open_store(settings: Settings, client: Client) -> FeatureStore:
     """The store reading through `client` (the caller's, closed by the caller), with the
     backing store `settings` name, if any. Nothing connects until `FeatureStore.open`."""
+    backing = open_backing(settings)
     return FeatureStore(
         client,
         deadline_s=settings.deadline_s,
@@ -19,10 +20,13 @@ def open_store(settings: Settings, client: Client) -> FeatureStore:
         cache_ttl_s=settings.cache_ttl_s,
         cache_maxsize=settings.cache_maxsize,
         error_log_interval_s=settings.error_log_interval_s,
-        backing=open_backing(settings),
+        backing=backing,
         backing_timeout_s=settings.backing_timeout_s,
-        backing_breaker=CircuitBreaker(
-            name=settings.backing_store,
+        # A breaker sets its state gauge when built: none for a store that is not there.
+        backing_breaker=None
+        if backing is None
+        else CircuitBreaker(
+            name=backing.name,
             failure_threshold=settings.backing_breaker_failures,
             slow_threshold=settings.breaker_slow_calls,
             window=settings.breaker_window,
