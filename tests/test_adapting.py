@@ -112,7 +112,6 @@ async def test_an_extra_group_is_loaded_into_and_read_from_a_backing_store(
     try:
         rows = await store.read([row("d1"), row("d2")])
     finally:
-        await store.aclose()
-        await backing.aclose()
+        await store.aclose()  # and the backing store
     assert [device_values(v) for v in rows.values] == [[3.0, 0.5, 1.0], [7.0, 0.5, 0.0]]
     assert {r[DEVICE.qualified_name].source for r in rows.reads} == {Source.BACKING}
