@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pydantic import AliasChoices
+from pydantic.fields import FieldInfo
 
 import features
 from features import spec
@@ -177,7 +179,36 @@ def test_features_imports_neither_bentoml_nor_torch() -> None:
     assert out.stdout.strip() == "set()"
 
 
-def test_readme_documents_every_setting() -> None:
+def test_readme_settings_table_is_the_settings_class() -> None:
+    # One row per field, in the class's order, with its variable, default and description;
+    # no FEATURES_ row without a field. On a mismatch the diff shows the rows to paste.
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    for f in dataclasses.fields(Settings):
-        assert f"`FEATURES_{f.name.upper()}`" in readme, f.name
+    documented = [line for line in readme.splitlines() if line.startswith("| `FEATURES_")]
+    assert documented == [settings_row(f) for f in Settings.model_fields.values()]
+
+
+def settings_row(field: FieldInfo) -> str:
+    alias = field.validation_alias
+    first, *others = alias.choices if isinstance(alias, AliasChoices) else [alias]
+    variable = f"`{first}`" + "".join(f" (or `{other}`)" for other in others)
+    default = f"`{field.default}`" if field.default != "" else ""
+    return f"| {variable} | {default} | {field.description} |"
+
+
+def test_settings_read_only_the_environment_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FEATURES_DEADLINE_S", "0.5")
+    monkeypatch.setenv("features_cache_ttl_s", "1")  # names are case-sensitive, as before
+    assert Settings().deadline_s == Settings.from_env({}).deadline_s == 0.015
+    assert Settings.from_env().deadline_s == 0.5
+    assert Settings.from_env().cache_ttl_s == 5.0
+    assert Settings.from_env({"FEATURES_DEADLINE_S": "0.02"}).for_bulk().deadline_s == 0.02
+
+
+def test_settings_errors_never_echo_a_password() -> None:
+    env = {"FEATURES_REDIS_URL": "redis://:hunter2@h:1/0", "FEATURES_REDIS_PASSWORD": "hunter3"}
+    with pytest.raises(ValueError, match="a password is in") as info:
+        Settings.from_env(env)
+    assert "hunter" not in str(info.value)
+    with pytest.raises(ValueError, match="FEATURES_REDIS_URL must start with") as info:
+        Settings().for_bulk("http://:hunter2@h:1/0")
+    assert "hunter" not in str(info.value)

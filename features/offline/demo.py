@@ -67,7 +67,10 @@ def generate(
     group: FeatureGroup, n: int, rng: np.random.Generator, now: float
 ) -> npt.NDArray[np.float64]:
     """`n` rows of plausible values for `group`, columns in the group's field order."""
-    columns = _GENERATORS[group.qualified_name](rng, n, now)
+    generator = _GENERATORS.get(group.qualified_name)
+    if generator is None:
+        raise ValueError(f"no demo generator for {group.qualified_name}: add one to {__name__}")
+    columns = generator(rng, n, now)
     if set(columns) != set(group.field_names):
         raise RuntimeError(f"demo generator for {group.qualified_name} is out of date")
     return np.column_stack([columns[name] for name in group.field_names])

@@ -70,10 +70,14 @@ async def load(
     jobs: Sequence[tuple[FeatureGroup, Iterator[list[Row]]]],
     *,
     create: bool = False,
+    groups: Sequence[FeatureGroup] = GROUPS,
 ) -> None:
-    """Write every batch of every job (backing store first, if any), printing counts."""
+    """Write every batch of every job (backing store first, if any), printing counts.
+
+    `groups` is the spec the backing store is laid out for (a Bigtable column family
+    each, made by `create`); every job's group must be among them."""
     client = open_redis(settings)
-    backing = open_backing(settings)
+    backing = open_backing(settings, groups)
     writer = FeatureWriter(client, backing)
     try:
         if backing is not None and create:
