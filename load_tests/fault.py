@@ -80,12 +80,12 @@ class Marks:
 async def _faults(s: Stack, start_s: float, outage_s: float, marks: Marks) -> None:
     await asyncio.sleep(start_s)
     await asyncio.to_thread(_save, s)  # so the restart finds the data
-    marks.buckets_before = await asyncio.to_thread(retrieval_buckets, s.url)
+    marks.buckets_before = await asyncio.to_thread(retrieval_buckets, s.server.url)
     marks.kill = time.monotonic()
     s.redis.kill()
     print(f"t={marks.kill - marks.t0:.1f}s redis-server killed")
     await asyncio.sleep(outage_s)
-    marks.buckets_during = await asyncio.to_thread(retrieval_buckets, s.url)
+    marks.buckets_during = await asyncio.to_thread(retrieval_buckets, s.server.url)
     marks.restart = time.monotonic()
     await asyncio.to_thread(s.redis.start)
     print(f"t={marks.restart - marks.t0:.1f}s redis-server restarted with its data")
@@ -144,8 +144,7 @@ def report(samples: list[Sample], marks: Marks) -> int:
 
 async def run(args: argparse.Namespace) -> int:
     ids = [f"u{i:06d}" for i in range(1, args.users + 1)]
-    env = {"FRAUD_WORKERS": str(args.workers)}
-    with stack(args.users, 2000, **env) as s:
+    with stack(args.users, 2000, workers=args.workers) as s:
         samples: list[Sample] = []
         t0 = time.monotonic()
         marks = Marks(t0)
@@ -154,7 +153,10 @@ async def run(args: argparse.Namespace) -> int:
         print(f"{args.seconds} s at {args.rate} req/s; outage from t={args.outage_at} s "
               f"for {args.outage} s")  # fmt: skip
         await asyncio.gather(
-            *(_client(s.url, ids, per_client, end, samples, seed=i) for i in range(args.clients)),
+            *(
+                _client(s.server.url, ids, per_client, end, samples, seed=i)
+                for i in range(args.clients)
+            ),
             _faults(s, args.outage_at, args.outage, marks),
         )
         return report(samples, marks)
