@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import subprocess
 import sys
 import time
@@ -75,45 +74,3 @@ def scrape(port: int) -> str:
     response = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10)
     response.raise_for_status()
     return response.text
-
-
-_SAMPLE = re.compile(r"^features_retrieval_seconds_bucket\{(?P<labels>[^}]*)\} (?P<value>\S+)$")
-_LE = re.compile(r'le="([^"]+)"')
-
-
-def retrieval_buckets(url: str) -> dict[float, float]:
-    """Cumulative counts of features_retrieval_seconds by bucket bound, all sources."""
-    text = httpx.get(f"{url}/metrics", timeout=10).text
-    buckets: dict[float, float] = {}
-    for line in text.splitlines():
-        m = _SAMPLE.match(line)
-        if m is None:
-            continue
-        le = _LE.search(m["labels"])
-        if le is not None:
-            bound = float(le[1])
-            buckets[bound] = buckets.get(bound, 0.0) + float(m["value"])
-    return buckets
-
-
-def bucket_quantile(before: dict[float, float], after: dict[float, float], q: float) -> str:
-    """The bucket bound under which fraction `q` of the observations between two scrapes fall."""
-    delta = {b: after.get(b, 0.0) - before.get(b, 0.0) for b in after}
-    total = delta.get(float("inf"), 0.0)
-    if total <= 0:
-        return "n/a (no observations)"
-    for bound in sorted(delta):
-        if delta[bound] >= q * total:
-            return f"<= {bound * 1e3:g} ms ({total:.0f} observations)"
-    return "n/a"
-
-
-def bucket_counts(before: dict[float, float], after: dict[float, float]) -> str:
-    """Non-cumulative observations per bucket between two scrapes, e.g. `<=0.1ms:812`."""
-    previous, parts = 0.0, []
-    for bound in sorted(after):
-        cumulative = after[bound] - before.get(bound, 0.0)
-        if cumulative > previous:
-            parts.append(f"<={bound * 1e3:g}ms:{cumulative - previous:.0f}")
-        previous = cumulative
-    return " ".join(parts)

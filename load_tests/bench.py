@@ -19,7 +19,6 @@ import itertools
 import json
 import os
 import random
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,8 +37,9 @@ from features.offline.load import demo_rows, load
 from features.ondemand import model_inputs
 from load_tests import bench_tail, httpload
 from load_tests._stack import RESULTS, scrape
-from load_tests.report import diff_stats, nearest_rank
+from load_tests.report import diff_stats
 from load_tests.skew import transactions
+from load_tests.stats import quantile
 from tools.bento_server import BentoServer
 from tools.redis_server import RedisServer
 
@@ -53,10 +53,10 @@ Timed = Callable[[int], Awaitable[None]]
 
 
 def summary(samples_s: Sequence[float]) -> dict[str, float]:
-    """Median, p99 (nearest rank) in microseconds, and the sample count."""
+    """p50 and p99 (stats.quantile) in microseconds, and the sample count."""
     ordered = sorted(samples_s)
-    p99 = nearest_rank(ordered, 0.99)
-    return {"p50_us": statistics.median(ordered) * 1e6, "p99_us": p99 * 1e6, "n": len(ordered)}
+    p50, p99 = quantile(ordered, 0.5), quantile(ordered, 0.99)
+    return {"p50_us": p50 * 1e6, "p99_us": p99 * 1e6, "n": len(ordered)}
 
 
 async def interleaved(
@@ -238,8 +238,8 @@ def run_feast(url_port: int, n: int, cpus: set[int] | None) -> dict[str, dict[st
         )
     finally:
         os.unlink(f.name)
-    result: dict[str, dict[str, float]] = json.loads(out.stdout.strip().splitlines()[-1])
-    return result
+    timings: dict[str, list[float]] = json.loads(out.stdout.strip().splitlines()[-1])
+    return {case: summary(samples) for case, samples in timings.items()}
 
 
 # --- (e) end to end -------------------------------------------------------------------
@@ -278,7 +278,7 @@ async def _compare(
     return {
         name: {
             "c1": summary(c1[name]),
-            "max_rps": statistics.median(peaks[name]),
+            "max_rps": quantile(peaks[name], 0.5),
             "max_rps_rounds": peaks[name],
             "max_failures": failures[name],
         }

@@ -18,7 +18,6 @@ import asyncio
 import gc
 import json
 import os
-import statistics
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -29,8 +28,9 @@ from features import Settings
 from load_tests import httpload
 from load_tests._stack import RESULTS, scrape
 from load_tests.httpload import Response, Run
-from load_tests.report import gc_pauses, tail_summary
+from load_tests.report import gc_pauses
 from load_tests.skew import transactions
+from load_tests.stats import quantile, tail_summary
 from tools.bento_server import BentoServer
 from tools.delay_proxy import DelayProxy
 from tools.redis_server import free_port
@@ -131,7 +131,7 @@ def phase_report(trace: Sequence[Response], slow_from: float, slow_until: float)
     after = sorted((r for r in trace if r.sent >= slow_until), key=_done)
     back = next((r.done for r in after if _from_redis(r)), None)
     out["breaker_open_after_s"] = None if opened is None else opened - slow_from
-    out["slow_features_p50_since_open_ms"] = statistics.median(since_open) if since_open else None
+    out["slow_features_p50_since_open_ms"] = quantile(since_open, 0.5) if since_open else None
     out["slow_since_open_n"] = len(since_open)
     out["redis_back_after_s"] = None if back is None else back - slow_until
     out["slow_s"] = slow_until - slow_from
