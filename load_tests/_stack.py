@@ -4,9 +4,7 @@ a trained model, and `bentoml serve` on free loopback ports. Everything stops on
 from __future__ import annotations
 
 import asyncio
-import http.client
 import os
-import re
 import subprocess
 import sys
 import time
@@ -17,10 +15,10 @@ from pathlib import Path
 
 import httpx
 
+from tools.bento_server import BentoServer
 from tools.redis_server import RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 RESULTS = ROOT / "load_tests" / "results"
 
 
@@ -41,9 +39,7 @@ class Stack:
     """A running service and the redis-server behind it."""
 
     redis: RedisServer
-    url: str
-    serve: subprocess.Popen[bytes]
-    log: Path
+    server: BentoServer
 
 
 def _run(*args: str, env: dict[str, str]) -> None:
@@ -51,7 +47,7 @@ def _run(*args: str, env: dict[str, str]) -> None:
 
 
 @contextmanager
-def stack(users: int, merchants: int, **service_env: str) -> Iterator[Stack]:
+def stack(users: int, merchants: int, *, workers: int, **service_env: str) -> Iterator[Stack]:
     """Start redis-server, load demo features, train the model if missing, serve."""
     env = {
         **os.environ,
@@ -65,132 +61,16 @@ def stack(users: int, merchants: int, **service_env: str) -> Iterator[Stack]:
              "--merchants", str(merchants), env=env)  # fmt: skip
         _run(sys.executable, "-m", "models.train", "--if-missing", env=env)
         port = free_port()
-        log = ROOT / "load_tests" / "results" / f"serve-{port}.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with log.open("wb") as out:
-            serve = subprocess.Popen(
-                [str(BIN / "bentoml"), "serve", "service:FraudService",
-                 "--host", "127.0.0.1", "--port", str(port)],
-                cwd=ROOT, env={**env, **service_env}, stdout=out, stderr=subprocess.STDOUT,
-            )  # fmt: skip
-        url = f"http://127.0.0.1:{port}"
-        try:
-            _wait_ready(url, serve, log)
-            print(f"bentoml serve {url} (log {log.relative_to(ROOT)})")
-            yield Stack(redis, url, serve, log)
-        finally:
-            stop_serve(serve)
-
-
-def stop_serve(proc: subprocess.Popen[bytes]) -> None:
-    """Stop a `bentoml serve`: SIGTERM to the arbiter stops its workers; SIGKILL after 20 s."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def start_serve(
-    target: str, port: int, env: dict[str, str], cpus: set[int], *, log_name: str | None = None
-) -> subprocess.Popen[bytes]:
-    """`bentoml serve target` on 127.0.0.1:port, pinned to `cpus`; returns once /readyz
-    answers 200. The log goes to results/serve-<log_name or the class name>.log."""
-    log = open(RESULTS / f"serve-{log_name or target.split(':')[-1]}.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [str(BIN / "bentoml"), "serve", target, "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        cwd=ROOT,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        preexec_fn=lambda: os.sched_setaffinity(0, cpus),  # noqa: PLW1509
-    )
-    log.close()
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{target} exited; see {log.name}")
-        if is_ready(port):
-            return proc
-        time.sleep(0.3)
-    proc.terminate()
-    raise TimeoutError(f"{target} not ready on {port}")
-
-
-def is_ready(port: int) -> bool:
-    """True if the service on `port` answers GET /readyz with 200."""
-    try:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
-        conn.request("GET", "/readyz")
-        ok = conn.getresponse().status == 200
-        conn.close()
-        return ok
-    except OSError:
-        return False
+        log = RESULTS / f"serve-{port}.log"
+        server = BentoServer({**env, **service_env}, port=port, workers=workers, log=log)
+        with server:
+            print(f"bentoml serve {server.url} ready in {server.startup_s:.1f} s "
+                  f"(log {log.relative_to(ROOT)})")  # fmt: skip
+            yield Stack(redis, server)
 
 
 def scrape(port: int) -> str:
-    """The service's /metrics page."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    conn.request("GET", "/metrics")
-    text = conn.getresponse().read().decode()
-    conn.close()
-    return text
-
-
-def _wait_ready(url: str, serve: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if serve.poll() is not None:
-            raise RuntimeError(f"bentoml serve exited:\n{log.read_text(errors='replace')}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError("bentoml serve not ready")
-
-
-_SAMPLE = re.compile(r"^features_retrieval_seconds_bucket\{(?P<labels>[^}]*)\} (?P<value>\S+)$")
-_LE = re.compile(r'le="([^"]+)"')
-
-
-def retrieval_buckets(url: str) -> dict[float, float]:
-    """Cumulative counts of features_retrieval_seconds by bucket bound, all sources."""
-    text = httpx.get(f"{url}/metrics", timeout=10).text
-    buckets: dict[float, float] = {}
-    for line in text.splitlines():
-        m = _SAMPLE.match(line)
-        if m is None:
-            continue
-        le = _LE.search(m["labels"])
-        if le is not None:
-            bound = float(le[1])
-            buckets[bound] = buckets.get(bound, 0.0) + float(m["value"])
-    return buckets
-
-
-def bucket_quantile(before: dict[float, float], after: dict[float, float], q: float) -> str:
-    """The bucket bound under which fraction `q` of the observations between two scrapes fall."""
-    delta = {b: after.get(b, 0.0) - before.get(b, 0.0) for b in after}
-    total = delta.get(float("inf"), 0.0)
-    if total <= 0:
-        return "n/a (no observations)"
-    for bound in sorted(delta):
-        if delta[bound] >= q * total:
-            return f"<= {bound * 1e3:g} ms ({total:.0f} observations)"
-    return "n/a"
-
-
-def bucket_counts(before: dict[float, float], after: dict[float, float]) -> str:
-    """Non-cumulative observations per bucket between two scrapes, e.g. `<=0.1ms:812`."""
-    previous, parts = 0.0, []
-    for bound in sorted(after):
-        cumulative = after[bound] - before.get(bound, 0.0)
-        if cumulative > previous:
-            parts.append(f"<={bound * 1e3:g}ms:{cumulative - previous:.0f}")
-        previous = cumulative
-    return " ".join(parts)
+    """The /metrics page of the service on 127.0.0.1:`port`."""
+    response = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10)
+    response.raise_for_status()
+    return response.text

@@ -19,7 +19,6 @@ import itertools
 import json
 import os
 import random
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,10 +36,12 @@ from features.offline.demo import merchant_ids, user_ids
 from features.offline.load import demo_rows, load
 from features.ondemand import model_inputs
 from load_tests import bench_tail, httpload
-from load_tests._stack import RESULTS, scrape, start_serve, stop_serve
-from load_tests.report import diff_stats, nearest_rank
+from load_tests._stack import RESULTS, scrape
+from load_tests.report import diff_stats
 from load_tests.skew import transactions
-from tools.redis_server import RedisServer, free_port
+from load_tests.stats import quantile
+from tools.bento_server import BentoServer
+from tools.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 FEAST_VENV = ROOT / ".venv-feast"
@@ -52,10 +53,10 @@ Timed = Callable[[int], Awaitable[None]]
 
 
 def summary(samples_s: Sequence[float]) -> dict[str, float]:
-    """Median, p99 (nearest rank) in microseconds, and the sample count."""
+    """p50 and p99 (stats.quantile) in microseconds, and the sample count."""
     ordered = sorted(samples_s)
-    p99 = nearest_rank(ordered, 0.99)
-    return {"p50_us": statistics.median(ordered) * 1e6, "p99_us": p99 * 1e6, "n": len(ordered)}
+    p50, p99 = quantile(ordered, 0.5), quantile(ordered, 0.99)
+    return {"p50_us": p50 * 1e6, "p99_us": p99 * 1e6, "n": len(ordered)}
 
 
 async def interleaved(
@@ -237,8 +238,8 @@ def run_feast(url_port: int, n: int, cpus: set[int] | None) -> dict[str, dict[st
         )
     finally:
         os.unlink(f.name)
-    result: dict[str, dict[str, float]] = json.loads(out.stdout.strip().splitlines()[-1])
-    return result
+    timings: dict[str, list[float]] = json.loads(out.stdout.strip().splitlines()[-1])
+    return {case: summary(samples) for case, samples in timings.items()}
 
 
 # --- (e) end to end -------------------------------------------------------------------
@@ -277,7 +278,7 @@ async def _compare(
     return {
         name: {
             "c1": summary(c1[name]),
-            "max_rps": statistics.median(peaks[name]),
+            "max_rps": quantile(peaks[name], 0.5),
             "max_rps_rounds": peaks[name],
             "max_failures": failures[name],
         }
@@ -304,24 +305,20 @@ def end_to_end(
     """(e): /predict and the trivial endpoint, one worker each, both up at once and
     measured alternately. Pinned: both services and redis-server on vCPU 1, the client
     on vCPU 0; unpinned: the scheduler places everything (better on a shared machine)."""
-    env = {
-        **os.environ,
-        "FEATURES_REDIS_URL": url,
-        "FRAUD_WORKERS": "1",
-        "BENTOML_DO_NOT_TRACK": "true",
-    }
     bodies = transactions(20_000)
     targets = {
         "trivial": "load_tests.trivial_service:TrivialService",
         "predict": "service:FraudService",
     }
-    ports = {name: free_port() for name in targets}
+    cpus = {1} if pinned else os.sched_getaffinity(0)
+    ports: dict[str, int] = {}
     with ExitStack() as stack:
-        all_cpus = os.sched_getaffinity(0)
         for name, target in targets.items():
-            stack.callback(
-                stop_serve, start_serve(target, ports[name], env, {1} if pinned else all_cpus)
+            log = RESULTS / f"serve-{target.split(':')[-1]}.log"
+            serve = BentoServer(
+                {"FEATURES_REDIS_URL": url}, target=target, workers=1, log=log, cpus=cpus
             )
+            ports[name] = stack.enter_context(serve).port
         if pinned:
             os.sched_setaffinity(0, {0})
         out = asyncio.run(_compare(ports, bodies, seq_n, dur_s, rounds))

@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import os
 import random
-import statistics
 import sys
 import time
 import warnings
@@ -25,12 +24,12 @@ from contextlib import ExitStack
 from typing import Any
 
 import botocore.session
-import numpy as np
 
 from features import USER_FEATURES, FeatureWriter, Settings, open_redis
 from features.backing import BackingStore
 from features.backing.bigtable import BigtableStore
 from features.backing.dynamo import DynamoStore
+from load_tests.stats import quantile
 from tools.emulators import BigtableEmulator, Dynalite, EmulatorMissing
 from tools.redis_server import RedisServer
 
@@ -38,10 +37,10 @@ CREDENTIALS = ("bench", "bench")
 
 
 def summary(name: str, keys: int, samples: list[float]) -> str:
-    ms = np.array(samples) * 1e3
+    ms = sorted(s * 1e3 for s in samples)
     return (
-        f"{name:<30} {keys:>4} keys  median {statistics.median(ms):7.3f} ms"
-        f"  p99 {np.percentile(ms, 99):7.3f} ms  n={len(ms)}"
+        f"{name:<30} {keys:>4} keys  median {quantile(ms, 0.5):7.3f} ms"
+        f"  p99 {quantile(ms, 0.99):7.3f} ms  n={len(ms)}"
     )
 
 

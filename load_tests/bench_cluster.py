@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import statistics
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -19,6 +18,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from features import GROUPS, MERCHANT_RISK, USER_FEATURES, FeatureStore, FeatureWriter, Settings
 from features.connection import Client, open_redis
+from load_tests.stats import quantile
 from tools.redis_cluster import LocalCluster
 from tools.redis_server import RedisServer
 
@@ -101,8 +101,7 @@ async def bench(settings: dict[str, Settings], samples: int) -> list[str]:
 
 def row(name: str, timings: list[float]) -> str:
     ms = sorted(t * 1e3 for t in timings)
-    p99 = ms[min(len(ms) - 1, int(len(ms) * 0.99))]
-    return f"| {name} | {statistics.median(ms):.3f} | {p99:.3f} | {len(ms)} |"
+    return f"| {name} | {quantile(ms, 0.5):.3f} | {quantile(ms, 0.99):.3f} | {len(ms)} |"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -18,7 +18,6 @@ import asyncio
 import gc
 import json
 import os
-import statistics
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -27,10 +26,12 @@ from typing import Any
 
 from features import Settings
 from load_tests import httpload
-from load_tests._stack import scrape, start_serve, stop_serve
+from load_tests._stack import RESULTS, scrape
 from load_tests.httpload import Response, Run
-from load_tests.report import gc_pauses, tail_summary
+from load_tests.report import gc_pauses
 from load_tests.skew import transactions
+from load_tests.stats import quantile, tail_summary
+from tools.bento_server import BentoServer
 from tools.delay_proxy import DelayProxy
 from tools.redis_server import free_port
 
@@ -130,7 +131,7 @@ def phase_report(trace: Sequence[Response], slow_from: float, slow_until: float)
     after = sorted((r for r in trace if r.sent >= slow_until), key=_done)
     back = next((r.done for r in after if _from_redis(r)), None)
     out["breaker_open_after_s"] = None if opened is None else opened - slow_from
-    out["slow_features_p50_since_open_ms"] = statistics.median(since_open) if since_open else None
+    out["slow_features_p50_since_open_ms"] = quantile(since_open, 0.5) if since_open else None
     out["slow_since_open_n"] = len(since_open)
     out["redis_back_after_s"] = None if back is None else back - slow_until
     out["slow_s"] = slow_until - slow_from
@@ -172,7 +173,8 @@ def tail(redis_url: str, rate: float, dur_s: float) -> dict[str, Any]:
     out: dict[str, Any] = {"rate": rate, "seconds": dur_s}
     for name, target in TARGETS.items():
         port = free_port()
-        proc = start_serve(target, port, env, cpus, log_name=f"tail-{name}")
+        log = RESULTS / f"serve-tail-{name}.log"
+        server = BentoServer(env, target=target, port=port, log=log, cpus=cpus).start()
         try:
             before = scrape(port)
             with _own_gc_pauses() as client_gc:
@@ -180,7 +182,7 @@ def tail(redis_url: str, rate: float, dur_s: float) -> dict[str, Any]:
             time.sleep(GC_FLUSH_S)
             after = scrape(port)
         finally:
-            stop_serve(proc)
+            server.stop()
         trace = run.trace or []
         out[name] = {
             "client_ms": tail_summary(client_ms(trace)),
@@ -229,13 +231,12 @@ def slow_redis(redis_port: int, rate: float, phase_s: float) -> dict[str, Any]:
     port = free_port()
     with DelayProxy("127.0.0.1", redis_port) as proxy:
         env = _env(proxy.url())
-        proc = start_serve(
-            "service:FraudService", port, env, os.sched_getaffinity(0), log_name="slow-redis"
-        )
+        log = RESULTS / "serve-slow-redis.log"
+        server = BentoServer(env, port=port, log=log, cpus=os.sched_getaffinity(0)).start()
         try:
             run, slow_from, slow_until = asyncio.run(_phases(port, bodies, rate, phase_s, proxy))
         finally:
-            stop_serve(proc)
+            server.stop()
     return {
         "rate": rate,
         "phase_s": phase_s,

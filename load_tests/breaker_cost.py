@@ -15,6 +15,7 @@ import time
 import numpy as np
 
 from features import CircuitBreaker, FeatureStore, Reason, Settings, open_redis
+from load_tests.stats import quantile
 from tools.redis_server import free_port
 
 
@@ -33,8 +34,8 @@ async def measure(n: int) -> None:
     for name, ns in (("wall", wall), ("thread cpu", cpu)):
         ms = ns / 1e6
         print(
-            f"{name}: n={n} p50={np.percentile(ms, 50):.4f} ms "
-            f"p99={np.percentile(ms, 99):.4f} ms max={ms.max():.3f} ms"
+            f"{name}: n={n} p50={quantile(ms, 0.5):.4f} ms "
+            f"p99={quantile(ms, 0.99):.4f} ms max={ms.max():.3f} ms"
         )
 
 

@@ -1,4 +1,4 @@
-"""Reading a load run: Prometheus text, Locust CSVs, the latency budget, the report.
+"""Reading a load run: the service's /metrics, Locust's output, the latency budget, the report.
 
 Pure functions over text and numbers, so the harness can be tested without a load.
 """
@@ -6,154 +6,26 @@ Pure functions over text and numbers, so the harness can be tested without a loa
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from load_tests.stats import (
+    Sample,
+    bucket_delta,
+    bucket_quantile,
+    counter_total,
+    gauge_max,
+    highest_bucket,
+    histogram_buckets,
+    parse_prometheus,
+    quantile,
+)
+
 FEATURE_P99_BUDGET_MS = 15.0
 E2E_P99_BUDGET_MS = 100.0
-
-Labels = tuple[tuple[str, str], ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Sample:
-    """One line of the Prometheus text format."""
-
-    name: str
-    labels: Labels
-    value: float
-
-    def label(self, key: str) -> str | None:
-        return dict(self.labels).get(key)
-
-
-def parse_prometheus(text: str) -> list[Sample]:
-    """Samples of a Prometheus text exposition; comments and blank lines skipped."""
-    samples = []
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        if "{" in line:
-            name, rest = line.split("{", 1)
-            body, value = rest.rsplit("}", 1)
-            labels = _parse_labels(body)
-        else:
-            name, value = line.split(None, 1)
-            labels = ()
-        samples.append(Sample(name.strip(), labels, float(value.split()[0])))
-    return samples
-
-
-def _parse_labels(body: str) -> Labels:
-    labels: list[tuple[str, str]] = []
-    i = 0
-    while i < len(body):
-        eq = body.index("=", i)
-        key = body[i:eq].strip().lstrip(",").strip()
-        j = eq + 2  # past `="`
-        value = []
-        while body[j] != '"':
-            if body[j] == "\\":
-                j += 1
-                value.append({"n": "\n"}.get(body[j], body[j]))
-            else:
-                value.append(body[j])
-            j += 1
-        labels.append((key, "".join(value)))
-        i = j + 1
-        while i < len(body) and body[i] in ", ":
-            i += 1
-    return tuple(labels)
-
-
-def histogram_buckets(
-    samples: Iterable[Sample], name: str, where: Mapping[str, str] | None = None
-) -> list[tuple[float, float]]:
-    """Cumulative (upper bound, count) of histogram `name`, summed over matching series."""
-    counts: dict[float, float] = {}
-    for s in samples:
-        if s.name != f"{name}_bucket":
-            continue
-        if where and any(s.label(k) != v for k, v in where.items()):
-            continue
-        le = s.label("le")
-        if le is None:
-            continue
-        bound = math.inf if le == "+Inf" else float(le)
-        counts[bound] = counts.get(bound, 0.0) + s.value
-    return sorted(counts.items())
-
-
-def quantile_from_buckets(buckets: Sequence[tuple[float, float]], q: float) -> float | None:
-    """Estimate quantile `q` from cumulative buckets, interpolating linearly inside one.
-
-    As Prometheus' histogram_quantile: the first bucket interpolates from 0, and a
-    quantile in the +Inf bucket is reported as the largest finite bound. None if empty.
-    """
-    if not buckets or buckets[-1][1] <= 0:
-        return None
-    total = buckets[-1][1]
-    rank = q * total
-    lower_bound, lower_count = 0.0, 0.0
-    for bound, count in buckets:
-        if count >= rank:
-            if math.isinf(bound):
-                return lower_bound
-            if count == lower_count:
-                return bound
-            return lower_bound + (bound - lower_bound) * (rank - lower_count) / (
-                count - lower_count
-            )
-        lower_bound, lower_count = bound, count
-    return lower_bound
-
-
-def counter_total(
-    samples: Iterable[Sample], name: str, where: Mapping[str, str] | None = None
-) -> float:
-    """Sum of a counter's matching series (`name` with or without `_total`)."""
-    names = {name, name.removesuffix("_total") + "_total"}
-    return sum(
-        s.value
-        for s in samples
-        if s.name in names and not (where and any(s.label(k) != v for k, v in where.items()))
-    )
-
-
-def gauge_max(
-    samples: Iterable[Sample], name: str, where: Mapping[str, str] | None = None
-) -> float | None:
-    """The largest value of a gauge's matching series (one per worker pid), else None."""
-    values = [
-        s.value
-        for s in samples
-        if s.name == name and not (where and any(s.label(k) != v for k, v in where.items()))
-    ]
-    return max(values) if values else None
-
-
-def bucket_delta(
-    before: Sequence[tuple[float, float]], after: Sequence[tuple[float, float]]
-) -> list[tuple[float, float]]:
-    """Cumulative buckets of what a histogram observed between two scrapes."""
-    old = dict(before)
-    return [(bound, count - old.get(bound, 0.0)) for bound, count in after]
-
-
-def highest_bucket(buckets: Sequence[tuple[float, float]]) -> float | None:
-    """Upper bound of the highest bucket holding an observation (inf past the last finite
-    bound): a ceiling on the largest value observed. None if the histogram is empty."""
-    highest, previous = None, 0.0
-    for bound, count in buckets:
-        if count > previous:
-            highest = bound
-        previous = count
-    return highest
-
 
 GC_PAUSE = "python_gc_pause_seconds"
 GC_PAUSE_MAX = "python_gc_pause_max_seconds"
@@ -179,25 +51,6 @@ def gc_pauses(before: str, after: str) -> dict[str, dict[str, float | None]]:
             "max_s": gauge_max(new, GC_PAUSE_MAX, where),
         }
     return out
-
-
-def nearest_rank(ordered: Sequence[float], q: float) -> float:
-    """Quantile `q` of sorted, non-empty samples by nearest rank: a value that occurred."""
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def tail_summary(samples: Iterable[float]) -> dict[str, float | None]:
-    """p50, p99, p99.9 (nearest rank), max and count, in the samples' unit; None if empty."""
-    ordered = sorted(samples)
-    if not ordered:
-        return {"p50": None, "p99": None, "p99_9": None, "max": None, "n": 0}
-    return {
-        "p50": nearest_rank(ordered, 0.5),
-        "p99": nearest_rank(ordered, 0.99),
-        "p99_9": nearest_rank(ordered, 0.999),
-        "max": ordered[-1],
-        "n": len(ordered),
-    }
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,7 +82,7 @@ def _server_stats(samples: list[Sample]) -> ServerStats:
     inference = histogram_buckets(samples, "fraud_inference_seconds")
 
     def ms(buckets: list[tuple[float, float]], q: float) -> float | None:
-        value = quantile_from_buckets(buckets, q)
+        value = bucket_quantile(buckets, q)
         return None if value is None else value * 1e3
 
     return ServerStats(
@@ -290,7 +143,7 @@ def locust_final(stats_json: str) -> ClientStats:
     computes them, from its rounded response-time counts (whole ms below 100 ms).
     """
     entries = json.loads(stats_json)
-    times: dict[float, int] = {}
+    times: list[float] = []  # one per request, in Locust's rounded ms
     requests = failures = 0
     starts, ends = [], []
     for entry in entries:
@@ -300,19 +153,12 @@ def locust_final(stats_json: str) -> ClientStats:
         if entry.get("last_request_timestamp") is not None:
             ends.append(float(entry["last_request_timestamp"]))
         for ms, count in entry["response_times"].items():
-            times[float(ms)] = times.get(float(ms), 0) + int(count)
+            times += itertools.repeat(float(ms), int(count))
     elapsed = max(ends) - min(starts) if starts and ends else 0.0
 
     def percentile(q: float) -> float:
-        # Locust's calculate_response_time_percentile, on the merged counts.
-        n = sum(times.values())
-        rank = int(n * q)
-        seen = 0
-        for ms in sorted(times, reverse=True):
-            seen += times[ms]
-            if n - seen <= rank:
-                return ms
-        return 0.0
+        # quantile's rule is that of Locust's calculate_response_time_percentile.
+        return quantile(times, q) if times else 0.0
 
     return ClientStats(
         requests=requests,

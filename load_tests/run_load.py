@@ -8,45 +8,17 @@ starts, it stops. Output: load_tests/results/load-report.md, load.png, load.html
 from __future__ import annotations
 
 import argparse
-import http.client
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
 from load_tests import report
-from load_tests._stack import stop_serve
-from tools.redis_server import RedisServer, free_port
-
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "load_tests" / "results"
-
-
-def _get(port: int, path: str, timeout_s: float = 10.0) -> tuple[int, str]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout_s)
-    try:
-        conn.request("GET", path)
-        response = conn.getresponse()
-        return response.status, response.read().decode()
-    finally:
-        conn.close()
-
-
-def _wait_ready(proc: subprocess.Popen[bytes], port: int, timeout_s: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"bentoml serve exited with {proc.returncode}")
-        try:
-            if _get(port, "/readyz", 1.0)[0] == 200:
-                return
-        except OSError:
-            pass
-        time.sleep(0.3)
-    raise TimeoutError(f"bentoml serve not ready on port {port}")
+from load_tests._stack import RESULTS, ROOT, scrape
+from tools.bento_server import BentoServer
+from tools.redis_server import RedisServer
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -62,14 +34,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--workers",
-        default=os.environ.get("FRAUD_WORKERS", "2"),
+        type=int,
+        default=int(os.environ.get("FRAUD_WORKERS", "2")),
         help="service workers: one per vCPU of this 2-vCPU machine",
     )
     args = parser.parse_args(argv)
     RESULTS.mkdir(parents=True, exist_ok=True)
     python = sys.executable
     bindir = Path(python).parent
-    env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true", "FRAUD_WORKERS": args.workers}
+    env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true"}
     with ExitStack() as stack:
         redis_server = stack.enter_context(RedisServer(quiet=True))
         env["FEATURES_REDIS_URL"] = redis_server.url
@@ -81,18 +54,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             [python, "-m", "models.train", "--if-missing"], env=env, cwd=ROOT, check=True
         )
 
-        port = free_port()
-        log_path = RESULTS / "serve.log"
-        with log_path.open("wb") as log:
-            serve = subprocess.Popen(
-                [str(bindir / "bentoml"), "serve", "service:FraudService",
-                 "--host", "127.0.0.1", "--port", str(port)],
-                env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-            )  # fmt: skip
-        stack.callback(stop_serve, serve)
-        _wait_ready(serve, port)
-        print(f"bentoml serve on 127.0.0.1:{port}, {args.workers} workers", flush=True)
-        before = _get(port, "/metrics")[1]
+        serve = BentoServer(env, workers=args.workers, log=RESULTS / "serve.log")
+        port = stack.enter_context(serve).port
+        print(f"bentoml serve on 127.0.0.1:{port}, {args.workers} workers, ready in "
+              f"{serve.startup_s:.1f} s", flush=True)  # fmt: skip
+        before = scrape(port)
 
         prefix = RESULTS / "load"
         locust = [
@@ -109,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ]  # fmt: skip
         print("+", " ".join(locust[1:]), flush=True)
         subprocess.run(locust, env=env, cwd=ROOT, check=True)
-        after = _get(port, "/metrics")[1]
+        after = scrape(port)
 
     client = report.locust_final(Path(f"{prefix}.json").read_text())
     history = report.locust_history(Path(f"{prefix}_stats_history.csv").read_text())

@@ -64,12 +64,11 @@ async def _sampler(pid: int, end: float, every_s: float, t0: float,
 
 async def run(args: argparse.Namespace) -> int:
     env = {
-        "FRAUD_WORKERS": "2",
         "FEATURES_CACHE_MAXSIZE": str(args.cache_maxsize),
         # Long enough that the size bound, not expiry, is what limits the cache.
         "FEATURES_CACHE_TTL_S": "3600",
     }
-    with stack(args.users, 2000, **env) as s:
+    with stack(args.users, 2000, workers=2, **env) as s:
         t0 = time.monotonic()
         end = t0 + args.seconds
         counts: dict[str, int] = {}
@@ -78,12 +77,12 @@ async def run(args: argparse.Namespace) -> int:
               f"cache_maxsize {args.cache_maxsize} per worker")  # fmt: skip
         await asyncio.gather(
             *(
-                _client(s.url, args.rate / args.clients, end, args.id_space, i, counts)
+                _client(s.server.url, args.rate / args.clients, end, args.id_space, i, counts)
                 for i in range(args.clients)
             ),
-            _sampler(s.serve.pid, end, args.every, t0, rows),
+            _sampler(s.server.process.pid, end, args.every, t0, rows),
         )
-        rows.append((time.monotonic() - t0, workers_rss_mb(s.serve.pid)))
+        rows.append((time.monotonic() - t0, workers_rss_mb(s.server.process.pid)))
     start, mid, last = rows[0], rows[len(rows) // 2], rows[-1]
     print()
     print(f"requests: {sum(counts.values())} {counts}")

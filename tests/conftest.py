@@ -6,16 +6,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 import redis
 
 from features import Settings, open_redis
 from features.connection import Client
+from tools.bento_server import BentoServer
 from tools.emulators import BigtableEmulator, Dynalite, EmulatorMissing
 from tools.redis_server import RedisServer, free_port
 
@@ -98,61 +97,25 @@ def bentoml_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     yield home
 
 
-class Service:
-    """A `bentoml serve` process on a free loopback port."""
+class Service(BentoServer):
+    """`bentoml serve` of the test model against `redis_url`, its log in `home`."""
 
     def __init__(self, home: Path, redis_url: str, **env: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = home / f"serve-{self.port}.log"
-        self.env = {
-            **os.environ,
-            "BENTOML_HOME": str(home),
-            "FEATURES_REDIS_URL": redis_url,
-            # Functional tests check what each fault is answered with; a 15 ms deadline
-            # on a busy 2-vCPU runner would turn some into `deadline`. tests/test_deadline.py
-            # tests the deadline itself, and `make bench` measures the default.
-            "FEATURES_DEADLINE_S": "1.0",
-            "FRAUD_REQUEST_TIMEOUT_S": "10",
-            **env,
-        }
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout_s: float = 90.0) -> Service:
-        bentoml = str(Path(sys.executable).parent / "bentoml")
-        args = [bentoml, "serve", "service:FraudService", "--host", "127.0.0.1"]
-        with self.log.open("wb") as log:
-            self.process = subprocess.Popen(
-                [*args, "--port", str(self.port)],
-                env=self.env,
-                cwd=ROOT,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"bentoml serve exited:\n{self.output()}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise TimeoutError(f"bentoml serve not ready:\n{self.output()}")
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()  # the arbiter stops its workers
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        port = free_port()
+        super().__init__(
+            {
+                "BENTOML_HOME": str(home),
+                "FEATURES_REDIS_URL": redis_url,
+                # Functional tests check what each fault is answered with; a 15 ms deadline
+                # on a busy 2-vCPU runner would turn some into `deadline`. tests/test_deadline.py
+                # tests the deadline itself, and `make bench` measures the default.
+                "FEATURES_DEADLINE_S": "1.0",
+                "FRAUD_REQUEST_TIMEOUT_S": "10",
+                **env,
+            },
+            port=port,
+            log=home / f"serve-{port}.log",
+        )
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ import random
 import pytest
 
 from features.offline.demo import user_ids
-from load_tests import bench_tail, httpload, report
+from load_tests import bench_tail, httpload, report, stats
 from load_tests.skew import SkewedPool
 
 METRICS = """\
@@ -53,7 +53,7 @@ Timestamp,User Count,Type,Name,Requests/s,Failures/s,50%,66%,75%,80%,90%,95%,98%
 
 
 def test_prometheus_text_is_parsed_with_labels() -> None:
-    samples = report.parse_prometheus(METRICS)
+    samples = stats.parse_prometheus(METRICS)
     assert len(samples) == 16
     weird = next(s for s in samples if s.name == "weird_total")
     assert weird.label("path") == 'a "quoted", one' and weird.value == 2.0
@@ -61,12 +61,12 @@ def test_prometheus_text_is_parsed_with_labels() -> None:
 
 def test_quantiles_interpolate_within_buckets() -> None:
     buckets = [(0.001, 50.0), (0.002, 100.0), (float("inf"), 100.0)]
-    assert report.quantile_from_buckets(buckets, 0.5) == pytest.approx(0.001)
-    assert report.quantile_from_buckets(buckets, 0.99) == pytest.approx(0.00198)
-    assert report.quantile_from_buckets(buckets, 0.25) == pytest.approx(0.0005)
+    assert stats.bucket_quantile(buckets, 0.5) == pytest.approx(0.001)
+    assert stats.bucket_quantile(buckets, 0.99) == pytest.approx(0.00198)
+    assert stats.bucket_quantile(buckets, 0.25) == pytest.approx(0.0005)
     # Past the last finite bound: the largest finite bound, as Prometheus does.
-    assert report.quantile_from_buckets([(0.001, 1.0), (float("inf"), 10.0)], 0.9) == 0.001
-    assert report.quantile_from_buckets([], 0.5) is None
+    assert stats.bucket_quantile([(0.001, 1.0), (float("inf"), 10.0)], 0.9) == 0.001
+    assert stats.bucket_quantile([], 0.5) is None
 
 
 def test_server_stats_sum_series_across_labels() -> None:
@@ -186,12 +186,12 @@ python_gc_pause_max_seconds{generation="2",pid="7"} 0.12
 def test_highest_bucket_of_a_delta_bounds_the_longest_observation() -> None:
     before = [(0.001, 5.0), (0.005, 6.0), (float("inf"), 6.0)]
     after = [(0.001, 9.0), (0.005, 11.0), (float("inf"), 11.0)]
-    delta = report.bucket_delta(before, after)
+    delta = stats.bucket_delta(before, after)
     assert delta == [(0.001, 4.0), (0.005, 5.0), (float("inf"), 5.0)]
-    assert report.highest_bucket(delta) == 0.005
-    assert report.highest_bucket([(0.001, 0.0), (float("inf"), 1.0)]) == float("inf")
-    assert report.highest_bucket(report.bucket_delta(after, after)) is None
-    assert report.highest_bucket([]) is None
+    assert stats.highest_bucket(delta) == 0.005
+    assert stats.highest_bucket([(0.001, 0.0), (float("inf"), 1.0)]) == float("inf")
+    assert stats.highest_bucket(stats.bucket_delta(after, after)) is None
+    assert stats.highest_bucket([]) is None
 
 
 def test_gc_pauses_per_generation_between_scrapes() -> None:
@@ -212,9 +212,9 @@ def test_gc_pauses_per_generation_between_scrapes() -> None:
 def test_tail_summary_by_nearest_rank() -> None:
     samples = [float(i) for i in range(1, 1001)]
     random.Random(1).shuffle(samples)
-    tail = report.tail_summary(samples)
+    tail = stats.tail_summary(samples)
     assert tail == {"p50": 501.0, "p99": 991.0, "p99_9": 1000.0, "max": 1000.0, "n": 1000}
-    assert report.tail_summary([]) == {
+    assert stats.tail_summary([]) == {
         "p50": None,
         "p99": None,
         "p99_9": None,
@@ -312,8 +312,8 @@ def test_phase_report_finds_the_breaker_and_the_recovery() -> None:
         "default/circuit_open": 3,
     }
     assert out["breaker_open_after_s"] == pytest.approx(0.2001)
-    # Sent after the first circuit_open answer: 0.02 and 0.04 ms.
-    assert out["slow_features_p50_since_open_ms"] == pytest.approx(0.03)
+    # Sent after the first circuit_open answer: 0.02 and 0.04 ms; p50 by stats.quantile.
+    assert out["slow_features_p50_since_open_ms"] == pytest.approx(0.04)
     assert out["slow_since_open_n"] == 2
     assert out["redis_back_after_s"] == pytest.approx(0.601)
     assert out["fast_again"]["features_ms"]["n"] == 2
@@ -332,11 +332,19 @@ def test_phase_report_without_breaker_or_recovery() -> None:
 
 
 def test_tail_table_without_gc_metrics_or_server_timing() -> None:
-    empty = report.tail_summary([])
-    client = report.tail_summary([1.0, 2.0, 30.0])
+    empty = stats.tail_summary([])
+    client = stats.tail_summary([1.0, 2.0, 30.0])
     side = {"client_ms": client, "non_200": 0, "late": 0, "features_ms": empty, "gc": {}}
     tail = {"rate": 250, "seconds": 1, "trivial": side, "predict": side}
     lines = bench_tail.table_lines({"tail": tail})
     assert any(line.startswith("| client p99.9 / max") and "30.00" in line for line in lines)
     gc_line = next(line for line in lines if "since start-up" in line)
     assert "n/a" in gc_line and gc_line.endswith("| **no** |")
+
+
+def test_quantile_is_the_sample_at_index_floor_q_n() -> None:
+    assert stats.quantile([0.04, 0.02], 0.5) == 0.04
+    assert stats.quantile([3.0, 1.0, 2.0], 0.0) == 1.0
+    assert stats.quantile([3.0, 1.0, 2.0], 1.0) == 3.0
+    with pytest.raises(ValueError, match="no samples"):
+        stats.quantile([], 0.5)

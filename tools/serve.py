@@ -12,11 +12,9 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from contextlib import ExitStack
-from pathlib import Path
 
+from tools.bento_server import ROOT, BentoServer
 from tools.redis_server import RedisServer
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _run(args: list[str], env: dict[str, str]) -> None:
@@ -34,12 +32,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     python = sys.executable
     env = dict(os.environ)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM acts as Ctrl-C
     with ExitStack() as stack:
         url = env.get("FEATURES_REDIS_URL") or env.get("REDIS_URL")
         if url is None:
-            server = stack.enter_context(RedisServer())
-            url = server.url
-            print(f"embedded redis-server on {url} (pid {server.process and server.process.pid})")
+            redis = stack.enter_context(RedisServer())
+            url = redis.url
+            print(f"embedded redis-server on {url} (pid {redis.process and redis.process.pid})")
         else:
             print("using the Redis given by FEATURES_REDIS_URL / REDIS_URL")
         env["FEATURES_REDIS_URL"] = url
@@ -48,29 +47,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             _run([python, "-m", "features.offline.load", *demo], env)
         _run([python, "-m", "models.train", "--if-missing"], env)
 
-        serve = [
-            str(Path(python).parent / "bentoml"),
-            "serve", "service:FraudService",
-            "--host", "127.0.0.1",
-            "--port", str(args.port),
-        ]  # fmt: skip
-        print("+", " ".join(serve), flush=True)
-        service = subprocess.Popen(serve, env=env, cwd=ROOT)
-        # SIGTERM to us becomes SIGTERM to the service; Ctrl-C reaches it directly.
-        signal.signal(signal.SIGTERM, lambda *_: service.terminate())
+        server = stack.enter_context(BentoServer(env, port=args.port))
+        print(f"bentoml serve ready on {server.url} in {server.startup_s:.1f} s", flush=True)
         try:
-            return service.wait()
+            return server.process.wait()
         except KeyboardInterrupt:
-            service.send_signal(signal.SIGINT)
-            try:
-                service.wait(15)
-            except subprocess.TimeoutExpired:
-                service.kill()
-            return 0
-        finally:
-            if service.poll() is None:
-                service.terminate()
-                service.wait(15)
+            return 0  # leaving the stack stops the service, then Redis
 
 
 if __name__ == "__main__":
