@@ -6,7 +6,9 @@
 (d) Feast 0.67 get_online_features for (a) and (c), in its own venv;
 (e) /predict vs a constant BentoML endpoint: p50 at concurrency 1, max RPS, p99 at half;
 (f) and (g), in load_tests/bench_tail.py: open-loop tails from a cold start, and behind a
-    Redis whose replies turn slow.
+    Redis whose replies turn slow;
+(h) load_tests/bench_overload.py: 3x the max rate, admission control on and off;
+(i) load_tests/bench_curve.py: latency and goodput against offered rate (a PNG).
 Every comparison is measured in the same run, interleaved in rounds. Placement: the
 client and redis-server pinned to one vCPU ("shared") or to different ones ("split").
 """
@@ -35,7 +37,7 @@ from features import GROUPS, MERCHANT_RISK, USER_FEATURES, FeatureStore, Setting
 from features.offline.demo import merchant_ids, user_ids
 from features.offline.load import demo_rows, load
 from features.ondemand import model_inputs
-from load_tests import bench_tail, httpload
+from load_tests import bench_curve, bench_overload, bench_tail, httpload
 from load_tests._stack import RESULTS, scrape
 from load_tests.report import diff_stats
 from load_tests.skew import transactions
@@ -415,6 +417,10 @@ def table(results: dict[str, Any]) -> str:
             f"{_ok(p['max_failures'] + p['half_failures'] == 0)} |"
         )
     lines += bench_tail.table_lines(results)
+    if "overload" in results:
+        lines += bench_overload.table_lines(results["overload"])
+    if "curve" in results:
+        lines += bench_curve.table_lines(results["curve"])
     return "\n".join(lines)
 
 
@@ -442,6 +448,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-slow-redis", action="store_true", help="skip (g)")
     parser.add_argument("--slow-redis-seconds", type=float, default=10.0, help="per phase")
     parser.add_argument("--slow-redis-rate", type=float, default=120.0, help="req/s")
+    parser.add_argument("--no-overload", action="store_true", help="skip (h)")
+    parser.add_argument("--overload-seconds", type=float, default=15.0, help="per phase")
+    parser.add_argument("--no-curve", action="store_true", help="skip (i)")
+    parser.add_argument("--curve-step-seconds", type=float, default=6.0)
     args = parser.parse_args(argv)
     RESULTS.mkdir(parents=True, exist_ok=True)
     modes = list(PLACEMENTS) if args.placement == "both" else [args.placement]
@@ -469,7 +479,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"Feast, placement {mode}", flush=True)
                 results["feast"][mode] = run_feast(server.port, args.n, client_cpus)
             os.sched_setaffinity(0, own_cpus)
-        if not (args.no_e2e and args.no_tail and args.no_slow_redis):
+        if not (
+            args.no_e2e
+            and args.no_tail
+            and args.no_slow_redis
+            and args.no_overload
+            and args.no_curve
+        ):
             _train_if_missing()
         if not args.no_e2e:
             pinned = args.e2e_placement == "pinned"
@@ -489,6 +505,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"slow Redis: {args.slow_redis_rate:g} req/s, fast / slow / fast", flush=True)
             results["slow_redis"] = bench_tail.slow_redis(
                 server.port, args.slow_redis_rate, args.slow_redis_seconds
+            )
+        if not args.no_overload:
+            print("overload: 3x the max rate, admission control off then on", flush=True)
+            results["overload"] = bench_overload.overload(
+                server.url, server.process.pid, args.overload_seconds
+            )
+        if not args.no_curve:
+            print("latency against offered rate", flush=True)
+            results["curve"] = bench_curve.curve(
+                server.url, server.process.pid, args.curve_step_seconds
             )
     text = table(results)
     print(text)

@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from load_tests import httpload
-from load_tests._stack import start_serve, stop_serve
+from load_tests._stack import RESULTS
 from load_tests.bench_overload import placement
-from load_tests.report import tail_summary
 from load_tests.skew import transactions
+from load_tests.stats import tail_summary
+from tools.bento_server import BentoServer
 from tools.redis_server import free_port
 
 FRACTIONS = (0.1, 0.25, 0.5, 0.7, 0.8, 0.9, 1.0, 1.2, 1.5, 2.0, 3.0)
@@ -76,13 +77,14 @@ def curve(redis_url: str, redis_pid: int, step_s: float) -> dict[str, Any]:
         "BENTOML_DO_NOT_TRACK": "true",
     }
     port = free_port()
-    proc = start_serve("service:FraudService", port, env, server_cpus, log_name="curve")
+    log = RESULTS / "serve-curve.log"
+    server = BentoServer(env, port=port, log=log, cpus=server_cpus).start()
     try:
         os.sched_setaffinity(0, client_cpus)
         result = asyncio.run(_sweep(port, transactions(20_000), step_s))
     finally:
         os.sched_setaffinity(0, own)
-        stop_serve(proc)
+        server.stop()
     result["step_s"] = step_s
     result["knee"] = knee(result)
     draw(result, PNG)

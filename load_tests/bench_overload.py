@@ -16,10 +16,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from load_tests import httpload
-from load_tests._stack import scrape, start_serve, stop_serve
+from load_tests._stack import RESULTS, scrape
 from load_tests.httpload import Response
-from load_tests.report import counter_total, parse_prometheus, tail_summary
 from load_tests.skew import transactions
+from load_tests.stats import counter_total, parse_prometheus, tail_summary
+from tools.bento_server import BentoServer
 from tools.redis_server import free_port
 
 OVERLOAD = 3.0
@@ -99,7 +100,8 @@ def overload(redis_url: str, redis_pid: int, seconds: float) -> dict[str, Any]:
     for name, admission in (("no_admission", "0"), ("admission", "1")):
         port = free_port()
         env = {**base, "FRAUD_ADMISSION": admission}
-        proc = start_serve("service:FraudService", port, env, server_cpus, log_name=name)
+        log = RESULTS / f"serve-overload-{name}.log"
+        server = BentoServer(env, port=port, log=log, cpus=server_cpus).start()
         try:
             os.sched_setaffinity(0, client_cpus)
             result = asyncio.run(_run(port, bodies, seconds, base_rps))
@@ -111,7 +113,7 @@ def overload(redis_url: str, redis_pid: int, seconds: float) -> dict[str, Any]:
             }
         finally:
             os.sched_setaffinity(0, own)
-            stop_serve(proc)
+            server.stop()
         out[name] = result
     return out
 

@@ -67,6 +67,7 @@ async def run(args: argparse.Namespace) -> int:
         "FEATURES_CACHE_MAXSIZE": str(args.cache_maxsize),
         # Long enough that the size bound, not expiry, is what limits the cache.
         "FEATURES_CACHE_TTL_S": "3600",
+        "FEATURES_STALE_MAX_AGE_S": "3600",  # may not be below the TTL
     }
     with stack(args.users, 2000, workers=2, **env) as s:
         t0 = time.monotonic()
