@@ -168,6 +168,10 @@ def table_lines(h: dict[str, Any]) -> list[str]:
         _ok((on["overload"]["refused_ms"]["p99"] or 1e9) <= REFUSED_P99_MS)
         + f" (p99 <= {REFUSED_P99_MS:g})",
     )
+    row(
+        "sent > 2 ms late (the client fell behind)",
+        lambda r: f"{r['overload_late']} of {r['overload']['n']}",
+    )
     row("statuses", lambda r: ", ".join(f"{k}: {v}" for k, v in r["overload"]["statuses"].items()))
     row(
         "dropped / other statuses",

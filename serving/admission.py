@@ -1,14 +1,16 @@
 """Admission control: refuse at once, with 503 and Retry-After, what the worker cannot serve
 inside its budget, before any parsing or feature work.
 
-A worker is one event loop on one CPU. When it is overloaded, the queue that grows is the
-loop's own: work waiting for the CPU. `LoopLag` measures that queueing delay directly (how
-late a timer fires), and `ConcurrencyLimit` adapts the number of requests admitted at once
-to it, CoDel-style: when even the smallest delay seen in an interval is over the target,
-the queue is standing, and the limit shrinks by a factor; while the delay stays under the
-target and the limit is what refuses requests, it grows by one. A Redis that is slow but
-alive keeps requests waiting on I/O, not on the CPU: the delay stays low and nothing is
-refused for it (the feature deadline bounds those requests instead).
+A worker is one event loop on one CPU. A request's time is the wait before the loop
+reaches it plus its own time once admitted. `LoopLag` measures the first directly (how late
+a timer fires: the smallest delay in an interval is the standing queue, CoDel's signal) and
+the middleware times the second. `ConcurrencyLimit` adapts the number of requests admitted
+at once to their sum, AIMD: over the target latency, the limit shrinks by a factor; under
+it, while the limit is what refuses requests, it grows by one. Refusing is not free (each
+refusal still passes BentoML's own middleware), so under heavy overload the queue ahead of
+admission is mostly refusals: the limit then shrinks until the CPU the admitted requests
+give up serves the refusals in time. A Redis that is slow but alive costs a request at most
+the feature deadline, below the default target, so it is not refused for that.
 
 A caller may send its remaining budget in `x-envoy-expected-rq-timeout-ms` (Envoy's
 header, milliseconds); a request whose budget is below the time admitted requests take now
@@ -68,7 +70,7 @@ class AdmissionConfig:
     initial_limit: int = 32
     min_limit: int = 4
     max_limit: int = 256
-    target_delay_s: float = 0.005
+    target_s: float = 0.02
     interval_s: float = 0.1
     decrease: float = 0.8
     retry_after_s: int = 1
@@ -82,11 +84,11 @@ class ConcurrencyLimit:
         self.config = config
         self.limit = float(config.initial_limit)
 
-    def update(self, min_delay_s: float, limited: bool) -> int:
-        """One interval's smallest loop delay and whether the limit refused anything in it;
-        returns the new limit."""
+    def update(self, latency_s: float, limited: bool) -> int:
+        """One interval's latency (queueing delay plus admitted time) and whether the limit
+        refused anything in it; returns the new limit."""
         config = self.config
-        if min_delay_s > config.target_delay_s:
+        if latency_s > config.target_s:
             self.limit = max(config.min_limit, self.limit * config.decrease)
         elif limited:
             self.limit = min(config.max_limit, self.limit + 1)
@@ -131,6 +133,8 @@ class Admission:
         self._limited = False  # the limit refused a request this interval
         self._service_s = 0.0  # moving average of an admitted request's time
         self._delay_s = 0.0  # the last interval's queueing delay
+        self._interval_s = 0.0  # admitted time summed over this interval
+        self._interval_n = 0
         self._monitor: asyncio.Task[None] | None = None
         # A refusal is built ahead: under overload it is most of what the worker sends.
         self._refusals = {reason: _refusal(reason, config) for reason in REASONS}
@@ -166,17 +170,22 @@ class Admission:
         finally:
             self.admitted -= 1
             IN_FLIGHT.set(self.admitted)
-            self._service_s += 0.05 * (time.perf_counter() - started - self._service_s)
+            took = time.perf_counter() - started
+            self._service_s += 0.05 * (took - self._service_s)
+            self._interval_s += took
+            self._interval_n += 1
 
     def _start_monitor(self) -> None:
         lag = LoopLag(self.config.interval_s, self._on_interval)
         self._monitor = asyncio.get_running_loop().create_task(lag.run())
 
     def _on_interval(self, min_delay_s: float) -> None:
-        LIMIT.set(self.limit.update(min_delay_s, self._limited))
+        admitted_s = self._interval_s / self._interval_n if self._interval_n else 0.0
+        LIMIT.set(self.limit.update(min_delay_s + admitted_s, self._limited))
         QUEUE_DELAY.set(min_delay_s)
         self._delay_s = min_delay_s
         self._limited = False
+        self._interval_s, self._interval_n = 0.0, 0
 
     async def _refuse(self, send: Any, reason: str) -> None:
         self._refused[reason].inc()

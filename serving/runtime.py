@@ -21,7 +21,7 @@ def admission_config(env: Mapping[str, str] = os.environ) -> AdmissionConfig:
         initial_limit=_number(env, "FRAUD_ADMISSION_INITIAL_LIMIT", "32", int),
         min_limit=_number(env, "FRAUD_ADMISSION_MIN_LIMIT", "4", int),
         max_limit=_number(env, "FRAUD_ADMISSION_MAX_LIMIT", "256", int),
-        target_delay_s=_number(env, "FRAUD_ADMISSION_TARGET_DELAY_MS", "5", float) / 1e3,
+        target_s=_number(env, "FRAUD_ADMISSION_TARGET_MS", "20", float) / 1e3,
     )
     if not config.min_limit <= config.initial_limit <= config.max_limit:
         raise RuntimeConfigError(

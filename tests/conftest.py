@@ -111,6 +111,8 @@ class Service(BentoServer):
                 # tests the deadline itself, and `make bench` measures the default.
                 "FEATURES_DEADLINE_S": "1.0",
                 "FRAUD_REQUEST_TIMEOUT_S": "10",
+                # The same reason: with a 1 s deadline, a fault would look like overload.
+                "FRAUD_ADMISSION_TARGET_MS": "2000",
                 **env,
             },
             port=port,

@@ -20,18 +20,18 @@ from tests.conftest import Service
 from tools.delay_proxy import DelayProxy
 from tools.redis_server import RedisServer
 
-CONFIG = AdmissionConfig(initial_limit=10, min_limit=4, max_limit=12, target_delay_s=0.005)
+CONFIG = AdmissionConfig(initial_limit=10, min_limit=4, max_limit=12, target_s=0.02)
 
 
-def test_a_standing_queue_shrinks_the_limit_to_its_floor() -> None:
+def test_latency_over_the_target_shrinks_the_limit_to_its_floor() -> None:
     limit = ConcurrencyLimit(CONFIG)
-    assert limit.update(0.006, limited=True) == 8  # 10 * 0.8
+    assert limit.update(0.021, limited=True) == 8  # 10 * 0.8
     for _ in range(20):
-        limit.update(0.050, limited=True)
+        limit.update(0.200, limited=True)
     assert limit.limit == CONFIG.min_limit
 
 
-def test_the_limit_grows_only_while_it_refuses_and_the_queue_is_short() -> None:
+def test_the_limit_grows_only_while_it_refuses_and_latency_is_in_target() -> None:
     limit = ConcurrencyLimit(CONFIG)
     assert limit.update(0.001, limited=False) == 10  # not binding: no reason to grow
     assert limit.update(0.001, limited=True) == 11
@@ -42,14 +42,14 @@ def test_the_limit_grows_only_while_it_refuses_and_the_queue_is_short() -> None:
 
 def test_admission_settings_from_env() -> None:
     assert admission_config({}) == AdmissionConfig()
-    env = {"FRAUD_ADMISSION_MIN_LIMIT": "2", "FRAUD_ADMISSION_TARGET_DELAY_MS": "3"}
+    env = {"FRAUD_ADMISSION_MIN_LIMIT": "2", "FRAUD_ADMISSION_TARGET_MS": "30"}
     config = admission_config(env)
-    assert (config.min_limit, config.target_delay_s) == (2, 0.003)
+    assert (config.min_limit, config.target_s) == (2, 0.03)
     assert admission_config({"FRAUD_ADMISSION": "0"}).enabled is False
     with pytest.raises(RuntimeConfigError, match="FRAUD_ADMISSION_MIN_LIMIT <="):
         admission_config({"FRAUD_ADMISSION_MIN_LIMIT": "64", "FRAUD_ADMISSION_MAX_LIMIT": "8"})
-    with pytest.raises(RuntimeConfigError, match=r"^FRAUD_ADMISSION_TARGET_DELAY_MS="):
-        admission_config({"FRAUD_ADMISSION_TARGET_DELAY_MS": "0"})
+    with pytest.raises(RuntimeConfigError, match=r"^FRAUD_ADMISSION_TARGET_MS="):
+        admission_config({"FRAUD_ADMISSION_TARGET_MS": "0"})
 
 
 async def test_loop_lag_sees_a_blocked_loop() -> None:
