@@ -3,8 +3,8 @@
 An open loop at fixed fractions of the max rate (closed loop, 32 connections), a few
 seconds each, from the scheduled send: client p99 and the server's Server-Timing feature
 p99 per step, goodput and refusals. The knee is the highest rate whose p99 stays within
-10 ms. Drawn to docs/latency-vs-throughput.png; the service on the last vCPU, the client
-and redis-server on the others.
+10 ms. Drawn to docs/latency-vs-throughput.png. The service and redis-server on the last
+vCPU, the client on the others.
 """
 
 from __future__ import annotations
@@ -69,7 +69,9 @@ def knee(result: dict[str, Any]) -> float | None:
 def curve(redis_url: str, redis_pid: int, step_s: float) -> dict[str, Any]:
     server_cpus, client_cpus = placement()
     own = os.sched_getaffinity(0)
-    os.sched_setaffinity(redis_pid, client_cpus)
+    # Redis work is part of serving /predict: it shares the service's vCPU, not the
+    # client's (a client busy at 1000s of req/s would hold up every reply).
+    os.sched_setaffinity(redis_pid, server_cpus)
     env = {
         **os.environ,
         "FEATURES_REDIS_URL": redis_url,
