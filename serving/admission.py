@@ -5,8 +5,9 @@ A worker is one event loop on one CPU. A request's time is the wait before the l
 reaches it plus its own time once admitted. `LoopLag` measures the first directly (how late
 a timer fires: the smallest delay in an interval is the standing queue, CoDel's signal) and
 the middleware times the second. `ConcurrencyLimit` adapts the number of requests admitted
-at once to their sum, AIMD: over the target latency, the limit shrinks by a factor; under
-it, while the limit is what refuses requests, it grows by one. Refusing is not free (each
+at once to their sum, AIMD: over the target latency with at least half the limit in
+flight, the limit shrinks by a factor; under it, while the limit is what refuses requests,
+it grows by one. Refusing is not free (each
 refusal still passes BentoML's own middleware), so under heavy overload the queue ahead of
 admission is mostly refusals: the limit then shrinks until the CPU the admitted requests
 give up serves the refusals in time. A Redis that is slow but alive costs a request at most
@@ -84,11 +85,15 @@ class ConcurrencyLimit:
         self.config = config
         self.limit = float(config.initial_limit)
 
-    def update(self, latency_s: float, limited: bool) -> int:
-        """One interval's latency (queueing delay plus admitted time) and whether the limit
-        refused anything in it; returns the new limit."""
+    def update(self, latency_s: float, peak: int, limited: bool) -> int:
+        """One interval's latency (queueing delay plus admitted time), the most requests
+        in flight at once in it, and whether the limit refused any; returns the new limit.
+
+        Slow requests shrink the limit only when they were many (at least half the
+        limit in flight): a few slowed by something else (a noisy neighbour, a slow
+        dependency) are not a queue that refusing would shorten."""
         config = self.config
-        if latency_s > config.target_s:
+        if latency_s > config.target_s and peak >= self.limit / 2:
             self.limit = max(config.min_limit, self.limit * config.decrease)
         elif limited:
             self.limit = min(config.max_limit, self.limit + 1)
@@ -135,6 +140,7 @@ class Admission:
         self._delay_s = 0.0  # the last interval's queueing delay
         self._interval_s = 0.0  # admitted time summed over this interval
         self._interval_n = 0
+        self._peak = 0  # most requests in flight at once this interval
         self._monitor: asyncio.Task[None] | None = None
         # A refusal is built ahead: under overload it is most of what the worker sends.
         self._refusals = {reason: _refusal(reason, config) for reason in REASONS}
@@ -164,6 +170,7 @@ class Admission:
             return
         self.admitted += 1
         IN_FLIGHT.set(self.admitted)
+        self._peak = max(self._peak, self.admitted)
         started = time.perf_counter()
         try:
             await self.app(scope, receive, send)
@@ -181,11 +188,11 @@ class Admission:
 
     def _on_interval(self, min_delay_s: float) -> None:
         admitted_s = self._interval_s / self._interval_n if self._interval_n else 0.0
-        LIMIT.set(self.limit.update(min_delay_s + admitted_s, self._limited))
+        LIMIT.set(self.limit.update(min_delay_s + admitted_s, self._peak, self._limited))
         QUEUE_DELAY.set(min_delay_s)
         self._delay_s = min_delay_s
         self._limited = False
-        self._interval_s, self._interval_n = 0.0, 0
+        self._interval_s, self._interval_n, self._peak = 0.0, 0, self.admitted
 
     async def _refuse(self, send: Any, reason: str) -> None:
         self._refused[reason].inc()

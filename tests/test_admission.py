@@ -25,18 +25,24 @@ CONFIG = AdmissionConfig(initial_limit=10, min_limit=4, max_limit=12, target_s=0
 
 def test_latency_over_the_target_shrinks_the_limit_to_its_floor() -> None:
     limit = ConcurrencyLimit(CONFIG)
-    assert limit.update(0.021, limited=True) == 8  # 10 * 0.8
+    assert limit.update(0.021, peak=10, limited=True) == 8  # 10 * 0.8
     for _ in range(20):
-        limit.update(0.200, limited=True)
+        limit.update(0.200, peak=10, limited=True)
     assert limit.limit == CONFIG.min_limit
+
+
+def test_a_few_slow_requests_are_not_a_queue() -> None:
+    limit = ConcurrencyLimit(CONFIG)
+    assert limit.update(0.500, peak=4, limited=False) == 10  # 4 < 10 / 2 in flight
+    assert limit.update(0.500, peak=5, limited=False) == 8
 
 
 def test_the_limit_grows_only_while_it_refuses_and_latency_is_in_target() -> None:
     limit = ConcurrencyLimit(CONFIG)
-    assert limit.update(0.001, limited=False) == 10  # not binding: no reason to grow
-    assert limit.update(0.001, limited=True) == 11
+    assert limit.update(0.001, peak=10, limited=False) == 10  # not binding: no reason to grow
+    assert limit.update(0.001, peak=10, limited=True) == 11
     for _ in range(5):
-        limit.update(0.0, limited=True)
+        limit.update(0.0, peak=11, limited=True)
     assert limit.limit == CONFIG.max_limit
 
 
