@@ -1,4 +1,5 @@
-"""`make bench` (i): latency against offered rate, one worker, admission control on.
+"""`make bench` (i): latency against offered rate, one worker, admission control on; the
+trivial endpoint (served with the same runtime options) swept the same way as baseline.
 
 An open loop at fixed fractions of the max rate (closed loop, 32 connections), a few
 seconds each, from the scheduled send: client p99 and the server's Server-Timing feature
@@ -66,7 +67,20 @@ def knee(result: dict[str, Any]) -> float | None:
     return best
 
 
+TARGETS = {
+    "predict": "service:FraudService",
+    "trivial": "load_tests.trivial_service:TrivialService",
+}
+
+
 def curve(redis_url: str, redis_pid: int, step_s: float) -> dict[str, Any]:
+    """The sweep for /predict, then for the trivial endpoint as the same-run baseline."""
+    result = {name: _one(target, redis_url, redis_pid, step_s) for name, target in TARGETS.items()}
+    draw(result, PNG)
+    return result
+
+
+def _one(target: str, redis_url: str, redis_pid: int, step_s: float) -> dict[str, Any]:
     server_cpus, client_cpus = placement()
     own = os.sched_getaffinity(0)
     # Redis work is part of serving /predict: it shares the service's vCPU, not the
@@ -79,8 +93,8 @@ def curve(redis_url: str, redis_pid: int, step_s: float) -> dict[str, Any]:
         "BENTOML_DO_NOT_TRACK": "true",
     }
     port = free_port()
-    log = RESULTS / "serve-curve.log"
-    server = BentoServer(env, port=port, log=log, cpus=server_cpus).start()
+    log = RESULTS / f"serve-curve-{target.split(':')[-1]}.log"
+    server = BentoServer(env, target=target, port=port, log=log, cpus=server_cpus).start()
     try:
         os.sched_setaffinity(0, client_cpus)
         result = asyncio.run(_sweep(port, transactions(20_000), step_s))
@@ -89,7 +103,6 @@ def curve(redis_url: str, redis_pid: int, step_s: float) -> dict[str, Any]:
         server.stop()
     result["step_s"] = step_s
     result["knee"] = knee(result)
-    draw(result, PNG)
     return result
 
 
@@ -99,21 +112,26 @@ def draw(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = result["steps"]
-    x = [s["offered_rps"] for s in steps]
     fig, (lat, thr) = plt.subplots(1, 2, figsize=(12, 4.5))
-    lat.plot(x, [s["client_ms"]["p99"] for s in steps], "o-", label="client p99 (accepted)")
-    lat.plot(x, [s["client_ms"]["p50"] for s in steps], "o-", label="client p50")
-    lat.plot(x, [s["feature_ms"]["p99"] for s in steps], "s-", label="server feature p99")
+    for name, style in (("predict", "-"), ("trivial", "--")):
+        steps = result[name]["steps"]
+        x = [s["offered_rps"] for s in steps]
+        lat.plot(x, [s["client_ms"]["p99"] for s in steps], "o" + style, label=f"{name} p99")
+        lat.plot(x, [s["client_ms"]["p50"] for s in steps], "." + style, label=f"{name} p50")
+        thr.plot(x, [s["goodput_rps"] for s in steps], "o" + style, label=f"{name} goodput")
+    steps = result["predict"]["steps"]
+    x = [s["offered_rps"] for s in steps]
+    lat.plot(x, [s["feature_ms"]["p99"] for s in steps], "s-", label="predict: server feature p99")
     lat.axhline(KNEE_P99_MS, color="red", linestyle="--", label="10 ms")
-    lat.axvline(result["max_rps"], color="grey", linestyle=":", label="max rate")
-    lat.set(xlabel="offered req/s", ylabel="ms", yscale="log", title="Latency vs offered rate")
-    lat.legend()
-    thr.plot(x, [s["goodput_rps"] for s in steps], "o-", label="goodput (200)")
-    thr.plot(x, [s["refused"] / result["step_s"] for s in steps], "o-", label="refused (503)/s")
+    lat.axvline(result["predict"]["max_rps"], color="grey", linestyle=":", label="predict max")
+    lat.set(xlabel="offered req/s", ylabel="ms (accepted)", yscale="log",
+            title="Latency vs offered rate, 1 worker")  # fmt: skip
+    lat.legend(fontsize="small")
+    step_s = result["predict"]["step_s"]
+    thr.plot(x, [s["refused"] / step_s for s in steps], "o-", label="predict refused (503)/s")
     thr.plot(x, x, color="grey", linestyle=":", label="offered")
     thr.set(xlabel="offered req/s", ylabel="req/s", title="Goodput and refusals, 1 worker")
-    thr.legend()
+    thr.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -123,12 +141,16 @@ def _f(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
-def table_lines(i: dict[str, Any]) -> list[str]:
-    """(i)'s part of the `make bench` table."""
+def table_lines(result: dict[str, Any]) -> list[str]:
+    """(i)'s part of the `make bench` table: /predict, then the trivial endpoint."""
+    return [line for name in TARGETS for line in _lines(name, result[name])]
+
+
+def _lines(name: str, i: dict[str, Any]) -> list[str]:
     at = "-" if i["knee"] is None else f"{i['knee']:.0%}"
     lines = [
         "",
-        f"(i) latency vs offered rate, 1 worker, {i['step_s']:g} s a step; max "
+        f"(i) {name}: latency vs offered rate, 1 worker, {i['step_s']:g} s a step; max "
         f"{i['max_rps']:.0f} req/s; knee (p99 <= {KNEE_P99_MS:g} ms) at {at} of max "
         f"({'met' if (i['knee'] or 0) >= KNEE_TARGET else 'MISSED'}: >= {KNEE_TARGET:.0%}); "
         f"{PNG.name}",
