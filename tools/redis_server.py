@@ -17,7 +17,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -70,12 +70,22 @@ def free_port() -> int:
         return port
 
 
-def _die_with_parent() -> None:
+def _load_prctl() -> Callable[[int, int], int] | None:
     try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass  # not Linux: stop() still runs on every normal exit
+        prctl: Callable[[int, int], int] = ctypes.CDLL(None, use_errno=True).prctl
+        return prctl
+    except (OSError, AttributeError):
+        return None  # not Linux: stop() still runs on every normal exit
+
+
+# Resolved here, in the parent: the child runs as little as possible between fork and exec
+# (a dlopen there, with other threads alive in the parent, can deadlock or abort).
+_PRCTL = _load_prctl()
+
+
+def _die_with_parent() -> None:
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class RedisServer:
