@@ -14,6 +14,11 @@ export BENTOML_DO_NOT_TRACK := true
 # redis-tools ships the server binary as redis-check-rdb and starts no service.
 # REDIS_TLS_SERVER_BIN=/path/to/redis-server (built with TLS) skips the install.
 TLS_REDIS := $(if $(REDIS_TLS_SERVER_BIN),,/usr/bin/redis-check-rdb)
+# promtool for tests/test_ops.py, from Debian's prometheus package. Only that binary is
+# taken out of the .deb: installing the package would start a Prometheus server (its init
+# script runs on configure) and pull in a web UI. PROMTOOL=/path/to/promtool skips it.
+PROMTOOL_DEP := $(if $(PROMTOOL),,.tools/promtool)
+export PROMTOOL ?= $(CURDIR)/.tools/promtool
 # Bounded runs outside `make test`: SOAK_S=180 make soak for a short soak.
 FAULT_ARGS ?=
 SOAK_S ?= 600
@@ -43,7 +48,17 @@ serve: $(STAMP)
 	apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-tools
 
-test: $(STAMP) $(NODE_STAMP) $(TLS_REDIS)
+# apt-get download needs no root once the package lists are there; as root it updates them.
+.tools/promtool:
+	@if [ "$$(id -u)" = 0 ]; then apt-get update -qq; fi
+	rm -rf $(@D)/deb && mkdir -p $(@D)/deb
+	cd $(@D)/deb && apt-get download -qq -o APT::Sandbox::User=root prometheus || { \
+		echo "make test needs promtool: run as root, or set PROMTOOL=/path/to/promtool" >&2; \
+		exit 1; }
+	dpkg-deb --fsys-tarfile $(@D)/deb/prometheus_*.deb | tar -xO ./usr/bin/promtool > $@.part
+	chmod +x $@.part && mv $@.part $@ && rm -rf $(@D)/deb
+
+test: $(STAMP) $(NODE_STAMP) $(TLS_REDIS) $(PROMTOOL_DEP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 load-fault: $(STAMP)
@@ -75,4 +90,4 @@ bench-backing: $(STAMP) $(NODE_STAMP)
 	$(BIN)/python -m load_tests.bench_backing $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .venv-feast node_modules .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .venv-feast node_modules .tools .mypy_cache .ruff_cache .pytest_cache

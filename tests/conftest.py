@@ -98,13 +98,23 @@ def bentoml_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 
 class Service(BentoServer):
-    """`bentoml serve` of the test model against `redis_url`, its log in `home`."""
+    """`bentoml serve` of the test model against `redis_url`, its log in `home`.
+
+    Each service runs in a BentoML home of its own that links to `home`'s model store:
+    `bentoml serve` empties its home's prometheus_multiproc_dir when it starts, and its
+    /metrics reports every file in there, so services sharing a home would erase and mix
+    each other's metrics.
+    """
 
     def __init__(self, home: Path, redis_url: str, **env: str) -> None:
         port = free_port()
+        own_home = home / f"serve-{port}"
+        own_home.mkdir(exist_ok=True)
+        if not (own_home / "models").is_symlink():
+            (own_home / "models").symlink_to(home / "models")
         super().__init__(
             {
-                "BENTOML_HOME": str(home),
+                "BENTOML_HOME": str(own_home),
                 "FEATURES_REDIS_URL": redis_url,
                 # Functional tests check what each fault is answered with; a 15 ms deadline
                 # on a busy 2-vCPU runner would turn some into `deadline`. tests/test_deadline.py
