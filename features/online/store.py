@@ -36,7 +36,9 @@ class FeatureStore:
     tier. At the deadline each group still unanswered gets the last value this worker read
     for it (if younger than `stale_max_age_s`), else its defaults, both with reason
     `deadline`; the reads go on in the background and fill the cache when they land.
-    `tiers` replaces the Redis and backing tiers (tests run the chain on in-memory ones).
+    `multiplex` reads Redis through the tier's own multiplexed connection instead of
+    `client`'s pool (RedisTier; not in cluster mode). `tiers` replaces the Redis and
+    backing tiers (tests run the chain on in-memory ones).
     """
 
     def __init__(
@@ -54,6 +56,7 @@ class FeatureStore:
         backing_breaker: CircuitBreaker | None = None,
         read_repair_max_tasks: int = 8,
         breaker: CircuitBreaker | None = None,
+        multiplex: bool = False,
         tiers: Sequence[Tier] | None = None,
         timer: Callable[[], float] = time.monotonic,
         clock: Callable[[], float] = time.time,
@@ -73,6 +76,7 @@ class FeatureStore:
             tiers = self._standard_tiers(
                 client,
                 breaker=breaker,
+                multiplex=multiplex,
                 error_log_interval_s=error_log_interval_s,
                 backing=backing,
                 backing_timeout_s=backing_timeout_s,
@@ -95,6 +99,7 @@ class FeatureStore:
         client: Client,
         *,
         breaker: CircuitBreaker | None,
+        multiplex: bool,
         error_log_interval_s: float,
         backing: BackingStore | None,
         backing_timeout_s: float,
@@ -107,6 +112,7 @@ class FeatureStore:
             client,
             self._codecs,
             breaker=breaker,
+            multiplex=multiplex,
             probe_slow_s=self._deadline_s,
             error_log_interval_s=error_log_interval_s,
             timer=timer,
@@ -312,8 +318,8 @@ class FeatureStore:
             await self._backing.wait_repairs()
 
     async def aclose(self) -> None:
-        """Finish reads and read repairs, stop probes, close the backing store; the Redis
-        client is the caller's."""
+        """Finish reads and read repairs, stop probes, close the backing store and the
+        multiplexed connection; the Redis client is the caller's."""
         await self.wait_repairs()
         for tier in self._tiers:
             await tier.aclose()
