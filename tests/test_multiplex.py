@@ -365,3 +365,36 @@ async def test_sentinel_master_is_resolved_at_connect() -> None:
             await store.aclose()
             await client.aclose()
         assert rows.reads[0]["merchant:risk"].source is Source.REDIS
+
+
+def test_under_uvloop_as_the_service_runs(
+    proxy: DelayProxy, sync_redis: redis.Redis, tls_redis: TLSRedis
+) -> None:
+    import uvloop
+
+    for i in range(10):
+        sync_redis.hset(f"k{i}", "a", i)
+
+    async def scenario() -> None:
+        client, connection = connect(settings_for(proxy.url(), redis_socket_timeout_s=0.05))
+        try:
+            replies = await asyncio.gather(*(hmget(connection, f"k{i}") for i in range(10)))
+            assert [r[0][0] for r in replies] == [b"%d" % i for i in range(10)]
+            first = await client_id(connection)
+            proxy.set_delay(0.2)
+            with pytest.raises(RedisTimeoutError):
+                await hmget(connection, "k1")
+            proxy.set_delay(0)
+            assert await hmget(connection, "k2") == [[b"2", None, None]]
+            assert await client_id(connection) != first
+        finally:
+            await connection.aclose()
+            await client.aclose()
+        client, connection = connect(tls_redis.settings(redis_password=PASSWORD))
+        try:
+            assert (await hmget(connection, "user:{u1}:features"))[0][0] is None
+        finally:
+            await connection.aclose()
+            await client.aclose()
+
+    uvloop.run(scenario())

@@ -41,7 +41,7 @@ import asyncio
 import math
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import hiredis
 import redis.asyncio as aioredis
@@ -173,10 +173,10 @@ class _Connection(asyncio.Protocol):
     # --- asyncio.Protocol ------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # A write transport, though not always an asyncio.Transport instance (uvloop's).
+        self._transport = cast(asyncio.Transport, transport)
         if self._handshake:  # alone: reads wait until it has succeeded
-            transport.write(self._handshake)
+            self._transport.write(self._handshake)
             self._sent([self._handshake_read])
 
     def data_received(self, data: bytes) -> None:
@@ -216,7 +216,7 @@ class _Connection(asyncio.Protocol):
             return
         self._buffer = []
         transport = self._transport
-        assert transport is not None  # open() comes after connection_made()
+        assert transport is not None  # open() follows the handshake, so connection_made()
         transport.write(buffer[0] if len(buffer) == 1 else b"".join(buffer))
         self._sent(self._unsent)
         self._unsent = []
