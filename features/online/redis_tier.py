@@ -107,15 +107,19 @@ class RedisTier:
             breaker.success()
         metrics.REDIS_UP.set(1)
         now = self._clock()
-        answers: list[Answer] = []
-        for key, reply in zip(keys, replies, strict=True):
-            codec = codecs[key.group.qualified_name]
+        # Found replies are decoded per group, all at once; the rest answer at once.
+        answers: list[Answer] = [Reason.MISSING] * len(keys)  # the backing store may have it
+        found: dict[str, list[int]] = {}
+        for i, (key, reply) in enumerate(zip(keys, replies, strict=True)):
+            name = key.group.qualified_name
             if isinstance(reply, Exception):
-                answers.append(codec.wrongtype)
-            elif reply.count(None) == len(reply):
-                answers.append(Reason.MISSING)  # the backing store, if any, may have it
-            else:
-                answers.append(codec.decode(reply, now))
+                answers[i] = codecs[name].wrongtype
+            elif reply.count(None) != len(reply):
+                found.setdefault(name, []).append(i)
+        for name, positions in found.items():
+            decoded = codecs[name].decode_found([replies[i] for i in positions], now)
+            for i, entry in zip(positions, decoded, strict=True):
+                answers[i] = entry
         return answers
 
     async def aclose(self) -> None:
