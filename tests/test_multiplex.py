@@ -26,6 +26,7 @@ from features import (
     Settings,
     Source,
     open_redis,
+    open_store,
 )
 from features.online.multiplex import Multiplexed, hmget_packer, pack
 from tests.test_security import PASSWORD, READER, READER_PASSWORD, TLSRedis, tls_redis
@@ -398,3 +399,25 @@ def test_under_uvloop_as_the_service_runs(
             await client.aclose()
 
     uvloop.run(scenario())
+
+
+async def test_the_service_store_reads_over_its_own_connection(
+    redis_url: str, sync_redis: redis.Redis
+) -> None:
+    """open_store (what the service builds) reads without a pooled connection."""
+    settings = settings_for(redis_url, redis_max_connections=2, redis_pool_timeout_s=0.01)
+    client, _ = connect(settings)
+    await FeatureWriter(client).write(USER_FEATURES, [("u1", {"tx_count_1h": 4})])
+    store = open_store(settings, client)
+    pool = client.connection_pool
+    held = [await pool.get_connection() for _ in range(2)]  # type: ignore[no-untyped-call]
+    try:
+        await store.open()
+        rows = await store.read([{"user": "u1", "merchant": "m1"}])
+        assert rows.reads[0]["user:features"].source is Source.REDIS
+        assert rows.values[0, 0] == 4.0
+    finally:
+        for connection in held:
+            await pool.release(connection)
+        await store.aclose()
+        await client.aclose()
