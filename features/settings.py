@@ -119,12 +119,17 @@ class Settings(BaseSettings):
     redis_max_connections: PositiveInt = Field(
         default=16,
         description=(
-            "Connections per worker; size as peak_rps x avg latency s x 1.5, plus headroom."
+            "Pooled connections per worker (per node in cluster mode): cluster reads, writes and"
+            " read repair; standalone and Sentinel reads use one connection of their own. Size as"
+            " peak_rps x avg latency s x 1.5, plus headroom."
         ),
     )
     redis_pool_timeout_s: PositiveFloat = Field(
         default=0.01,
-        description="Longest wait for a free pooled connection before serving defaults.",
+        description=(
+            "Longest wait for a free pooled connection (cluster reads, writes) before serving"
+            " defaults."
+        ),
     )
     deadline_s: PositiveFloat = Field(
         default=0.015,

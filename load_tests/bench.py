@@ -1,8 +1,11 @@
 """`make bench`: the feature layer against the raw limit and against Feast, then end to end.
 
-(a) one transaction, cache miss: FeatureStore.read vs the raw redis-py pipeline of the
-    same two HMGETs; (b) the same on a cache hit, assembled into the model vector;
-(c) 100 transactions, miss: project vs raw pipeline, and HMGET vs HGETALL;
+(a) one transaction, cache miss: FeatureStore.read as the service builds it (over its
+    multiplexed connection) vs the floor (load_tests/floor.py: a hiredis protocol client
+    sending the project's two HMGETs in one write), vs the same store over redis-py's
+    pool, and vs the raw redis-py pipeline of the same two HMGETs; (b) the same on a cache
+    hit, assembled into the model vector;
+(c) 100 transactions, miss: project vs the floor and the raw pipeline, and HMGET vs HGETALL;
 (d) Feast 0.67 get_online_features for (a) and (c), in its own venv;
 (e) /predict vs a constant BentoML endpoint: p50 at concurrency 1, max RPS, p99 at half;
 (f) and (g), in load_tests/bench_tail.py: open-loop tails from a cold start, and behind a
@@ -37,8 +40,10 @@ from features import GROUPS, MERCHANT_RISK, USER_FEATURES, FeatureStore, Setting
 from features.offline.demo import merchant_ids, user_ids
 from features.offline.load import demo_rows, load
 from features.ondemand import model_inputs
+from features.spec import EVENT_TS_FIELD
 from load_tests import bench_curve, bench_overload, bench_tail, httpload
 from load_tests._stack import RESULTS, scrape
+from load_tests.floor import FloorClient
 from load_tests.report import diff_stats
 from load_tests.skew import transactions
 from load_tests.stats import quantile
@@ -100,22 +105,36 @@ class _Jump:
         return self.now
 
 
-async def micro(url: str, n: int) -> dict[str, dict[str, float]]:
-    """(a), (b) and (c) against the Redis at `url`."""
+async def micro(port: int, n: int) -> dict[str, dict[str, float]]:
+    """(a), (b) and (c) against the Redis on 127.0.0.1:`port`."""
+    url = f"redis://127.0.0.1:{port}/0"
     settings = Settings(redis_url=url, redis_socket_timeout_s=1.0, redis_pool_timeout_s=1.0)
     client = open_redis(settings)
+    floor = await FloorClient.connect("127.0.0.1", port)
     deadline_s = Settings().deadline_s  # as the service runs it
-    miss_store = FeatureStore(client, deadline_s=deadline_s, timer=_Jump())
+    miss_store = FeatureStore(client, deadline_s=deadline_s, timer=_Jump(), multiplex=True)
+    pool_store = FeatureStore(client, deadline_s=deadline_s, timer=_Jump())
     hit_store = FeatureStore(client, deadline_s=deadline_s, cache_ttl_s=1e9)
     pairs = _pairs(4000, seed=3)
     u_fields, m_fields = USER_FEATURES.field_names, MERCHANT_RISK.field_names
+    # The floor sends exactly the project's commands: the fields and the event time.
+    u_read, m_read = (*u_fields, EVENT_TS_FIELD), (*m_fields, EVENT_TS_FIELD)
     results: dict[str, dict[str, float]] = {}
     try:
         await client.ping()
+        await miss_store.open()
 
         async def project_one(i: int) -> None:
             u, m = pairs[i % len(pairs)]
             await miss_store.read([{"user": u, "merchant": m}])
+
+        async def pool_one(i: int) -> None:
+            u, m = pairs[i % len(pairs)]
+            await pool_store.read([{"user": u, "merchant": m}])
+
+        async def floor_one(i: int) -> None:
+            u, m = pairs[i % len(pairs)]
+            await floor.hmget([(USER_FEATURES.key(u), u_read), (MERCHANT_RISK.key(m), m_read)])
 
         async def raw_one(i: int) -> None:
             u, m = pairs[i % len(pairs)]
@@ -124,7 +143,13 @@ async def micro(url: str, n: int) -> dict[str, dict[str, float]]:
                 pipe.hmget(MERCHANT_RISK.key(m), m_fields)
                 await pipe.execute()
 
-        results |= _named("a", await interleaved({"project": project_one, "raw": raw_one}, n))
+        cases: dict[str, Timed] = {
+            "project": project_one,
+            "floor": floor_one,
+            "project_pool": pool_one,
+            "raw": raw_one,
+        }
+        results |= _named("a", await interleaved(cases, n))
 
         hot = pairs[:512]
         for u, m in hot:
@@ -159,6 +184,23 @@ async def micro(url: str, n: int) -> dict[str, dict[str, float]]:
             batch = batches[i % len(batches)]
             await miss_store.read([{"user": u, "merchant": m} for u, m in batch])
 
+        async def pool_batch(i: int) -> None:
+            batch = batches[i % len(batches)]
+            await pool_store.read([{"user": u, "merchant": m} for u, m in batch])
+
+        async def floor_batch(i: int) -> None:
+            batch = batches[i % len(batches)]
+            await floor.hmget(
+                [
+                    command
+                    for u, m in batch
+                    for command in (
+                        (USER_FEATURES.key(u), u_read),
+                        (MERCHANT_RISK.key(m), m_read),
+                    )
+                ]
+            )
+
         def raw_batch(command: str) -> Timed:
             async def run(i: int) -> None:
                 batch = batches[i % len(batches)]
@@ -176,11 +218,15 @@ async def micro(url: str, n: int) -> dict[str, dict[str, float]]:
 
         cases = {
             "project": project_batch,
+            "floor": floor_batch,
+            "project_pool": pool_batch,
             "raw": raw_batch("hmget"),
             "raw_hgetall": raw_batch("hgetall"),
         }
         results |= _named("c", await interleaved(cases, max(200, n // 5)))
     finally:
+        floor.close()
+        await miss_store.aclose()
         await client.aclose()
     return results
 
@@ -360,20 +406,30 @@ def table(results: dict[str, Any]) -> str:
 
     for mode, r in results.get("micro", {}).items():
         feast = results.get("feast", {}).get(mode)
-        a = _ratio(r, "a.project", "a.raw")
-        row("(a) 1 tx miss: raw pipeline", mode, r["a.raw"], "baseline", "", "")
-        row("(a) 1 tx miss: project", mode, r["a.project"], f"{a:.2f}x raw", "<= 1.15x", a <= 1.15)
+        a, a_raw = _ratio(r, "a.project", "a.floor"), _ratio(r, "a.project", "a.raw")
+        fl = _ratio(r, "a.raw", "a.floor")
+        row("(a) 1 tx miss: floor (hiredis protocol)", mode, r["a.floor"], "baseline", "", "")
+        row("(a) 1 tx miss: raw pipeline", mode, r["a.raw"], f"{fl:.2f}x floor", "", "")
+        ap = f"{_ratio(r, 'a.project_pool', 'a.floor'):.2f}x floor"
+        row("(a) 1 tx miss: project over the pool", mode, r["a.project_pool"], ap, "", "")
+        vs = f"{a:.2f}x floor, {a_raw:.2f}x raw"
+        row("(a) 1 tx miss: project", mode, r["a.project"], vs, "<= 1.15x floor", a <= 1.15)
         if feast:
             fa = feast["single"]["p50_us"] / r["a.project"]["p50_us"]
             row("(d) 1 tx: Feast", mode, feast["single"], f"{fa:.1f}x project", ">= 3x", fa >= 3)
         b = r["b.project"]["p50_us"]
         row("(b) 1 tx hit: dict of ready vectors", mode, r["b.dict"], "floor", "", "")
         row("(b) 1 tx hit + model vector", mode, r["b.project"], f"{b:.2f} us", "<= 5 us", b <= 5)
-        c = _ratio(r, "c.project", "c.raw")
+        c, c_raw = _ratio(r, "c.project", "c.floor"), _ratio(r, "c.project", "c.raw")
         h = _ratio(r, "c.raw_hgetall", "c.raw")
-        row("(c) 100 tx miss: raw HMGET pipeline", mode, r["c.raw"], "baseline", "", "")
+        cl = _ratio(r, "c.raw", "c.floor")
+        row("(c) 100 tx miss: floor (hiredis protocol)", mode, r["c.floor"], "baseline", "", "")
+        row("(c) 100 tx miss: raw HMGET pipeline", mode, r["c.raw"], f"{cl:.2f}x floor", "", "")
         row("(c) 100 tx miss: raw HGETALL", mode, r["c.raw_hgetall"], f"{h:.2f}x HMGET", "", "")
-        row("(c) 100 tx miss: project", mode, r["c.project"], f"{c:.2f}x raw", "<= 1.3x", c <= 1.3)
+        cp = f"{_ratio(r, 'c.project_pool', 'c.floor'):.2f}x floor"
+        row("(c) 100 tx miss: project over the pool", mode, r["c.project_pool"], cp, "", "")
+        vs = f"{c:.2f}x floor, {c_raw:.2f}x raw"
+        row("(c) 100 tx miss: project", mode, r["c.project"], vs, "<= 1.3x floor", c <= 1.3)
         if feast:
             fc = feast["batch"]["p50_us"] / r["c.project"]["p50_us"]
             row("(d) 100 tx: Feast", mode, feast["batch"], f"{fc:.1f}x project", ">= 4x", fc >= 4)
@@ -475,7 +531,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.sched_setaffinity(server.process.pid, redis_cpus)
             os.sched_setaffinity(0, client_cpus)
             print(f"micro-benchmarks, placement {mode}", flush=True)
-            results["micro"][mode] = asyncio.run(micro(server.url, args.n))
+            results["micro"][mode] = asyncio.run(micro(server.port, args.n))
             if not args.no_feast:
                 print(f"Feast, placement {mode}", flush=True)
                 results["feast"][mode] = run_feast(server.port, args.n, client_cpus)

@@ -10,7 +10,8 @@ from features.settings import Settings
 
 
 def open_store(settings: Settings, client: Client) -> FeatureStore:
-    """The store reading through `client` (the caller's, closed by the caller), with the
+    """The store reading with `client`'s options (the client is the caller's, closed by
+    the caller) over its own multiplexed connection (outside cluster mode), with the
     backing store `settings` name, if any. Nothing connects until `FeatureStore.open`."""
     backing = open_backing(settings)
     return FeatureStore(
@@ -33,6 +34,7 @@ def open_store(settings: Settings, client: Client) -> FeatureStore:
             reset_s=settings.backing_breaker_cooldown_s,
         ),
         read_repair_max_tasks=settings.read_repair_max_tasks,
+        multiplex=True,
         breaker=CircuitBreaker(
             failure_threshold=settings.breaker_failures,
             slow_threshold=settings.breaker_slow_calls,

@@ -1,4 +1,9 @@
-"""The Redis tier: one pipelined round trip of HMGETs, behind a circuit breaker."""
+"""The Redis tier: one pipelined round trip of HMGETs, behind a circuit breaker.
+
+The HMGETs go out through redis-py's pipeline, or (`multiplex=True`, standalone and
+Sentinel) through the tier's own multiplexed connection (features/online/multiplex.py),
+which needs no pool checkout and shares writes between concurrent requests. Cluster
+clients always use the cluster pipeline. Everything after the round trip is the same."""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -19,6 +25,7 @@ from features.connection import Client
 from features.online.codec import GroupCodec
 from features.online.entry import Reason
 from features.online.keys import Key
+from features.online.multiplex import Multiplexed, hmget_packer
 from features.online.tier import Answer
 
 logger = logging.getLogger(__name__)
@@ -30,7 +37,9 @@ class RedisTier:
     """ONE non-transactional pipeline of HMGETs per read; failures become reasons.
 
     While the breaker is open a read answers at once without touching the network, and
-    one PING at a time, off the request path, asks whether Redis is back (and fast).
+    one PING at a time, off the request path, asks whether Redis is back (and fast),
+    through the same connection as the reads. With `multiplex`, the tier owns its
+    connection and closes it in `aclose`; `client` stays the caller's either way.
     """
 
     name = "redis"
@@ -41,6 +50,7 @@ class RedisTier:
         codecs: Mapping[str, GroupCodec],
         *,
         breaker: CircuitBreaker | None = None,
+        multiplex: bool = False,
         probe_slow_s: float | None = None,
         error_log_interval_s: float = 10.0,
         timer: Callable[[], float] = time.monotonic,
@@ -48,6 +58,10 @@ class RedisTier:
     ) -> None:
         self.client = client
         self._codecs = codecs
+        self._mux: Multiplexed | None = None
+        if multiplex and isinstance(client, aioredis.Redis):
+            self._mux = Multiplexed.for_client(client)
+        self._packers = {name: hmget_packer(codec.fields) for name, codec in codecs.items()}
         self.breaker = breaker or CircuitBreaker(timer=timer)
         self._probe_slow_s = probe_slow_s
         self._clock = clock  # wall time, for event-time freshness
@@ -57,7 +71,15 @@ class RedisTier:
         self._closed = False
 
     async def open(self) -> None:
-        """Nothing to build: connections open on first use."""
+        """Open the multiplexed connection, if any; pooled ones open on first use."""
+        if self._mux is not None:
+            try:
+                await self._mux.connect()
+            except _FAILURES as exc:
+                # Not fatal: the first read connects again, and its failure is counted.
+                logger.warning(
+                    "Redis connection not opened at start (%s: %s)", type(exc).__name__, exc
+                )
 
     async def read(self, keys: Sequence[Key], deadline: float) -> list[Answer]:
         """Each key's entry (missing keys decode to their defaults: final), or a Reason."""
@@ -73,10 +95,7 @@ class RedisTier:
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
-            async with self.client.pipeline(transaction=False) as pipe:
-                for key in keys:
-                    pipe.hmget(key.id, codecs[key.group.qualified_name].fields)
-                replies: list[Any] = await pipe.execute(raise_on_error=False)
+            replies = await self._round_trip(keys)
         except _FAILURES as exc:
             if not _pool_exhausted(exc):  # our own backlog is no sign that Redis is down
                 breaker.failure()
@@ -88,24 +107,44 @@ class RedisTier:
             breaker.success()
         metrics.REDIS_UP.set(1)
         now = self._clock()
-        answers: list[Answer] = []
-        for key, reply in zip(keys, replies, strict=True):
-            codec = codecs[key.group.qualified_name]
+        # Found replies are decoded per group, all at once; the rest answer at once.
+        answers: list[Answer] = [Reason.MISSING] * len(keys)  # the backing store may have it
+        found: dict[str, list[int]] = {}
+        for i, (key, reply) in enumerate(zip(keys, replies, strict=True)):
+            name = key.group.qualified_name
             if isinstance(reply, Exception):
-                answers.append(codec.wrongtype)
-            elif reply.count(None) == len(reply):
-                answers.append(Reason.MISSING)  # the backing store, if any, may have it
-            else:
-                answers.append(codec.decode(reply, now))
+                answers[i] = codecs[name].wrongtype
+            elif reply.count(None) != len(reply):
+                found.setdefault(name, []).append(i)
+        for name, positions in found.items():
+            decoded = codecs[name].decode_found([replies[i] for i in positions], now)
+            for i, entry in zip(positions, decoded, strict=True):
+                answers[i] = entry
         return answers
 
     async def aclose(self) -> None:
-        """Stop every probe in flight and start no more, so none outlives the client;
-        the client is the caller's to close."""
+        """Stop every probe in flight and start no more, so none outlives the client,
+        then close the multiplexed connection; the client is the caller's to close."""
         self._closed = True
         for task in self._probes:
             task.cancel()
         await asyncio.gather(*self._probes, return_exceptions=True)
+        if self._mux is not None:
+            await self._mux.aclose()
+
+    async def _round_trip(self, keys: Sequence[Key]) -> list[Any]:
+        """One HMGET per key, all in one round trip; error replies come back as values."""
+        mux = self._mux
+        if mux is not None:
+            packers = self._packers
+            payload = b"".join([packers[key.group.qualified_name](key.id) for key in keys])
+            return await mux.request(payload, len(keys))
+        codecs = self._codecs
+        async with self.client.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.hmget(key.id, codecs[key.group.qualified_name].fields)
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+        return replies
 
     async def _probe(self) -> None:
         """The half-open breaker's question: PING, under the same timeouts; an answer
@@ -113,7 +152,10 @@ class RedisTier:
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
-            await self.client.ping()
+            if self._mux is None:
+                await self.client.ping()
+            else:
+                await self._mux.ping()
         except _FAILURES as exc:
             if _pool_exhausted(exc):
                 self.breaker.abandon()  # no answer either way: the next read probes

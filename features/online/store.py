@@ -36,7 +36,9 @@ class FeatureStore:
     tier. At the deadline each group still unanswered gets the last value this worker read
     for it (if younger than `stale_max_age_s`), else its defaults, both with reason
     `deadline`; the reads go on in the background and fill the cache when they land.
-    `tiers` replaces the Redis and backing tiers (tests run the chain on in-memory ones).
+    `multiplex` reads Redis through the tier's own multiplexed connection instead of
+    `client`'s pool (RedisTier; not in cluster mode). `tiers` replaces the Redis and
+    backing tiers (tests run the chain on in-memory ones).
     """
 
     def __init__(
@@ -54,6 +56,7 @@ class FeatureStore:
         backing_breaker: CircuitBreaker | None = None,
         read_repair_max_tasks: int = 8,
         breaker: CircuitBreaker | None = None,
+        multiplex: bool = False,
         tiers: Sequence[Tier] | None = None,
         timer: Callable[[], float] = time.monotonic,
         clock: Callable[[], float] = time.time,
@@ -61,6 +64,8 @@ class FeatureStore:
         if deadline_s is not None and not deadline_s > 0:
             raise ValueError("deadline_s must be positive")
         self._groups = [codec_for(group) for group in groups]
+        # Per group: its codec, its entity type and that id's request field name.
+        self._entities = [(c, c.spec.entity, f"{c.spec.entity}_id") for c in self._groups]
         self._codecs = {codec.name: codec for codec in self._groups}
         self._width = sum(len(group.features) for group in groups)
         self._deadline_s = deadline_s
@@ -73,6 +78,7 @@ class FeatureStore:
             tiers = self._standard_tiers(
                 client,
                 breaker=breaker,
+                multiplex=multiplex,
                 error_log_interval_s=error_log_interval_s,
                 backing=backing,
                 backing_timeout_s=backing_timeout_s,
@@ -83,7 +89,7 @@ class FeatureStore:
             )
         self._tiers = tuple(tiers)
         # One event loop per worker owns the store: no lock around the cache or these.
-        self._inflight: dict[str, asyncio.Future[dict[str, Entry]]] = {}
+        self._inflight: dict[str, _Flight] = {}
         self._reads: set[asyncio.Task[None]] = set()  # referenced, so none is collected
         # Label children bound once: .labels() costs about a microsecond per call.
         self._hits = metrics.CACHE_LOOKUPS.labels("hit")
@@ -95,6 +101,7 @@ class FeatureStore:
         client: Client,
         *,
         breaker: CircuitBreaker | None,
+        multiplex: bool,
         error_log_interval_s: float,
         backing: BackingStore | None,
         backing_timeout_s: float,
@@ -107,6 +114,7 @@ class FeatureStore:
             client,
             self._codecs,
             breaker=breaker,
+            multiplex=multiplex,
             probe_slow_s=self._deadline_s,
             error_log_interval_s=error_log_interval_s,
             timer=timer,
@@ -186,14 +194,13 @@ class FeatureStore:
 
     def _keys(self, row: Mapping[str, str]) -> list[tuple[Key, GroupCodec]]:
         keys = []
-        for codec in self._groups:
-            group = codec.spec
-            entity = group.entity
+        for codec, entity, field in self._entities:
             try:
                 entity_id = row[entity]
             except KeyError:
-                raise InvalidEntityId(f"{entity}_id", "is required") from None
-            entity_id = validate_entity_id(f"{entity}_id", entity_id)
+                raise InvalidEntityId(field, "is required") from None
+            entity_id = validate_entity_id(field, entity_id)
+            group = codec.spec
             keys.append((Key(group, entity_id, group.key(entity_id)), codec))
         return keys
 
@@ -209,7 +216,7 @@ class FeatureStore:
         loop = asyncio.get_running_loop()
         deadline = float("inf") if self._deadline_s is None else loop.time() + self._deadline_s
         inflight = self._inflight
-        waits: dict[str, asyncio.Future[dict[str, Entry]]] = {}
+        waits: dict[str, _Flight] = {}
         own: list[Key] = []
         for key_id, (key, _) in misses.items():
             joined = inflight.get(key_id)
@@ -220,24 +227,30 @@ class FeatureStore:
         if waits:
             metrics.SHARED_READS.inc(len(waits))
         if own:
-            # One future per read, not per key: joiners look their keys up in its result.
-            future: asyncio.Future[dict[str, Entry]] = loop.create_future()
+            # One flight per read, not per key: joiners look their keys up in its result.
+            flight = _Flight()
             for key in own:
-                inflight[key.id] = future
-                waits[key.id] = future
-            task = loop.create_task(self._fetch(own, future, deadline))
+                inflight[key.id] = flight
+                waits[key.id] = flight
+            task = loop.create_task(self._fetch(own, flight, deadline))
             self._reads.add(task)
             task.add_done_callback(self._read_done)
-        pending = set(waits.values())
-        if self._deadline_s is None:
-            await asyncio.wait(pending)
-        else:
-            await asyncio.wait(pending, timeout=max(0.0, deadline - loop.time()))
+        pending = [flight for flight in set(waits.values()) if flight.result is None]
+        if pending:
+            waiter = _Waiter(loop.create_future(), len(pending))
+            for flight in pending:
+                flight.waiters.append(waiter)
+            timer = None if self._deadline_s is None else loop.call_at(deadline, waiter.wake)
+            try:
+                await waiter.future
+            finally:
+                if timer is not None:
+                    timer.cancel()
         source = Source.REDIS
         cache = self._cache
         for key_id, (_, codec) in misses.items():
-            waited = waits[key_id]
-            entry = waited.result().get(key_id) if waited.done() else None
+            landed = waits[key_id].result
+            entry = None if landed is None else landed.get(key_id)
             if entry is None:  # the deadline passed first
                 last = cache.last(key_id, now)
                 if last is None:
@@ -254,12 +267,10 @@ class FeatureStore:
                 source = Source.BACKING
         return source
 
-    async def _fetch(
-        self, keys: list[Key], future: asyncio.Future[dict[str, Entry]], deadline: float
-    ) -> None:
+    async def _fetch(self, keys: list[Key], flight: _Flight, deadline: float) -> None:
         """Ask each tier in turn for the keys still unanswered, then fill the cache. Runs
         as its own task, so a reply after the deadline (or the caller's cancellation)
-        still lands; its result goes to every reader waiting on `future`."""
+        still lands; its result goes to every reader waiting on `flight`."""
         result: dict[str, Entry] = {}
         try:
             pending, reasons = keys, [Reason.UNAVAILABLE] * len(keys)
@@ -283,14 +294,14 @@ class FeatureStore:
             # Runs on cancellation and errors too (result then lacks keys: readers get
             # unavailable), so readers never wait forever.
             inflight = self._inflight
+            codecs = self._codecs
             for key in keys:
-                if inflight.get(key.id) is future:
-                    del inflight[key.id]
-            for key in keys:
-                result.setdefault(
-                    key.id, self._codecs[key.group.qualified_name].defaults[Reason.UNAVAILABLE]
-                )
-            future.set_result(result)
+                key_id = key.id
+                if inflight.get(key_id) is flight:
+                    del inflight[key_id]
+                if key_id not in result:
+                    result[key_id] = codecs[key.group.qualified_name].defaults[Reason.UNAVAILABLE]
+            flight.land(result)
         now = self._timer()
         cache = self._cache
         codecs = self._codecs
@@ -312,8 +323,45 @@ class FeatureStore:
             await self._backing.wait_repairs()
 
     async def aclose(self) -> None:
-        """Finish reads and read repairs, stop probes, close the backing store; the Redis
-        client is the caller's."""
+        """Finish reads and read repairs, stop probes, close the backing store and the
+        multiplexed connection; the Redis client is the caller's."""
         await self.wait_repairs()
         for tier in self._tiers:
             await tier.aclose()
+
+
+class _Flight:
+    """One read in flight, shared by every request that wants its keys (single-flight):
+    its result once it lands, and the requests waiting for it."""
+
+    __slots__ = ("result", "waiters")
+
+    def __init__(self) -> None:
+        self.result: dict[str, Entry] | None = None
+        self.waiters: list[_Waiter] = []
+
+    def land(self, result: dict[str, Entry]) -> None:
+        # Wakes each waiter itself: a done-callback on a shared future would cost every
+        # reader one more loop iteration.
+        self.result = result
+        for waiter in self.waiters:
+            waiter.landed()
+
+
+class _Waiter:
+    """One request waiting until all its flights have landed, or its deadline."""
+
+    __slots__ = ("future", "left")
+
+    def __init__(self, future: asyncio.Future[None], flights: int) -> None:
+        self.future = future
+        self.left = flights
+
+    def landed(self) -> None:
+        self.left -= 1
+        if not self.left:
+            self.wake()
+
+    def wake(self) -> None:
+        if not self.future.done():  # else woken already, or its request was cancelled
+            self.future.set_result(None)
