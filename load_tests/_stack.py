@@ -69,6 +69,16 @@ def stack(users: int, merchants: int, *, workers: int, **service_env: str) -> It
             yield Stack(redis, server)
 
 
+def one_worker_env(redis_url: str) -> dict[str, str]:
+    """This process's environment for one `bentoml serve` worker reading `redis_url`."""
+    return {
+        **os.environ,
+        "FEATURES_REDIS_URL": redis_url,
+        "FRAUD_WORKERS": "1",
+        "BENTOML_DO_NOT_TRACK": "true",
+    }
+
+
 def scrape(port: int) -> str:
     """The /metrics page of the service on 127.0.0.1:`port`."""
     response = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10)

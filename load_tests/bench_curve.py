@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from load_tests import httpload
-from load_tests._stack import RESULTS
+from load_tests._stack import RESULTS, one_worker_env
 from load_tests.bench_overload import placement
 from load_tests.skew import transactions
 from load_tests.stats import tail_summary
@@ -81,17 +81,9 @@ def curve(redis_url: str, redis_pid: int, step_s: float) -> dict[str, Any]:
 
 
 def _one(target: str, redis_url: str, redis_pid: int, step_s: float) -> dict[str, Any]:
-    server_cpus, client_cpus = placement()
     own = os.sched_getaffinity(0)
-    # Redis work is part of serving /predict: it shares the service's vCPU, not the
-    # client's (a client busy at 1000s of req/s would hold up every reply).
-    os.sched_setaffinity(redis_pid, server_cpus)
-    env = {
-        **os.environ,
-        "FEATURES_REDIS_URL": redis_url,
-        "FRAUD_WORKERS": "1",
-        "BENTOML_DO_NOT_TRACK": "true",
-    }
+    server_cpus, client_cpus = placement(redis_pid)
+    env = one_worker_env(redis_url)
     port = free_port()
     log = RESULTS / f"serve-curve-{target.split(':')[-1]}.log"
     server = BentoServer(env, target=target, port=port, log=log, cpus=server_cpus).start()

@@ -11,17 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
+from features.offline.load import main as load_main
 from load_tests import httpload
-from load_tests._stack import RESULTS, scrape
+from load_tests._stack import RESULTS, one_worker_env, scrape
 from load_tests.httpload import Response
 from load_tests.skew import transactions
 from load_tests.stats import counter_total, parse_prometheus, tail_summary
 from tools.bento_server import BentoServer
-from tools.redis_server import free_port
+from tools.redis_server import RedisServer, free_port
 
 OVERLOAD = 3.0
 CONNECTIONS = 256
@@ -31,13 +33,18 @@ GOODPUT_FRACTION, ACCEPTED_P99_MS, REFUSED_P99_MS, RECOVERED_P99_MS = 0.8, 50.0,
 ALLOWED = {200, 429, 503}
 
 
-def placement() -> tuple[set[int], set[int]]:
+def placement(redis_pid: int) -> tuple[set[int], set[int]]:
     """(service vCPUs, client vCPUs): apart when there are two or more, unless
-    BENCH_PLACEMENT=unpinned leaves all of them to the scheduler."""
+    BENCH_PLACEMENT=unpinned leaves all of them to the scheduler. redis-server joins the
+    service: its work is part of serving /predict, and a client busy at 1000s of req/s
+    would hold up every reply."""
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2 or os.environ.get("BENCH_PLACEMENT") == "unpinned":
-        return set(cpus), set(cpus)
-    return {cpus[-1]}, set(cpus[:-1])
+        server, client = set(cpus), set(cpus)
+    else:
+        server, client = {cpus[-1]}, set(cpus[:-1])
+    os.sched_setaffinity(redis_pid, server)
+    return server, client
 
 
 def phase(trace: Sequence[Response], elapsed_s: float) -> dict[str, Any]:
@@ -83,17 +90,9 @@ async def _run(
 def overload(redis_url: str, redis_pid: int, seconds: float) -> dict[str, Any]:
     """(h), admission control off then on, each on a fresh one-worker service, both
     offered 3x the max rate measured without it."""
-    server_cpus, client_cpus = placement()
     own = os.sched_getaffinity(0)
-    # Redis work is part of serving /predict: it shares the service's vCPU, not the
-    # client's (a client busy at 1000s of req/s would hold up every reply).
-    os.sched_setaffinity(redis_pid, server_cpus)
-    base = {
-        **os.environ,
-        "FEATURES_REDIS_URL": redis_url,
-        "FRAUD_WORKERS": "1",
-        "BENTOML_DO_NOT_TRACK": "true",
-    }
+    server_cpus, client_cpus = placement(redis_pid)
+    base = one_worker_env(redis_url)
     bodies = transactions(20_000)
     out: dict[str, Any] = {
         "seconds": seconds,
@@ -194,11 +193,6 @@ def table_lines(h: dict[str, Any]) -> list[str]:
 
 def main() -> int:
     """`python -m load_tests.bench_overload [seconds]`: (h) alone, on its own redis-server."""
-    import sys
-
-    from features.offline.load import main as load_main
-    from tools.redis_server import RedisServer
-
     seconds = float(sys.argv[1]) if len(sys.argv) > 1 else 15.0
     with RedisServer(quiet=True) as redis:
         os.environ["FEATURES_REDIS_URL"] = redis.url

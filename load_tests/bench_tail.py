@@ -26,7 +26,7 @@ from typing import Any
 
 from features import Settings
 from load_tests import httpload
-from load_tests._stack import RESULTS, scrape
+from load_tests._stack import RESULTS, one_worker_env, scrape
 from load_tests.httpload import Response, Run
 from load_tests.report import gc_pauses
 from load_tests.skew import transactions
@@ -46,15 +46,6 @@ BREAKER_OPEN = "circuit_open"
 # Targets (ms, except where named).
 TAIL_P99_MS, TAIL_P999_MS, TAIL_FEATURE_P99_MS, GC_PAUSE_MS = 10.0, 20.0, 1.0, 5.0
 DEADLINE_SLACK_MS, OPEN_MEDIAN_MS, REDIS_BACK_S = 2.0, 1.0, 2.0
-
-
-def _env(redis_url: str) -> dict[str, str]:
-    return {
-        **os.environ,
-        "FEATURES_REDIS_URL": redis_url,
-        "FRAUD_WORKERS": "1",
-        "BENTOML_DO_NOT_TRACK": "true",
-    }
 
 
 def _deadline_s(env: dict[str, str]) -> float:
@@ -168,7 +159,7 @@ async def _open_loop(port: int, bodies: list[dict[str, Any]], rate: float, dur_s
 
 def tail(redis_url: str, rate: float, dur_s: float) -> dict[str, Any]:
     """(f): each endpoint started cold and run alone, the trivial one first."""
-    env, cpus = _env(redis_url), os.sched_getaffinity(0)
+    env, cpus = one_worker_env(redis_url), os.sched_getaffinity(0)
     bodies = transactions(20_000)
     out: dict[str, Any] = {"rate": rate, "seconds": dur_s}
     for name, target in TARGETS.items():
@@ -230,7 +221,7 @@ def slow_redis(redis_port: int, rate: float, phase_s: float) -> dict[str, Any]:
     bodies = transactions(20_000, seed=6)
     port = free_port()
     with DelayProxy("127.0.0.1", redis_port) as proxy:
-        env = _env(proxy.url())
+        env = one_worker_env(proxy.url())
         log = RESULTS / "serve-slow-redis.log"
         server = BentoServer(env, port=port, log=log, cpus=os.sched_getaffinity(0)).start()
         try:

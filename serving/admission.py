@@ -48,7 +48,7 @@ LIMIT = Gauge(
 )
 IN_FLIGHT = Gauge(
     "fraud_admission_in_flight",
-    "Requests admitted and not yet answered",
+    "Most requests admitted and not yet answered at once in the last 100 ms",
     multiprocess_mode="liveall",
 )
 QUEUE_DELAY = Gauge(
@@ -146,6 +146,7 @@ class Admission:
         self._refusals = {reason: _refusal(reason, config) for reason in REASONS}
         self._refused = {reason: REFUSED.labels(reason) for reason in REASONS}
         LIMIT.set(int(self.limit.limit))
+        IN_FLIGHT.set(0)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -169,14 +170,12 @@ class Admission:
             await self._refuse(send, "budget")
             return
         self.admitted += 1
-        IN_FLIGHT.set(self.admitted)
         self._peak = max(self._peak, self.admitted)
         started = time.perf_counter()
         try:
             await self.app(scope, receive, send)
         finally:
             self.admitted -= 1
-            IN_FLIGHT.set(self.admitted)
             took = time.perf_counter() - started
             self._service_s += 0.05 * (took - self._service_s)
             self._interval_s += took
@@ -189,6 +188,7 @@ class Admission:
     def _on_interval(self, min_delay_s: float) -> None:
         admitted_s = self._interval_s / self._interval_n if self._interval_n else 0.0
         LIMIT.set(self.limit.update(min_delay_s + admitted_s, self._peak, self._limited))
+        IN_FLIGHT.set(self._peak)  # once an interval: a gauge write costs a lock and a pid check
         QUEUE_DELAY.set(min_delay_s)
         self._delay_s = min_delay_s
         self._limited = False

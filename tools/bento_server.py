@@ -16,12 +16,12 @@ import time
 from collections.abc import Mapping, Set
 from functools import partial
 from pathlib import Path
-from types import TracebackType
 from typing import Self
 
 import httpx
 import psutil  # type: ignore[import-untyped]
 
+from tools._started import Started
 from tools.redis_server import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,7 +30,7 @@ _TAIL_LINES = 60
 _POLL_S = 0.1
 
 
-class BentoServer:
+class BentoServer(Started):
     """One `bentoml serve` (arbiter and workers) on 127.0.0.1, run from the project root."""
 
     def __init__(
@@ -135,17 +135,6 @@ class BentoServer:
                         f"bentoml serve not ready on {self.url} ({self.target}):\n{self._tail()}"
                     )
                 time.sleep(_POLL_S)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def _answers_200(client: httpx.Client, url: str) -> bool:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from types import TracebackType
+from typing import Self
+
+from tools._started import Started
 
 _CHUNK_BYTES = 65_536
 _MAX_QUEUED_CHUNKS = 1024  # per connection: a client that stops reading stalls its server side
@@ -15,7 +17,7 @@ _STOP_TIMEOUT_S = 10.0
 _Queue = asyncio.Queue[tuple[float, bytes] | None]
 
 
-class DelayProxy:
+class DelayProxy(Started):
     """A TCP proxy on 127.0.0.1 that delays each chunk sent back to the client by `delay_s`.
 
     Requests go to the target at once. Each reply chunk is released `delay_s` after it
@@ -49,7 +51,7 @@ class DelayProxy:
         with self._lock:
             return self._delay_s
 
-    def start(self) -> DelayProxy:
+    def start(self) -> Self:
         """Listen on a free port, serving from an event loop in a daemon thread."""
         if self._thread is not None:
             raise RuntimeError("DelayProxy already started")
@@ -84,17 +86,6 @@ class DelayProxy:
             raise RuntimeError("DelayProxy thread did not stop")
         self._thread = self._loop = self._stopping = None
         self.port = 0
-
-    def __enter__(self) -> DelayProxy:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     async def _serve(self) -> None:
         self._loop = asyncio.get_running_loop()

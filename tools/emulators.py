@@ -15,9 +15,9 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from types import TracebackType
 from typing import Self
 
+from tools._started import Started
 from tools.redis_server import _die_with_parent, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,7 +79,7 @@ def find_cbtemulator(install: bool = True) -> str:
     )
 
 
-class _Process:
+class _Process(Started):
     """A server process on a free loopback port that answers TCP connects when ready."""
 
     def __init__(self) -> None:
@@ -129,14 +129,6 @@ class _Process:
                 self.process.kill()
                 self.process.wait()
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
 
 class Dynalite(_Process):
     """dynalite in memory, tables created at once (`--createTableMs 0`)."""
@@ -155,10 +147,6 @@ class Dynalite(_Process):
             "--updateTableMs", "0",
         ]  # fmt: skip
 
-    def __enter__(self) -> Dynalite:
-        self.start()
-        return self
-
 
 class BigtableEmulator(_Process):
     """cbtemulator: any project and instance id, no credentials."""
@@ -170,7 +158,3 @@ class BigtableEmulator(_Process):
 
     def _args(self) -> list[str]:
         return [find_cbtemulator(), "-host", "127.0.0.1", "-port", str(self.port)]
-
-    def __enter__(self) -> BigtableEmulator:
-        self.start()
-        return self

@@ -19,7 +19,9 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import TracebackType
+from typing import Self
+
+from tools._started import Started
 
 _PR_SET_PDEATHSIG = 1
 
@@ -88,7 +90,7 @@ def _die_with_parent() -> None:
         _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-class RedisServer:
+class RedisServer(Started):
     """One redis-server process bound to 127.0.0.1."""
 
     def __init__(
@@ -112,7 +114,7 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self, timeout_s: float = 10.0) -> RedisServer:
+    def start(self, timeout_s: float = 10.0) -> Self:
         """Start the server and wait until it answers PING.
 
         After `kill()` this starts it again on the same port and directory, so it
@@ -182,17 +184,6 @@ class RedisServer:
         if self._dir is not None:
             self._dir.cleanup()
             self._dir = None
-
-    def __enter__(self) -> RedisServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def stop_on_signals() -> threading.Event:
