@@ -102,15 +102,23 @@ _F, _I, _B = Dtype.FLOAT, Dtype.INT, Dtype.BOOL
 USER_FEATURES = FeatureGroup(
     entity="user",
     name="features",
-    freshness_s=3600,  # velocity counters are rebuilt hourly
+    freshness_s=3600,  # velocity: rewritten by the stream on each transaction, or hourly
     features=(
         Feature("tx_count_1h", _I, 0, "transactions in the last hour"),
         Feature("tx_sum_1h", _F, 0.0, "amount spent in the last hour"),
         Feature("tx_count_24h", _I, 0, "transactions in the last 24 hours"),
         Feature("tx_sum_24h", _F, 0.0, "amount spent in the last 24 hours"),
+        Feature("distinct_merchants_7d", _I, 0, "merchants paid in the last 7 days"),
+    ),
+)
+
+USER_PROFILE = FeatureGroup(
+    entity="user",
+    name="profile",
+    freshness_s=86400,  # daily batch: account facts and long-window aggregates
+    features=(
         Feature("account_age_days", _I, 0, "days since the account was opened"),
         Feature("avg_tx_90d", _F, 0.0, "mean transaction amount over 90 days"),
-        Feature("distinct_merchants_7d", _I, 0, "merchants paid in the last 7 days"),
         Feature("credit_score_bucket", _I, 2, "credit score bucket 0-4; 2 is median"),
         Feature("is_premium", _B, 0, "premium account"),
         Feature("last_login_ts", _I, 0, "unix seconds of the last login; 0 unknown"),
@@ -125,14 +133,20 @@ MERCHANT_RISK = FeatureGroup(
         Feature("mcc_risk_score", _F, 0.1, "prior fraud risk of the category, 0-1"),
         Feature("chargeback_rate_90d", _F, 0.0, "chargebacks per transaction, 90 days"),
         Feature("refund_rate_30d", _F, 0.0, "refunds per transaction, 30 days"),
-        Feature("merchant_tx_count_24h", _I, 0, "transactions in the last 24 hours"),
         Feature("avg_ticket_30d", _F, 50.0, "mean transaction amount over 30 days"),
         Feature("days_since_onboarding", _I, 365, "days since the merchant joined"),
         Feature("is_high_risk_category", _B, 0, "category on the high-risk list"),
     ),
 )
 
-GROUPS: tuple[FeatureGroup, ...] = (USER_FEATURES, MERCHANT_RISK)
+MERCHANT_VELOCITY = FeatureGroup(
+    entity="merchant",
+    name="velocity",
+    freshness_s=3600,  # rewritten by the stream on each transaction, or hourly
+    features=(Feature("merchant_tx_count_24h", _I, 0, "transactions in the last 24 hours"),),
+)
+
+GROUPS: tuple[FeatureGroup, ...] = (USER_FEATURES, USER_PROFILE, MERCHANT_RISK, MERCHANT_VELOCITY)
 ENTITY_TYPES: tuple[str, ...] = tuple(dict.fromkeys(g.entity for g in GROUPS))
 
 # Values that come with the request itself.

@@ -36,9 +36,9 @@ from typing import Any
 import numpy as np
 import redis
 
-from features import GROUPS, MERCHANT_RISK, USER_FEATURES, FeatureStore, Settings, open_redis
+from features import GROUPS, FeatureStore, Settings, open_redis
 from features.offline.demo import merchant_ids, user_ids
-from features.offline.load import demo_rows, load
+from features.offline.load import demo_jobs, load
 from features.ondemand import model_inputs
 from features.spec import EVENT_TS_FIELD
 from load_tests import bench_curve, bench_overload, bench_tail, httpload
@@ -116,9 +116,7 @@ async def micro(port: int, n: int) -> dict[str, dict[str, float]]:
     pool_store = FeatureStore(client, deadline_s=deadline_s, timer=_Jump())
     hit_store = FeatureStore(client, deadline_s=deadline_s, cache_ttl_s=1e9)
     pairs = _pairs(4000, seed=3)
-    u_fields, m_fields = USER_FEATURES.field_names, MERCHANT_RISK.field_names
-    # The floor sends exactly the project's commands: the fields and the event time.
-    u_read, m_read = (*u_fields, EVENT_TS_FIELD), (*m_fields, EVENT_TS_FIELD)
+    width = sum(len(g.features) for g in GROUPS)
     results: dict[str, dict[str, float]] = {}
     try:
         await client.ping()
@@ -134,13 +132,13 @@ async def micro(port: int, n: int) -> dict[str, dict[str, float]]:
 
         async def floor_one(i: int) -> None:
             u, m = pairs[i % len(pairs)]
-            await floor.hmget([(USER_FEATURES.key(u), u_read), (MERCHANT_RISK.key(m), m_read)])
+            await floor.hmget(_commands(u, m))
 
         async def raw_one(i: int) -> None:
             u, m = pairs[i % len(pairs)]
             async with client.pipeline(transaction=False) as pipe:
-                pipe.hmget(USER_FEATURES.key(u), u_fields)
-                pipe.hmget(MERCHANT_RISK.key(m), m_fields)
+                for key, fields in _commands(u, m, event_ts=False):
+                    pipe.hmget(key, fields)
                 await pipe.execute()
 
         cases: dict[str, Timed] = {
@@ -155,15 +153,7 @@ async def micro(port: int, n: int) -> dict[str, dict[str, float]]:
         for u, m in hot:
             await hit_store.read([{"user": u, "merchant": m}])
         amount, now = np.array([42.0]), np.array([time.time()])
-        flat_cache = {
-            (u, m): np.concatenate(
-                [
-                    np.array([1.0] * len(u_fields), dtype=np.float32),
-                    np.array([2.0] * len(m_fields), dtype=np.float32),
-                ]
-            )
-            for u, m in hot
-        }
+        flat_cache = {(u, m): np.ones(width, dtype=np.float32) for u, m in hot}
 
         async def project_hit(i: int) -> None:
             u, m = hot[i % len(hot)]
@@ -190,28 +180,18 @@ async def micro(port: int, n: int) -> dict[str, dict[str, float]]:
 
         async def floor_batch(i: int) -> None:
             batch = batches[i % len(batches)]
-            await floor.hmget(
-                [
-                    command
-                    for u, m in batch
-                    for command in (
-                        (USER_FEATURES.key(u), u_read),
-                        (MERCHANT_RISK.key(m), m_read),
-                    )
-                ]
-            )
+            await floor.hmget([command for u, m in batch for command in _commands(u, m)])
 
         def raw_batch(command: str) -> Timed:
             async def run(i: int) -> None:
                 batch = batches[i % len(batches)]
                 async with client.pipeline(transaction=False) as pipe:
                     for u, m in batch:
-                        if command == "hmget":
-                            pipe.hmget(USER_FEATURES.key(u), u_fields)
-                            pipe.hmget(MERCHANT_RISK.key(m), m_fields)
-                        else:
-                            pipe.hgetall(USER_FEATURES.key(u))
-                            pipe.hgetall(MERCHANT_RISK.key(m))
+                        for key, fields in _commands(u, m, event_ts=False):
+                            if command == "hmget":
+                                pipe.hmget(key, fields)
+                            else:
+                                pipe.hgetall(key)
                     await pipe.execute()
 
             return run
@@ -229,6 +209,14 @@ async def micro(port: int, n: int) -> dict[str, dict[str, float]]:
         await miss_store.aclose()
         await client.aclose()
     return results
+
+
+def _commands(u: str, m: str, *, event_ts: bool = True) -> list[tuple[str, tuple[str, ...]]]:
+    """Every group's HMGET for one transaction: the floor sends exactly the project's
+    commands (the fields and the event time); the raw pipeline asks for the fields."""
+    ids = {"user": u, "merchant": m}
+    extra = (EVENT_TS_FIELD,) if event_ts else ()
+    return [(g.key(ids[g.entity]), (*g.field_names, *extra)) for g in GROUPS]
 
 
 def _named(prefix: str, stats: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
@@ -254,7 +242,8 @@ def run_feast(url_port: int, n: int, cpus: set[int] | None) -> dict[str, dict[st
     pairs = _pairs(4000, seed=3)
     rows: dict[str, dict[str, dict[str, float]]] = {g.qualified_name: {} for g in GROUPS}
     for u, m in pairs:
-        for group, entity_id in ((USER_FEATURES, u), (MERCHANT_RISK, m)):
+        for group in GROUPS:
+            entity_id = {"user": u, "merchant": m}[group.entity]
             values = sync.hmget(group.key(entity_id), group.field_names)
             rows[group.qualified_name][entity_id] = {
                 f: float(v) for f, v in zip(group.field_names, values, strict=True) if v
@@ -520,11 +509,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         server = stack.enter_context(RedisServer(quiet=True))
         stack.callback(os.sched_setaffinity, 0, own_cpus)
         settings = Settings(redis_url=server.url, redis_socket_timeout_s=10.0)
-        jobs = [
-            (USER_FEATURES, demo_rows(USER_FEATURES, user_ids(100_000), 11)),
-            (MERCHANT_RISK, demo_rows(MERCHANT_RISK, merchant_ids(10_000), 12)),
-        ]
-        asyncio.run(load(settings, jobs))
+        asyncio.run(load(settings, demo_jobs(100_000, 10_000, 11)))
         assert server.process is not None
         for mode in modes:
             client_cpus, redis_cpus = PLACEMENTS[mode]

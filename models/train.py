@@ -14,10 +14,10 @@ from torch import nn
 
 from features import ondemand, spec
 from features.offline import demo
-from features.spec import GROUPS, MERCHANT_RISK, MODEL_FEATURES, USER_FEATURES
+from features.spec import GROUPS, MODEL_FEATURES, STORED_FEATURES
 from models import MODEL_NAME
 from models.net import FraudNet
-from models.scorer import MODEL_FILE, SCHEMA_FILE
+from models.scorer import MODEL_FILE, SCHEMA_FILE, SchemaMismatch, check_saved_schema
 
 # The model sees hour, weekday and time since login, never absolute time, so a fixed
 # end date changes nothing it learns and makes a seed reproduce the same model.
@@ -29,6 +29,7 @@ _HELD_OUT_SHARE = 0.2
 _BATCH_SIZE = 512
 _LEARNING_RATE = 3e-3
 _COLUMN = {f.name: i for i, f in enumerate(MODEL_FEATURES)}
+_STORED = {f.name: i for i, f in enumerate(STORED_FEATURES)}
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -110,13 +111,19 @@ def _transactions(
     """Model inputs as serving will see them, and labels from the true values."""
     timestamp = _END_TS_S - rng.uniform(0.0, _SPAN_S, rows)
     # One user snapshot per transaction, taken at its time: logins precede it.
-    users = demo.generate(USER_FEATURES, rows, rng, _END_TS_S)
-    users[:, USER_FEATURES.field_names.index("last_login_ts")] -= _END_TS_S - timestamp
-    merchants = demo.generate(MERCHANT_RISK, max(rows // 100, 100), rng, _END_TS_S)
-    merchants = merchants[rng.integers(0, len(merchants), rows)]
-    true_stored = np.hstack([users, merchants])
+    # A user per transaction; merchants from a smaller population, so they repeat.
+    n_merchants = max(rows // 100, 100)
+    merchant = rng.integers(0, n_merchants, rows)
+    parts = []
+    for group in GROUPS:
+        if group.entity == "merchant":
+            parts.append(demo.generate(group, n_merchants, rng, _END_TS_S)[merchant])
+        else:
+            parts.append(demo.generate(group, rows, rng, _END_TS_S))
+    true_stored = np.hstack(parts)
+    true_stored[:, _STORED["last_login_ts"]] -= _END_TS_S - timestamp
 
-    avg_tx = users[:, USER_FEATURES.field_names.index("avg_tx_90d")]
+    avg_tx = true_stored[:, _STORED["avg_tx_90d"]]
     # Mostly near the user's usual amount; now and then many times it.
     spike = np.where(rng.random(rows) < 0.05, rng.lognormal(2.0, 0.8, rows), 1.0)
     amount = np.round(avg_tx * rng.lognormal(0.0, 0.5, rows) * spike, 2)
@@ -181,7 +188,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument(
-        "--if-missing", action="store_true", help=f"do nothing if {MODEL_NAME} exists"
+        "--if-missing",
+        action="store_true",
+        help=f"do nothing if {MODEL_NAME} exists, trained on the current feature definitions",
     )
     args = parser.parse_args()
 
@@ -193,8 +202,13 @@ def main() -> None:
         except bentoml.exceptions.NotFound:
             pass  # nothing saved yet: train below
         else:
-            print(f"{existing.tag} exists; not training")
-            return
+            try:
+                check_saved_schema(existing.path, str(existing.tag))
+            except SchemaMismatch as exc:
+                print(f"{exc}: training a new one")  # serving would refuse this one
+            else:
+                print(f"{existing.tag} exists; not training")
+                return
 
     started_s = time.perf_counter()
     result = train(args.rows, args.seed, args.epochs)

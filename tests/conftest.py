@@ -8,11 +8,12 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 
-from features import Settings, open_redis
+from features import GROUPS, Feature, FeatureWriter, Settings, open_redis
 from features.connection import Client
 from tools.bento_server import BentoServer
 from tools.emulators import BigtableEmulator, Dynalite, EmulatorMissing
@@ -73,6 +74,25 @@ class FakeClock:
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()
+
+
+def entity_features(entity: str) -> list[Feature]:
+    """Every stored feature of `entity`, over all its groups, in GROUPS order."""
+    return [f for g in GROUPS if g.entity == entity for f in g.features]
+
+
+async def write_entities(
+    writer: FeatureWriter, entity: str, rows: list[tuple[str, dict[str, Any]]]
+) -> None:
+    """Write flat {feature: value} rows of `entity` into each of its groups they touch."""
+    for group in GROUPS:
+        if group.entity != entity:
+            continue
+        fields = set(group.field_names)
+        part = [(i, {k: v for k, v in values.items() if k in fields}) for i, values in rows]
+        part = [(i, values) for i, values in part if values]
+        if part:
+            await writer.write(group, part)
 
 
 def command_calls(client: redis.Redis, command: str) -> int:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from features import GROUPS, MERCHANT_RISK, USER_FEATURES, FeatureStore, Key, Reason, Source
+from features import MERCHANT_RISK, USER_FEATURES, FeatureStore, Key, Reason, Source
 from features.online.codec import codec_for
 from features.online.tier import Answer
 from tests.conftest import FakeClock
@@ -27,8 +27,9 @@ def stored(group_values: Sequence[float], source: Source = Source.REDIS) -> Answ
 
 
 USER_VALUES = [float(i + 1) for i in range(len(USER_FEATURES.features))]
-USER_VALUES[USER_FEATURES.field_names.index("is_premium")] = 1.0
-MERCHANT_VALUES = [0.5, 0.01, 0.02, 7.0, 40.0, 100.0, 0.0]
+MERCHANT_VALUES = [0.5, 0.01, 0.02, 40.0, 100.0, 0.0]
+# Two groups, one per entity, are all the chain's logic needs.
+TWO_GROUPS = (USER_FEATURES, MERCHANT_RISK)
 
 
 class MemoryTier:
@@ -67,6 +68,7 @@ class MemoryTier:
 
 
 def store_of(*tiers: MemoryTier, **kwargs: object) -> FeatureStore:
+    kwargs.setdefault("groups", TWO_GROUPS)
     return FeatureStore(tiers=tiers, **kwargs)  # type: ignore[arg-type]
 
 
@@ -88,7 +90,7 @@ async def test_the_last_tiers_reason_decides_the_defaults() -> None:
     rows = await store_of(first, second).read([ROW])
     for read in rows.reads[0].values():
         assert (read.source, read.reason) == (Source.DEFAULT, Reason.MISSING)
-    np.testing.assert_array_equal(rows.values[0], np.concatenate([g.defaults for g in GROUPS]))
+    np.testing.assert_array_equal(rows.values[0], np.concatenate([g.defaults for g in TWO_GROUPS]))
 
 
 async def test_answers_are_cached_failures_are_not() -> None:

@@ -15,8 +15,8 @@ import pytest
 import redis
 from prometheus_client import REGISTRY
 
+from features import GROUPS as ALL_GROUPS
 from features import (
-    MERCHANT_RISK,
     USER_FEATURES,
     CircuitBreaker,
     FeatureRows,
@@ -32,7 +32,7 @@ from features import (
 from features.backing.dynamo import DynamoStore
 from features.breaker import State
 from features.connection import Client
-from tests.conftest import FakeClock, Service, command_calls
+from tests.conftest import FakeClock, Service, command_calls, entity_features, write_entities
 from tools.delay_proxy import DelayProxy
 from tools.emulators import Dynalite
 from tools.redis_server import RedisServer
@@ -41,8 +41,8 @@ DEADLINE_S = 0.015
 MARGIN_S = 0.035  # a busy 2-core VM; still far below the delay
 SLOW_S = 0.1  # the reply delay: well past the deadline, far below the 1 s socket timeout
 LATE_REPLY_S = 0.3  # long enough for a delayed reply to land, scheduling noise included
-GROUPS = {USER_FEATURES.qualified_name: USER_FEATURES, MERCHANT_RISK.qualified_name: MERCHANT_RISK}
-USER = {f.name: float(i + 1) for i, f in enumerate(USER_FEATURES.features)}
+GROUPS = {g.qualified_name: g for g in ALL_GROUPS}
+USER = {f.name: float(i + 1) for i, f in enumerate(entity_features("user"))}
 USER["is_premium"] = 1.0
 MERCHANT = {
     "mcc_risk_score": 0.25,
@@ -125,8 +125,8 @@ async def make_store(proxy: DelayProxy) -> AsyncIterator[MakeStore]:
 
 async def seed(client: Client, users: list[str], merchants: list[str]) -> None:
     writer = FeatureWriter(client)
-    await writer.write(USER_FEATURES, [(u, USER) for u in users])
-    await writer.write(MERCHANT_RISK, [(m, MERCHANT) for m in merchants])
+    await write_entities(writer, "user", [(u, USER) for u in users])
+    await write_entities(writer, "merchant", [(m, MERCHANT) for m in merchants])
 
 
 async def test_a_slow_reply_is_cut_at_the_deadline(proxy, slow_client, make_store) -> None:
@@ -136,7 +136,7 @@ async def test_a_slow_reply_is_cut_at_the_deadline(proxy, slow_client, make_stor
     rows, elapsed = await timed_read(store, [tx("never-read", "nowhere")])
     assert elapsed <= DEADLINE_S + MARGIN_S < SLOW_S
     assert rows.reads == [{name: defaults_at_deadline(name) for name in GROUPS}]
-    defaults = np.concatenate([USER_FEATURES.defaults, MERCHANT_RISK.defaults])
+    defaults = np.concatenate([g.defaults for g in ALL_GROUPS])
     np.testing.assert_array_equal(rows.values[0], defaults)
     for name in GROUPS:
         assert deadline_count(name, "default") == before[name] + 1
@@ -242,8 +242,9 @@ async def test_e_a_slow_backing_store_is_cut_at_the_same_deadline(
     dynamo_proxy, client, sync_redis, slow_backing, make_store
 ) -> None:
     users = [f"cold{i}" for i in range(10)]
-    await FeatureWriter(client, slow_backing).write(USER_FEATURES, [(u, USER) for u in users])
-    await FeatureWriter(client, slow_backing).write(MERCHANT_RISK, [("m1", MERCHANT)])
+    writer = FeatureWriter(client, slow_backing)
+    await write_entities(writer, "user", [(u, USER) for u in users])
+    await write_entities(writer, "merchant", [("m1", MERCHANT)])
     sync_redis.flushall()  # in the backing store only: every read must ask it
     backing_breaker = CircuitBreaker(
         name="dynamodb", failure_threshold=3, slow_threshold=3, window=5, reset_s=30.0
@@ -314,10 +315,12 @@ def post_predict(url: str, user: str, merchant: str) -> tuple[httpx.Response, fl
 def test_g_serve_answers_at_the_deadline_through_a_slow_network(
     bentoml_home: Path, proxy: DelayProxy, sync_redis: redis.Redis
 ) -> None:
-    for i in range(40):
-        sync_redis.hset(f"user:{{g{i}}}:features", mapping=USER)  # type: ignore[arg-type]
-        sync_redis.expire(f"user:{{g{i}}}:features", USER_FEATURES.ttl_s)
-    sync_redis.hset("merchant:{gm}:risk", mapping=MERCHANT)  # type: ignore[arg-type]
+    for group in ALL_GROUPS:
+        values = {k: v for k, v in {**USER, **MERCHANT}.items() if k in group.field_names}
+        ids = [f"g{i}" for i in range(40)] if group.entity == "user" else ["gm"]
+        for entity_id in ids:
+            sync_redis.hset(group.key(entity_id), mapping=values)  # type: ignore[arg-type]
+            sync_redis.expire(group.key(entity_id), group.ttl_s)
     svc = Service(
         bentoml_home,
         proxy.url(),

@@ -22,7 +22,8 @@ def test_public_names_are_pinned() -> None:
     assert sorted(features.__all__) == sorted(
         [
             "ENTITY_ID_MAX_LEN", "ENTITY_ID_PATTERN", "GROUPS", "MERCHANT_RISK",
-            "MODEL_FEATURES", "STORED_FEATURES", "USER_FEATURES", "CircuitBreaker", "Dtype",
+            "MERCHANT_VELOCITY", "MODEL_FEATURES", "STORED_FEATURES", "USER_FEATURES",
+            "USER_PROFILE", "CircuitBreaker", "Dtype",
             "Feature",
             "FeatureError", "FeatureGroup", "FeatureRows", "FeatureStore",
             "FeatureWriteError", "FeatureWriter", "GroupRead",
@@ -44,14 +45,17 @@ def test_keys_and_ttls_follow_the_groups() -> None:
         assert not group.defaults.flags.writeable
 
 
-def test_user_group_holds_the_seed_features() -> None:
+def test_user_groups_hold_the_seed_features() -> None:
+    # Velocity (rewritten per transaction) apart from the daily profile: each group is
+    # written whole by one producer.
     assert spec.USER_FEATURES.field_names == (
-        "tx_count_1h", "tx_sum_1h", "tx_count_24h", "tx_sum_24h", "account_age_days",
-        "avg_tx_90d", "distinct_merchants_7d", "credit_score_bucket", "is_premium",
-        "last_login_ts",
+        "tx_count_1h", "tx_sum_1h", "tx_count_24h", "tx_sum_24h", "distinct_merchants_7d",
+    )  # fmt: skip
+    assert spec.USER_PROFILE.field_names == (
+        "account_age_days", "avg_tx_90d", "credit_score_bucket", "is_premium", "last_login_ts",
     )  # fmt: skip
     assert (
-        dict(zip(spec.USER_FEATURES.field_names, spec.USER_FEATURES.defaults, strict=True))[
+        dict(zip(spec.USER_PROFILE.field_names, spec.USER_PROFILE.defaults, strict=True))[
             "credit_score_bucket"
         ]
         == 2

@@ -15,6 +15,7 @@ from features import (
     MERCHANT_RISK,
     STORED_FEATURES,
     USER_FEATURES,
+    USER_PROFILE,
     FeatureStore,
     FeatureWriteError,
     FeatureWriter,
@@ -26,12 +27,14 @@ from features import (
     open_redis,
 )
 from features.connection import Client
-from tests.conftest import FakeClock, command_calls
+from tests.conftest import FakeClock, command_calls, entity_features, write_entities
 from tools.redis_server import free_port
 
-USER = {f.name: float(i + 1) for i, f in enumerate(USER_FEATURES.features)}
+USER = {f.name: float(i + 1) for i, f in enumerate(entity_features("user"))}
 USER["is_premium"] = 1.0
 MERCHANT = {"mcc_risk_score": 0.25, "chargeback_rate_90d": 0.01, "merchant_tx_count_24h": 7}
+USER_GROUPS = sum(g.entity == "user" for g in GROUPS)
+PROFILE = {k: v for k, v in USER.items() if k in USER_PROFILE.field_names}
 COLUMN = {f.name: i for i, f in enumerate(STORED_FEATURES)}
 
 
@@ -45,8 +48,8 @@ def store_for(
 
 async def seed(client: aioredis.Redis, users: list[str], merchants: list[str]) -> None:
     writer = FeatureWriter(client)
-    await writer.write(USER_FEATURES, [(u, USER) for u in users])
-    await writer.write(MERCHANT_RISK, [(m, MERCHANT) for m in merchants])
+    await write_entities(writer, "user", [(u, USER) for u in users])
+    await write_entities(writer, "merchant", [(m, MERCHANT) for m in merchants])
 
 
 def tx(user: str, merchant: str) -> dict[str, str]:
@@ -93,7 +96,8 @@ async def test_one_round_trip_for_a_whole_batch(client, sync_redis, monkeypatch)
     batch = [tx(users[i], merchants[i % 10]) for i in range(40)] + [tx("u0", "m0")]  # dup
     rows = await store_for(client).read(batch)
     assert sends == 1  # every key in ONE write to the socket: one round trip
-    assert command_calls(sync_redis, "hmget") == 50  # one HMGET per unique key
+    # One HMGET per unique key: each user's groups and each merchant's.
+    assert command_calls(sync_redis, "hmget") == 40 * USER_GROUPS + 10 * (len(GROUPS) - USER_GROUPS)
     assert command_calls(sync_redis, "multi") == 0  # non-transactional
     np.testing.assert_array_equal(rows.values[0], rows.values[-1])
 
@@ -110,7 +114,7 @@ async def test_cache_serves_within_ttl_then_expires(client, sync_redis, clock) -
     assert cached.source is Source.CACHE
     clock.tick(0.2)
     again = await store.read([tx("u1", "m1")])
-    assert command_calls(sync_redis, "hmget") == 2
+    assert command_calls(sync_redis, "hmget") == len(GROUPS)
     assert {r.source for r in again.reads[0].values()} == {Source.REDIS}
 
 
@@ -125,13 +129,13 @@ async def test_missing_keys_are_cached_too(client, sync_redis) -> None:
 
 async def test_cache_is_bounded_lru(client, sync_redis) -> None:
     await seed(client, ["u1", "u2"], ["m1"])
-    store = store_for(client, cache_maxsize=2)
-    await store.read([tx("u1", "m1")])  # cache: u1, m1
-    await store.read([tx("u1", "m1")])  # touches both
-    await store.read([tx("u2", "m1")])  # u2 evicts u1, the least recently used
+    store = store_for(client, cache_maxsize=len(GROUPS))
+    await store.read([tx("u1", "m1")])  # cache: u1's groups, m1's
+    await store.read([tx("u1", "m1")])  # touches them all
+    await store.read([tx("u2", "m1")])  # u2's groups evict u1's, the least recently used
     sync_redis.config_resetstat()
     await store.read([tx("u1", "m1")])
-    assert command_calls(sync_redis, "hmget") == 1
+    assert command_calls(sync_redis, "hmget") == USER_GROUPS
 
 
 async def test_concurrent_misses_share_one_read(client, sync_redis) -> None:
@@ -140,8 +144,8 @@ async def test_concurrent_misses_share_one_read(client, sync_redis) -> None:
     sync_redis.config_resetstat()
     shared_before = metrics.SHARED_READS._value.get()
     results = await asyncio.gather(*(store.read([tx("u1", "m1")]) for _ in range(20)))
-    assert command_calls(sync_redis, "hmget") == 2
-    assert metrics.SHARED_READS._value.get() - shared_before == 38
+    assert command_calls(sync_redis, "hmget") == len(GROUPS)
+    assert metrics.SHARED_READS._value.get() - shared_before == 19 * len(GROUPS)
     for rows in results:
         np.testing.assert_array_equal(rows.values, results[0].values)
 
@@ -167,18 +171,18 @@ async def test_cancelled_reader_does_not_strand_joined_readers(client) -> None:
 )  # fmt: skip
 async def test_corrupt_value_gets_its_default_and_a_count(client, sync_redis, raw, field) -> None:
     await seed(client, ["u1"], [])
-    sync_redis.hset("user:{u1}:features", field, raw)
-    counter = metrics.CORRUPT_VALUES.labels("user:features", field)
+    group = next(g for g in GROUPS if field in g.field_names)
+    sync_redis.hset(group.key("u1"), field, raw)
+    counter = metrics.CORRUPT_VALUES.labels(group.qualified_name, field)
     before = counter._value.get()
     rows = await store_for(client).read([tx("u1", "m1")])
-    default = next(f.default for f in USER_FEATURES.features if f.name == field)
+    default = next(f.default for f in group.features if f.name == field)
     assert rows.values[0, COLUMN[field]] == default
-    read = rows.reads[0]["user:features"]
+    read = rows.reads[0][group.qualified_name]
     assert read.defaulted == (field,) and read.reason is Reason.INVALID
-    assert (
-        rows.values[0, COLUMN["is_premium" if field != "is_premium" else "tx_count_1h"]]
-        == (USER["is_premium" if field != "is_premium" else "tx_count_1h"])
-    )
+    # The group's other values are served as stored.
+    other = next(name for name in group.field_names if name != field)
+    assert rows.values[0, COLUMN[other]] == USER[other]
     assert counter._value.get() == before + 1
 
 
@@ -187,7 +191,9 @@ async def test_key_of_the_wrong_type_gets_defaults(client, sync_redis) -> None:
     rows = await store_for(client).read([tx("u1", "m1")])
     read = rows.reads[0]["user:features"]
     assert (read.source, read.reason) == (Source.DEFAULT, Reason.INVALID)
-    np.testing.assert_array_equal(rows.values[0, :10], USER_FEATURES.defaults)
+    np.testing.assert_array_equal(
+        rows.values[0, : len(USER_FEATURES.features)], USER_FEATURES.defaults
+    )
 
 
 async def test_invalid_id_is_rejected_before_any_redis_command(client, sync_redis) -> None:
@@ -238,15 +244,15 @@ async def test_writer_rejects_bad_values_before_writing(client, sync_redis) -> N
     writer = FeatureWriter(client)
     cases: list[tuple[dict[str, float], str]] = [
         ({"nope": 1.0}, "no feature 'nope'"),
-        ({"tx_count_1h": 1.5}, "tx_count_1h"),
+        ({"account_age_days": 1.5}, "account_age_days"),
         ({"is_premium": 2}, "is_premium"),
-        ({"tx_sum_1h": float("nan")}, "tx_sum_1h"),
+        ({"avg_tx_90d": float("nan")}, "avg_tx_90d"),
     ]
     for values, match in cases:
         with pytest.raises(ValueError, match=match):
-            await writer.write(USER_FEATURES, [("u1", USER), ("u2", values)])
+            await writer.write(USER_PROFILE, [("u1", PROFILE), ("u2", values)])
     with pytest.raises(InvalidEntityId):
-        await writer.write(USER_FEATURES, [("u:1", USER)])
+        await writer.write(USER_PROFILE, [("u:1", PROFILE)])
     assert sync_redis.dbsize() == 0
 
 
@@ -254,8 +260,8 @@ async def test_write_to_a_full_redis_is_reported_and_not_half_applied(client, sy
     sync_redis.config_set("maxmemory", "1")
     sync_redis.config_set("maxmemory-policy", "noeviction")
     try:
-        with pytest.raises(FeatureWriteError, match="2 user:features rows not written"):
-            await FeatureWriter(client).write(USER_FEATURES, [("u1", USER), ("u2", USER)])
+        with pytest.raises(FeatureWriteError, match="2 user:profile rows not written"):
+            await FeatureWriter(client).write(USER_PROFILE, [("u1", PROFILE), ("u2", PROFILE)])
     finally:
         sync_redis.config_set("maxmemory", "0")
     assert sync_redis.dbsize() == 0
@@ -269,8 +275,9 @@ async def test_writer_runs_its_script_by_sha_and_resends_it_after_a_flush(
     sync_redis.config_resetstat()
     await seed(client, ["u3", "u4"], ["m2"])
     assert command_calls(sync_redis, "eval") == 0
-    assert command_calls(sync_redis, "evalsha") == 3
-    assert sync_redis.dbsize() == 6
+    # One per row and group: two users and a merchant, each in its two groups.
+    assert command_calls(sync_redis, "evalsha") == 6
+    assert sync_redis.dbsize() == 12
     for user in ("u1", "u4"):
         assert sync_redis.hget(USER_FEATURES.key(user), "tx_count_1h") == b"1"
         assert sync_redis.ttl(USER_FEATURES.key(user)) > 0
@@ -309,7 +316,7 @@ def test_loader_writes_demo_csv_and_parquet(redis_url, sync_redis, tmp_path) -> 
     from features.offline.load import main
 
     assert main(["--demo", "--users", "300", "--merchants", "20", "--redis-url", redis_url]) == 0
-    assert sync_redis.dbsize() == 320
+    assert sync_redis.dbsize() == 300 * USER_GROUPS + 20 * (len(GROUPS) - USER_GROUPS)
     assert 0 < sync_redis.ttl("user:{u000300}:features") <= USER_FEATURES.ttl_s
     assert sync_redis.hlen("merchant:{m00020}:risk") == len(MERCHANT_RISK.features) + 1  # _ts
 

@@ -22,7 +22,7 @@ from features.connection import open_redis
 from features.offline import demo
 from features.offline.writer import FeatureWriter, Row
 from features.settings import Settings
-from features.spec import GROUPS, MERCHANT_RISK, USER_FEATURES, FeatureGroup
+from features.spec import GROUPS, FeatureGroup
 
 BATCH_ROWS = 2000
 
@@ -38,6 +38,14 @@ def demo_rows(group: FeatureGroup, ids: Sequence[str], seed: int) -> Iterator[li
             (e, dict(zip(group.field_names, row.tolist(), strict=True)))
             for e, row in zip(chunk, matrix, strict=True)
         ]
+
+
+def demo_jobs(
+    users: int, merchants: int, seed: int
+) -> list[tuple[FeatureGroup, Iterator[list[Row]]]]:
+    """Every group of the demo population: `users` users and `merchants` merchants."""
+    ids = {"user": demo.user_ids(users), "merchant": demo.merchant_ids(merchants)}
+    return [(g, demo_rows(g, ids[g.entity], seed + i)) for i, g in enumerate(GROUPS)]
 
 
 def file_rows(group: FeatureGroup, path: Path) -> Iterator[list[Row]]:
@@ -111,16 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Bulk and admin work is not the hot path: real timeouts.
     settings = Settings.from_env().for_bulk(args.redis_url)
     if args.demo:
-        jobs = [
-            (
-                USER_FEATURES,
-                demo_rows(USER_FEATURES, demo.user_ids(args.users), args.seed),
-            ),
-            (
-                MERCHANT_RISK,
-                demo_rows(MERCHANT_RISK, demo.merchant_ids(args.merchants), args.seed + 1),
-            ),
-        ]
+        jobs = demo_jobs(args.users, args.merchants, args.seed)
     else:
         if args.file is None:
             parser.error("--group needs a FILE")
