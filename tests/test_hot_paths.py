@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from features import MERCHANT_RISK, STORED_FEATURES, USER_FEATURES, FeatureStore, Reason, Source
+from features import GROUPS, STORED_FEATURES, FeatureStore, Reason, Source
 from features.ondemand import model_inputs
 
 COLUMN = {f.name: i for i, f in enumerate(STORED_FEATURES)}
@@ -55,16 +55,16 @@ async def test_empty_request_reads_nothing(client) -> None:
 
 
 async def test_batch_decoding_equals_one_by_one(client, sync_redis) -> None:
-    complete_user = {f.name: 1 for f in USER_FEATURES.features}
-    complete_merchant = {f.name: 1 for f in MERCHANT_RISK.features}
-    for i in range(30):
-        sync_redis.hset(f"user:{{u{i}}}:features", mapping=complete_user)
-        sync_redis.hset(f"merchant:{{m{i}}}:risk", mapping=complete_merchant)
+    for group in GROUPS:
+        complete = {f.name: 1 for f in group.features}
+        for i in range(30):
+            entity_id = f"u{i}" if group.entity == "user" else f"m{i}"
+            sync_redis.hset(group.key(entity_id), mapping=complete)
     sync_redis.hset("user:{u3}:features", "tx_count_1h", b"1.5")  # not whole
     sync_redis.hset("user:{u4}:features", "tx_sum_1h", b"nan")
-    sync_redis.hset("user:{u5}:features", "is_premium", b"2")
+    sync_redis.hset("user:{u5}:profile", "is_premium", b"2")
     sync_redis.hset("merchant:{m6}:risk", "avg_ticket_30d", b"1e39")  # inf as float32
-    sync_redis.hdel("user:{u7}:features", "avg_tx_90d")  # one absent field
+    sync_redis.hdel("user:{u7}:profile", "avg_tx_90d")  # one absent field
     sync_redis.delete("merchant:{m8}:risk")  # absent key
     sync_redis.set("user:{u9}:features", "not a hash")
     sync_redis.hset("user:{u10}:features", "tx_sum_24h", b"abc")

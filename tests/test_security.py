@@ -80,7 +80,7 @@ def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TLSRedis]:
             keys=["user:*", "merchant:*"],
             commands=["-@all", "+hmget", "+ping"],
         )
-        admin.hset("user:{u1}:features", mapping={"tx_count_1h": 7, "avg_tx_90d": 12.5})
+        admin.hset("user:{u1}:features", mapping={"tx_count_1h": 7, "tx_sum_1h": 12.5})
         admin.close()
         yield TLSRedis(server, tls_port, ca.files, client_cert, other_ca)
 

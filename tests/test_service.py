@@ -17,7 +17,8 @@ from tools.redis_server import free_port
 
 pytestmark = pytest.mark.e2e
 
-USER = {"tx_count_1h": 9, "tx_sum_1h": 4200.0, "avg_tx_90d": 35.0, "account_age_days": 12}
+USER = {"tx_count_1h": 9, "tx_sum_1h": 4200.0}
+PROFILE = {"avg_tx_90d": 35.0, "account_age_days": 12}
 MERCHANT = {"mcc_risk_score": 0.8, "chargeback_rate_90d": 0.05, "is_high_risk_category": 1}
 
 
@@ -26,6 +27,7 @@ def seeded(sync_redis: redis.Redis) -> redis.Redis:
     for i in range(5):
         sync_redis.hset(f"user:{{e2e{i}}}:features", mapping=USER)  # type: ignore[arg-type]
         sync_redis.expire(f"user:{{e2e{i}}}:features", USER_FEATURES.ttl_s)
+        sync_redis.hset(f"user:{{e2e{i}}}:profile", mapping=PROFILE)  # type: ignore[arg-type]
         sync_redis.hset(f"merchant:{{shop{i}}}:risk", mapping=MERCHANT)  # type: ignore[arg-type]
     return sync_redis
 
@@ -73,8 +75,9 @@ def test_predict_batch_reads_redis_once_per_key(service: Service, seeded: redis.
     predictions = r.json()["predictions"]
     assert len(predictions) == 60
     assert predictions[0]["fraud_probability"] == pytest.approx(predictions[5]["fraud_probability"])
-    # 20 new users + 1 new merchant; e2e users may be cached by earlier tests.
-    assert 21 <= command_calls(seeded, "hmget") <= 31
+    # Two groups each of 20 new users and 1 new merchant; the e2e users and shops may be
+    # cached by earlier tests.
+    assert 2 * 21 <= command_calls(seeded, "hmget") <= 2 * 31
     assert command_calls(seeded, "exec") == 0
 
 
