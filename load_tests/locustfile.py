@@ -12,11 +12,13 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from features.offline.demo import merchant_ids, user_ids
+from features.spec import GROUPS
 from load_tests.skew import SkewedPool
 
 USERS = SkewedPool(user_ids(100_000), head_fraction=0.01, head_share=0.2, seed=1)
 MERCHANTS = SkewedPool(merchant_ids(10_000), head_fraction=0.01, head_share=0.2, seed=2)
 BATCH_SIZE = 20
+GROUP_NAMES = {g.qualified_name for g in GROUPS}
 REQUESTS_PER_USER_S = 10.0  # an open-ish load: users x 10 RPS offered, below saturation
 _instances = itertools.count()
 
@@ -33,7 +35,7 @@ def _check_prediction(body: dict[str, Any]) -> str | None:
     p = body.get("fraud_probability")
     if not isinstance(p, float | int) or not 0.0 <= p <= 1.0:
         return f"fraud_probability {p!r}"
-    if set(body.get("sources", {})) != {"user:features", "merchant:risk"}:
+    if set(body.get("sources", {})) != GROUP_NAMES:
         return f"sources {body.get('sources')!r}"
     return None
 

@@ -53,6 +53,27 @@ def gc_pauses(before: str, after: str) -> dict[str, dict[str, float | None]]:
     return out
 
 
+WORKER_REQUESTS = "fraud_worker_requests"
+
+
+def worker_requests(before: str, after: str) -> dict[str, float]:
+    """Requests each live worker (by pid) admitted between two scrapes of /metrics."""
+    old = {s.label("pid"): s.value for s in parse_prometheus(before) if s.name == WORKER_REQUESTS}
+    return {
+        str(pid): s.value - old.get(pid, 0.0)
+        for s in parse_prometheus(after)
+        if s.name == WORKER_REQUESTS and (pid := s.label("pid")) is not None
+    }
+
+
+def imbalance(per_worker: dict[str, float]) -> float | None:
+    """The largest distance of a worker's count from the mean, as a share of the mean."""
+    if len(per_worker) < 2:
+        return None
+    mean = sum(per_worker.values()) / len(per_worker)
+    return max(abs(n - mean) for n in per_worker.values()) / mean if mean else None
+
+
 @dataclass(frozen=True, slots=True)
 class ServerStats:
     """What the service's own /metrics says about a run."""
@@ -225,7 +246,13 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
-def markdown(client: ClientStats, server: ServerStats, result: Verdict, title: str) -> str:
+def markdown(
+    client: ClientStats,
+    server: ServerStats,
+    result: Verdict,
+    title: str,
+    per_worker: dict[str, float] | None = None,
+) -> str:
     """One table of the run and its verdict."""
     ratio = server.cache_hit_ratio
     e2e = f"{client.p50_ms:g} / {client.p95_ms:g} / {client.p99_ms:g}"
@@ -241,6 +268,11 @@ def markdown(client: ClientStats, server: ServerStats, result: Verdict, title: s
         ("feature groups served defaults", f"{server.defaults_served:g}"),
         ("errors (failed requests)", f"{client.failures}"),
     ]
+    if per_worker:
+        spread = imbalance(per_worker)
+        counts = " / ".join(f"{n:g}" for n in sorted(per_worker.values(), reverse=True))
+        share = "" if spread is None else f" (largest gap from the mean: {spread:.1%})"
+        rows.append(("requests per worker", counts + share))
     out = [f"## {title}", "", "| metric | value |", "| --- | --- |"]
     out += [f"| {k} | {v} |" for k, v in rows]
     out += ["", f"**Verdict: {'PASS' if result.passed else 'FAIL'}**", ""]

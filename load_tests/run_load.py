@@ -85,7 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"make load: {args.users} users (~{args.users * 10} RPS offered), {args.run_time}, "
         f"{args.workers} workers"
     )
-    text = report.markdown(client, server, result, title)
+    per_worker = report.worker_requests(before, after)
+    text = report.markdown(client, server, result, title, per_worker)
     (RESULTS / "load-report.md").write_text(text)
     report.plot(history, server, RESULTS / "load.png")
     print(text)

@@ -56,6 +56,12 @@ QUEUE_DELAY = Gauge(
     "Smallest event-loop delay seen in the last interval",
     multiprocess_mode="liveall",
 )
+WORKER_REQUESTS = Gauge(
+    "fraud_worker_requests",
+    "Requests this worker admitted since it started, per live worker (pid): how evenly "
+    "the workers share the load",
+    multiprocess_mode="liveall",
+)
 REFUSED = Counter(
     "fraud_admission_refused_total",
     "Requests refused before any work: limit (overloaded) or budget (caller's too short)",
@@ -141,6 +147,7 @@ class Admission:
         self._interval_s = 0.0  # admitted time summed over this interval
         self._interval_n = 0
         self._peak = 0  # most requests in flight at once this interval
+        self._total = 0  # admitted requests answered since start, as of the last interval
         self._monitor: asyncio.Task[None] | None = None
         # A refusal is built ahead: under overload it is most of what the worker sends.
         self._refusals = {reason: _refusal(reason, config) for reason in REASONS}
@@ -190,6 +197,8 @@ class Admission:
         LIMIT.set(self.limit.update(min_delay_s + admitted_s, self._peak, self._limited))
         IN_FLIGHT.set(self._peak)  # once an interval: a gauge write costs a lock and a pid check
         QUEUE_DELAY.set(min_delay_s)
+        self._total += self._interval_n
+        WORKER_REQUESTS.set(self._total)
         self._delay_s = min_delay_s
         self._limited = False
         self._interval_s, self._interval_n, self._peak = 0.0, 0, self.admitted

@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
+from load_tests.stats import parse_prometheus
 from serving.admission import Admission, AdmissionConfig, ConcurrencyLimit, LoopLag
 from serving.runtime import RuntimeConfigError, admission_config
 from tests.conftest import Service
@@ -175,6 +176,11 @@ def slow_redis(redis_server: RedisServer) -> Iterator[DelayProxy]:
         yield proxy
 
 
+def worker_requests(url: str) -> list[float]:
+    samples = parse_prometheus(httpx.get(f"{url}/metrics", timeout=5).text)
+    return [s.value for s in samples if s.name == "fraud_worker_requests" and s.label("pid")]
+
+
 @pytest.mark.e2e
 def test_serve_refuses_a_burst_over_its_limit_and_recovers(
     bentoml_home: Path, slow_redis: DelayProxy
@@ -211,5 +217,10 @@ def test_serve_refuses_a_burst_over_its_limit_and_recovers(
         metrics = httpx.get(f"{svc.url}/metrics", timeout=5).text
         assert f'fraud_admission_refused_total{{reason="limit"}} {len(refused)}.0' in metrics
         assert predict(99).status_code == 200  # recovered once the burst is served
+        admitted = statuses.count(200) + 1
+        until = time.monotonic() + 5.0  # the gauge is written once an interval (100 ms)
+        while (served := worker_requests(svc.url)) != [admitted] and time.monotonic() < until:
+            time.sleep(0.1)
+        assert served == [admitted]  # one worker: one series, labelled with its pid
     finally:
         svc.stop()

@@ -348,3 +348,16 @@ def test_quantile_is_the_sample_at_index_floor_q_n() -> None:
     assert stats.quantile([3.0, 1.0, 2.0], 1.0) == 3.0
     with pytest.raises(ValueError, match="no samples"):
         stats.quantile([], 0.5)
+
+
+def test_requests_per_worker_between_scrapes_and_their_imbalance() -> None:
+    before = 'fraud_worker_requests{pid="11"} 5.0\nfraud_worker_requests{pid="12"} 0.0\n'
+    after = (
+        'fraud_worker_requests{pid="11"} 125.0\nfraud_worker_requests{pid="12"} 80.0\n'
+        'fraud_worker_requests{pid="13"} 40.0\n'  # a worker restarted during the run
+    )
+    per_worker = report.worker_requests(before, after)
+    assert per_worker == {"11": 120.0, "12": 80.0, "13": 40.0}
+    assert report.imbalance(per_worker) == pytest.approx(0.5)  # 120 and 40 vs a mean of 80
+    assert report.imbalance({"11": 10.0}) is None
+    assert report.imbalance({"11": 0.0, "12": 0.0}) is None
