@@ -135,7 +135,7 @@ def test_cli_exits_0_below_the_threshold_1_past_it(tmp_path: Path) -> None:
     lines = ok.stdout.splitlines()
     assert lines[0].split() == ["feature", "psi", "default:", "trained", "served"]
     assert {line.split()[0] for line in lines[1 : N + 1]} == {f.name for f in MODEL_FEATURES}
-    assert "1000 served rows in 4 files"  # 333 rows a file in ok.stdout
+    assert "1000 served rows in 4 files" in ok.stdout  # 333 rows a file
     assert "0 inputs past PSI 0.2" in ok.stdout
 
     png = tmp_path / "worst.png"
