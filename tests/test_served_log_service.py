@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -72,9 +73,9 @@ def test_each_scored_transaction_is_logged_as_served_and_the_skew_report_reads_i
     ).start()
     try:
         with httpx.Client(base_url=svc.url, timeout=10) as client:
-            singles = []
+            singles: list[tuple[dict[str, Any], str, dict[str, Any]]] = []
             for i in range(12):  # seeded entities, and unknown ones served defaults
-                tx = {"user_id": f"sl{i % 4}", "merchant_id": f"sls{i % 4}",
+                tx: dict[str, Any] = {"user_id": f"sl{i % 4}", "merchant_id": f"sls{i % 4}",
                       "amount": 10.0 + i, "timestamp": 1.765e9 + 3600 * i}  # fmt: skip
                 r = client.post("/predict", json=tx)
                 assert r.status_code == 200, r.text
@@ -97,8 +98,8 @@ def test_each_scored_transaction_is_logged_as_served_and_the_skew_report_reads_i
     paths = closed_files(log_dir)
     assert [pq.read_metadata(p).num_rows for p in paths] == [8, 8, 1]
     table = pa.concat_tables([pq.read_table(p) for p in paths])
-    rows = table.to_pylist()
-    by_request = {}
+    rows: list[dict[str, Any]] = table.to_pylist()
+    by_request: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         by_request.setdefault(row["request_id"], []).append(row)
 
