@@ -21,11 +21,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from features import GROUPS, MODEL_FEATURES, GroupRead, Reason, Source
 from features.offline.demo import merchant_ids, user_ids
 from features.servedlog import ROW_GROUP_ROWS, ServedLog
-from features.servedlog.columns import Record
+from features.servedlog.ring import Ring
 from load_tests import httpload
 from load_tests._stack import one_worker_env, scrape
 from load_tests.stats import counter_total, parse_prometheus, quantile, tail_summary
@@ -92,11 +93,12 @@ def writer(batches: int) -> None:
 
     n = ROW_GROUP_ROWS
     x = np.random.default_rng(0).random((n, len(MODEL_FEATURES))).astype(np.float32)
-    records: list[Record] = [
-        (1.7e9 + i, f"{i:016x}", 0, {"user": f"u{i:06d}", "merchant": f"m{i % 999:05d}"},
-         1.7e9, x[i], READS, 0.5)
-        for i in range(n)
-    ]  # fmt: skip
+    ring = Ring(n, len(MODEL_FEATURES), list(READS))
+    ids = [{"user": f"u{i:06d}", "merchant": f"m{i % 999:05d}"} for i in range(n)]
+    with ring.lock:
+        ring.put(range(n), 1.7e9, "0123456789abcdef", ids, np.full(n, 1.7e9), x, [READS] * n,
+                 [0.5] * n)  # fmt: skip
+    records = ring.take(n)
     timings: dict[str, tuple[list[float], list[float]]] = {"to_table": ([], []), "write": ([], [])}
     with tempfile.TemporaryDirectory() as tmp:
         sink = RollingParquet(Path(tmp), arrow_schema(), roll_rows=n * batches)
@@ -122,7 +124,9 @@ def writer(batches: int) -> None:
 def end_to_end(seconds: float, rounds: int, concurrency: int) -> None:
     """(b): closed-loop /predict throughput, the log off vs at rate 1, interleaved."""
     with tempfile.TemporaryDirectory() as tmp, RedisServer(quiet=True) as redis:
-        env = one_worker_env(redis.url) | {"BENTOML_HOME": str(Path(tmp) / "home")}
+        # Admission control off: this measures the most the worker serves, not the limit.
+        env = one_worker_env(redis.url) | {"BENTOML_HOME": str(Path(tmp) / "home"),
+                                           "FRAUD_ADMISSION": "0"}  # fmt: skip
         subprocess.run([sys.executable, "-m", "features.offline.load", "--demo", "--users",
                         "20000", "--merchants", "2000"], cwd=ROOT, env=env, check=True,
                        stdout=subprocess.DEVNULL)  # fmt: skip
@@ -131,7 +135,8 @@ def end_to_end(seconds: float, rounds: int, concurrency: int) -> None:
         configs = {
             "log off": {},
             "log rate 1": {"FEATURES_SERVED_LOG_SAMPLE_RATE": "1",
-                           "FEATURES_SERVED_LOG_DIR": str(Path(tmp) / "served")},
+                           "FEATURES_SERVED_LOG_DIR": str(Path(tmp) / "served"),
+                           "FEATURES_SERVED_LOG_ROLL_S": "2"},
         }  # fmt: skip
         rng = random.Random(3)
         users, merchants = user_ids(20000), merchant_ids(2000)
@@ -146,8 +151,12 @@ def end_to_end(seconds: float, rounds: int, concurrency: int) -> None:
         try:
             for server in servers.values():
                 server.start()
-            for server in servers.values():  # warm: cache and model
-                asyncio.run(httpload.closed_loop(server.port, _encode(server, bodies), 8, 2.0))
+            warm = {
+                name: asyncio.run(
+                    httpload.closed_loop(server.port, _encode(server, bodies), 8, 2.0)
+                )
+                for name, server in servers.items()
+            }  # the cache and the model warm up
             for _ in range(rounds):
                 for name, server in servers.items():
                     run = asyncio.run(httpload.closed_loop(
@@ -167,9 +176,19 @@ def end_to_end(seconds: float, rounds: int, concurrency: int) -> None:
                   f" latency ms p50={lat['p50']:.2f} p99={lat['p99']:.2f} "
                   f"p99.9={lat['p99_9']:.2f} max={lat['max']:.1f} n={lat['n']} "
                   f"failures={failures}")  # fmt: skip
-        for result in ("written", "dropped", "failed"):
-            total = counter_total(logged, "features_served_log_records_total", {"result": result})
-            print(f"  served log, rate 1: records {result} {total:.0f}")
+        counts = {
+            result: counter_total(logged, "features_served_log_records_total", {"result": result})
+            for result in ("written", "dropped", "failed")
+        }
+        files = sorted((Path(tmp) / "served").glob("served-*.parquet"))
+        rows = sum(pq.read_metadata(p).num_rows for p in files)
+        runs = [warm["log rate 1"], *results["log rate 1"]]
+        served = sum(len(r.latencies) for r in runs)
+        print(
+            f"  served log, rate 1, before stop: {counts}; after stop: {rows} rows in "
+            f"{len(files)} files, {sum(p.stat().st_size for p in files) / max(rows, 1):.0f}"
+            f" bytes a row (about {served} requests answered 200, warm-up included)"
+        )
 
 
 def _encode(server: BentoServer, bodies: list[dict[str, object]]) -> list[bytes]:

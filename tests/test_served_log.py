@@ -221,8 +221,15 @@ def test_a_bad_record_never_raises_into_the_request(log_dir: Path) -> None:
     failed = records_metric("failed")
     log = make_log(log_dir)
     x = np.zeros((1, N), dtype=np.float32)
+    # Two positions picked, one transaction given: both counted, nothing queued.
     log.offer([0, 1], None, [{"user": "u", "merchant": "m"}], [1.7e9], x, [READS], [0.5])
     assert records_metric("failed") - failed == 2
+    log.offer([0], None, [{"user": "u", "merchant": "m"}], [1.7e9], x[:, :3], [READS], [0.5])
+    assert records_metric("failed") - failed == 3  # inputs of the wrong width
+    log.offer([0], None, [{"user": "u", "merchant": "m"}], [1.7e9], x, [READS], [0.5])
+    log.start()
+    assert log.close()
+    assert read_all(log_dir).column("user_id").to_pylist() == ["u"]
 
 
 def test_a_sample_rate_of_zero_starts_nothing(log_dir: Path) -> None:

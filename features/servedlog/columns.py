@@ -8,14 +8,13 @@ was stale, then the model's tag and feature fingerprint and the score.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 import pyarrow as pa
 
-from features.online.entry import GroupRead
+from features.servedlog.ring import Batch
 from features.spec import ENTITY_TYPES, GROUPS, MODEL_FEATURES, Feature, FeatureGroup
 
 SERVED_AT = "served_at"
@@ -26,18 +25,6 @@ MODEL_TAG = "model_tag"
 FINGERPRINT = "model_fingerprint"
 SCORE = "score"
 GROUP_ATTRIBUTES = ("source", "defaulted", "reason", "stale")
-
-Record = tuple[
-    float,  # served at, unix s
-    str,  # request id
-    int,  # position in the request
-    Mapping[str, str],  # entity type -> id
-    float,  # the transaction's time, unix s: what the on-demand features used
-    npt.NDArray[np.float32],  # model inputs, MODEL_FEATURES order
-    Mapping[str, GroupRead],  # qualified group name -> how it was read
-    float,  # score
-]
-"""One sampled transaction as the request path hands it over: references, no copies."""
 
 _TIME = pa.timestamp("us", tz="UTC")
 
@@ -88,29 +75,30 @@ def arrow_schema(
 
 
 def to_table(
-    records: Sequence[Record],
+    batch: Batch,
     schema: pa.Schema,
     model_tag: str,
     fingerprint: str,
     groups: Sequence[FeatureGroup] = GROUPS,
     entities: Sequence[str] = ENTITY_TYPES,
 ) -> pa.Table:
-    """`records` as one table of `schema` (from arrow_schema with the same groups)."""
-    n = len(records)
-    inputs = np.stack([r[5] for r in records]).astype(np.float32, copy=False)
+    """`batch` as one table of `schema` (from arrow_schema with the same groups)."""
+    n = len(batch)
     n_features = len(schema) - len(_fixed_names(groups, entities))
-    if inputs.shape[1] != n_features:
-        raise ValueError(f"records carry {inputs.shape[1]} model inputs, the log {n_features}")
+    if batch.inputs.shape[1] != n_features:
+        raise ValueError(
+            f"records carry {batch.inputs.shape[1]} model inputs, the log {n_features}"
+        )
     columns: list[Any] = [
-        _times([r[0] for r in records]),
-        pa.array([r[1] for r in records], pa.string()),
-        pa.array([r[2] for r in records], pa.int32()),
-        *(pa.array([r[3][e] for r in records], pa.string()) for e in entities),
-        _times([r[4] for r in records]),
-        *(pa.array(inputs[:, j]) for j in range(n_features)),
+        _times(batch.served_at),
+        pa.array(batch.request_id, pa.string()),
+        pa.array(batch.position, pa.int32()),
+        *(pa.array([ids[e] for ids in batch.entity_ids], pa.string()) for e in entities),
+        _times(batch.event_time),
+        *(pa.array(batch.inputs[:, j]) for j in range(n_features)),
     ]
     for group in groups:
-        reads = [r[6][group.qualified_name] for r in records]
+        reads = batch.reads[group.qualified_name]
         columns += [
             pa.array([str(g.source) for g in reads], pa.string()),
             pa.array([list(g.defaulted) for g in reads], pa.list_(pa.string())),
@@ -120,7 +108,7 @@ def to_table(
     columns += [
         pa.array([model_tag] * n, pa.string()),
         pa.array([fingerprint] * n, pa.string()),
-        pa.array(np.array([r[7] for r in records], dtype=np.float32)),
+        pa.array(np.array(batch.score, dtype=np.float32)),
     ]
     return pa.Table.from_arrays(columns, schema=schema)
 
