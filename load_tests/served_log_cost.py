@@ -38,31 +38,33 @@ READS = {
     GROUPS[0].qualified_name: GroupRead(Source.REDIS),
     GROUPS[1].qualified_name: GroupRead(Source.DEFAULT, (), Reason.MISSING),
 }
-CASES = (
-    ("rate 0", 0.0, 1),
-    ("rate 0.01", 0.01, 1),
-    ("rate 1", 1.0, 1),
-    ("rate 1, batch 64", 1.0, 64),
+CASES = (  # name, sample rate, transactions a request, writer thread running
+    ("rate 0", 0.0, 1, True),
+    ("rate 0.01", 0.01, 1, True),
+    ("rate 1", 1.0, 1, True),
+    ("rate 1, no writer", 1.0, 1, False),
+    ("rate 1, batch 64", 1.0, 64, True),
 )
 
 
 def micro(n: int, rounds: int) -> None:
     """(a): ns per request through sample() and offer(), each case in turn per round, with
     only its own log (and writer thread) open; the writer's backlog drains untimed."""
-    per_call: dict[str, list[float]] = {name: [] for name, _, _ in CASES}
+    per_call: dict[str, list[float]] = {name: [] for name, *_ in CASES}
     dropped = dict.fromkeys(per_call, 0)
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(rounds):
-            for name, rate, size in CASES:
+            for name, rate, size, writing in CASES:
                 log = ServedLog(sample_rate=rate, directory=Path(tmp) / f"{r}-{size}-{rate}",
                                 queue_size=100_000, roll_rows=100_000, roll_s=60.0,
                                 model_tag="fraud_mlp:bench", fingerprint="0" * 16)  # fmt: skip
-                log.start()
+                if writing:
+                    log.start()
                 per_call[name] += _calls(log, n if size == 1 else n // 64, size)
                 log.close(120)
                 dropped[name] += log.dropped
-    print(f"(a) sample() + offer() per request, wall us, {rounds} rounds, writer running")
-    for name, _, size in CASES:
+    print(f"(a) sample() + offer() per request, wall us, {rounds} rounds")
+    for name, _, size, _ in CASES:
         us = np.array(per_call[name]) / 1e3
         print(f"  {name:<17} n={len(us)} mean={us.mean():.3f} p50={quantile(us, 0.5):.3f} "
               f"p99={quantile(us, 0.99):.3f} p99.9={quantile(us, 0.999):.3f} "
@@ -187,7 +189,7 @@ def end_to_end(seconds: float, rounds: int, concurrency: int) -> None:
         print(
             f"  served log, rate 1, before stop: {counts}; after stop: {rows} rows in "
             f"{len(files)} files, {sum(p.stat().st_size for p in files) / max(rows, 1):.0f}"
-            f" bytes a row (about {served} requests answered 200, warm-up included)"
+            f" bytes a row, for {served} requests answered 200 (warm-up included)"
         )
 
 

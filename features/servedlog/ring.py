@@ -52,7 +52,8 @@ class Ring:
         self._position = [0] * size
         self._entity_ids = [_NO_IDS] * size
         self._event_time = [0.0] * size
-        self._inputs = np.zeros((size, n_inputs), dtype=np.float32)
+        # Written, not just reserved (np.zeros maps pages lazily): no page fault later.
+        self._inputs = np.full((size, n_inputs), 0.0, dtype=np.float32)
         self._reads = {name: [_NO_READ] * size for name in group_names}
         self._score = [0.0] * size
         self._first = 0  # the oldest filled slot
