@@ -1,9 +1,10 @@
 """What the served-feature log costs the request path: python -m load_tests.served_log_cost.
 
 (a) In process: `sample()` then, when it picks, `offer()` for one scored transaction, at
-sample rates 0, 0.01 and 1, with the writer thread running into a temporary directory;
-and a batch of 64 at rate 1. Rates take turns, round after round, so a neighbour's load
-falls on all alike. Wall time per call, quantiles over every call.
+sample rates 0, 0.01 and 1 with the writer thread running into a temporary directory, at
+rate 1 without it, and a batch of 64 at rate 1. Cases take turns, round after round, so a
+neighbour's load falls on all alike. Wall time per call, quantiles over every call.
+(c) The writer thread's own CPU per record: conversion to Arrow, the Parquet write.
 (b) End to end: two `bentoml serve` (one worker each), the log off and at rate 1, over one
 redis-server with demo data; closed-loop /predict rounds, alternating, same run.
 """
