@@ -102,7 +102,9 @@ class ServedLog:
         self._closing = False
         self._thread: threading.Thread | None = None
         self._sink: RollingParquet | None = None
+        # One per thread: a RateLimitedLog is not thread-safe.
         self._errors = RateLimitedLog(logger, error_log_interval_s, clock, exc_info=True)
+        self._offer_errors = RateLimitedLog(logger, error_log_interval_s, clock, exc_info=True)
         self.dropped = 0
         """Records dropped on the request path (queue full, or the log closed)."""
 
@@ -170,7 +172,7 @@ class ServedLog:
                     )
         except Exception as exc:  # a bug here must not fail the request: count it, log it
             SERVED_LOG_RECORDS.labels("failed").inc(len(picked))
-            self._errors.failed("queueing a served-log record", exc)
+            self._offer_errors.failed("queueing a served-log record", exc)
             return
         if queued < len(picked):
             self.dropped += len(picked) - queued
@@ -196,9 +198,19 @@ class ServedLog:
         return True
 
     def _run(self) -> None:
-        """The writer thread: write a row group once one is waiting; close each file at
-        `roll_rows` rows, or `roll_s` after the writer first saw a record for it; at close,
-        drain the ring and close the last file."""
+        """The writer thread. Should it ever fail, the log stops taking records (each then
+        counted as dropped) rather than fill the ring for nobody."""
+        try:
+            self._write_until_closed()
+        except Exception:
+            logger.exception("served-feature log writer failed; the log takes no more records")
+            with self._ring.lock:
+                self._accepting = False
+
+    def _write_until_closed(self) -> None:
+        """Write a row group once one is waiting; close each file at `roll_rows` rows, or
+        `roll_s` after the writer first saw a record for it; at close, drain the ring and
+        close the last file."""
         sink = self._sink
         assert sink is not None
         ring = self._ring
