@@ -32,6 +32,7 @@ from features import (
     redact_url,
 )
 from features.metrics import LATENCY_BUCKETS_S
+from features.servedlog import ServedLog, check_directory
 from models import MODEL_NAME
 from models.scorer import Scorer, check_saved_schema
 from serving import client_errors
@@ -60,6 +61,8 @@ TransactionBatch = batch_model(SETTINGS, Transaction)
 ID_FIELDS = {entity: entity_field(entity) for entity in ENTITY_TYPES}
 
 client_errors.install(SETTINGS.error_log_interval_s)
+if SETTINGS.served_log_sample_rate > 0:  # a directory it cannot write stops start-up here
+    check_directory(SETTINGS.served_log_dir)
 
 INFERENCE_SECONDS = Histogram(
     "fraud_inference_seconds",
@@ -83,6 +86,10 @@ class FraudService:
         self.scorer.check_schema()  # the model may have changed since import
         self.redis = open_redis(self.settings)
         self.store = open_store(self.settings, self.redis)
+        self.served_log = ServedLog.from_settings(
+            self.settings, model_tag=str(self.model.tag), fingerprint=self.scorer.fingerprint
+        )
+        self.served_log.start()
         self.gc_pauses = collector.GcPauses()
         self._gc_flush: asyncio.Task[None] | None = None
         logger.info(
@@ -118,6 +125,7 @@ class FraudService:
         if self._gc_flush is not None:
             self._gc_flush.cancel()
         self.gc_pauses.uninstall()
+        await asyncio.to_thread(self.served_log.close)
         await self.store.aclose()
         await self.redis.aclose()
 
@@ -141,18 +149,16 @@ class FraudService:
         self, txs: list[dict[str, Any]], ctx: bentoml.Context
     ) -> tuple[list[Score], Timings]:
         started = time.perf_counter()
+        entity_ids = [{entity: t[field] for entity, field in ID_FIELDS.items()} for t in txs]
         try:
-            rows = await self.store.read(
-                [{entity: t[field] for entity, field in ID_FIELDS.items()} for t in txs]
-            )
+            rows = await self.store.read(entity_ids)
         except InvalidEntityId as exc:
             raise InvalidRequest(str(exc)) from None
         fetched = time.perf_counter()
         now = time.time()
+        event_times = np.array([now if t["timestamp"] is None else t["timestamp"] for t in txs])
         x = model_inputs(
-            rows.values,
-            np.array([t["amount"] for t in txs], dtype=np.float64),
-            np.array([now if t["timestamp"] is None else t["timestamp"] for t in txs]),
+            rows.values, np.array([t["amount"] for t in txs], dtype=np.float64), event_times
         )
         probabilities = self.scorer.predict(x)
         done = time.perf_counter()
@@ -166,7 +172,13 @@ class FraudService:
             f"features;dur={timings.features_ms}, inference;dur={timings.inference_ms}, "
             f"total;dur={timings.total_ms}"
         )
-        return _scores(rows, probabilities.tolist()), timings
+        scores = probabilities.tolist()
+        picked = self.served_log.sample(len(txs))  # mostly none: one random() each
+        if picked:
+            self.served_log.offer(
+                picked, _request_id(ctx), entity_ids, event_times, x, rows.reads, scores
+            )
+        return _scores(rows, scores), timings
 
 
 # The decorator made FraudService a bentoml Service; its stub types it as the class.
@@ -185,6 +197,13 @@ def _scores(rows: FeatureRows, probabilities: list[float]) -> list[Score]:
         )
         for p, reads in zip(probabilities, rows.reads, strict=True)
     ]
+
+
+def _request_id(ctx: bentoml.Context) -> str | None:
+    """BentoML's id of this request, as its X-BentoML-Request-ID header spells it; None
+    when tracing is off (FRAUD_TRACING), as BentoML then makes none."""
+    request_id = ctx.request.scope.get("request_id")
+    return None if request_id is None else format(request_id, "016x")
 
 
 @functools.lru_cache(maxsize=4096)

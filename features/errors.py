@@ -4,7 +4,8 @@ defaults and say why (`GroupRead.reason`).
 FeatureError
 ├── InvalidEntityId           a client-supplied id that may not become a key
 ├── FeatureWriteError         a write was not applied; nothing was reported as written
-└── BackingStoreError         the persistent store behind Redis failed or timed out
+├── BackingStoreError         the persistent store behind Redis failed or timed out
+└── SkewInputError            the skew report's log or training statistics are missing or unusable
 """
 
 from __future__ import annotations
@@ -35,3 +36,8 @@ class FeatureWriteError(FeatureError):
 
 class BackingStoreError(FeatureError):
     """The backing store (DynamoDB or Bigtable) failed, refused, or did not answer in time."""
+
+
+class SkewInputError(FeatureError):
+    """The skew report cannot run: no served-feature log, no training statistics, or a
+    log written for other features."""

@@ -94,3 +94,12 @@ GC_PAUSE_MAX_SECONDS = Gauge(
     ["generation"],
     multiprocess_mode="livemax",
 )
+SERVED_LOG_RECORDS = Counter(
+    "features_served_log_records_total",
+    "Sampled records of the served-feature log, by outcome",
+    ["result"],  # written (in a closed file), dropped (queue full or log closed), failed
+)
+SERVED_LOG_FILES = Counter(
+    "features_served_log_files_total",
+    "Served-feature log files closed and renamed into place",
+)

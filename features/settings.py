@@ -251,6 +251,39 @@ class Settings(BaseSettings):
         ),
     )
 
+    served_log_sample_rate: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "Share of scored transactions written to the served-feature log, 0-1 (0: off)."
+        ),
+    )
+    served_log_dir: str = Field(
+        default="",
+        description=(
+            "Directory of the served-feature log's Parquet files; required when the sample rate"
+            " is above 0, created if absent."
+        ),
+    )
+    served_log_queue_size: PositiveInt = Field(
+        default=10_000,
+        description=(
+            "Most sampled records waiting for the log's writer per worker; beyond that they are"
+            " dropped and counted."
+        ),
+    )
+    served_log_roll_rows: PositiveInt = Field(
+        default=100_000,
+        description="Most records in one served-log file before it is closed and a new one begun.",
+    )
+    served_log_roll_s: PositiveFloat = Field(
+        default=300.0,
+        description=(
+            "Longest a served-log file stays open: its records become readable when it closes."
+        ),
+    )
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:
         """Read every field from `environ`; a bad value raises ValueError naming its key."""
@@ -281,6 +314,10 @@ class Settings(BaseSettings):
             )
         if self.stale_max_age_s < self.cache_ttl_s:
             raise ValueError(f"{PREFIX}STALE_MAX_AGE_S must be at least {PREFIX}CACHE_TTL_S")
+        if self.served_log_sample_rate > 0 and not self.served_log_dir:
+            raise ValueError(
+                f"{PREFIX}SERVED_LOG_DIR must be set when {PREFIX}SERVED_LOG_SAMPLE_RATE is above 0"
+            )
         url = urlsplit(self.redis_url)
         if url.scheme not in ("redis", "rediss", "unix"):
             raise ValueError(f"{PREFIX}REDIS_URL must start with redis://, rediss:// or unix://")

@@ -6,6 +6,7 @@ import argparse
 import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
@@ -14,6 +15,7 @@ from torch import nn
 
 from features import ondemand, spec
 from features.offline import demo
+from features.skew import stats as skew_stats
 from features.spec import GROUPS, MODEL_FEATURES, STORED_FEATURES
 from models import MODEL_NAME
 from models.net import FraudNet
@@ -46,6 +48,8 @@ class TrainResult:
     rows: int
     seed: int
     epochs: int
+    stats: skew_stats.TrainingStats
+    """The distribution of each input in the rows trained on, for the skew report."""
 
 
 def train(rows: int, seed: int, epochs: int) -> TrainResult:
@@ -69,6 +73,7 @@ def train(rows: int, seed: int, epochs: int) -> TrainResult:
         rows=rows,
         seed=seed,
         epochs=epochs,
+        stats=skew_stats.training_stats(x[fit], spec.fingerprint()),
     )
 
 
@@ -102,6 +107,7 @@ def save(result: TrainResult) -> str:
         torch.save(saved, model.path_of(MODEL_FILE))
         with open(model.path_of(SCHEMA_FILE), "w") as f:
             json.dump(result.schema, f, indent=1)
+        skew_stats.save(result.stats, Path(model.path_of(skew_stats.STATS_FILE)))
     return str(model.tag)
 
 

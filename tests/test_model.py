@@ -14,6 +14,7 @@ import torch
 
 import models
 from features import spec
+from features.skew import stats as skew_stats
 from models import MODEL_NAME, SchemaMismatch, Scorer
 from models.train import TrainResult, roc_auc, train
 
@@ -137,6 +138,20 @@ def test_saved_model_scores_like_the_trained_one(
     assert scorer.fingerprint == spec.fingerprint()
     # Another process and a frozen trace: equal up to float rounding.
     np.testing.assert_allclose(scorer.predict(inputs), _eager(trained, inputs), rtol=0, atol=1e-6)
+
+
+def test_training_statistics_are_saved_with_the_model(store: Path, trained: TrainResult) -> None:
+    [directory] = _saved_dirs(store)
+    saved = skew_stats.load(directory)
+    assert saved == trained.stats  # the same seed, in another process
+    assert saved.fingerprint == spec.fingerprint()
+    assert saved.rows == ROWS - int(ROWS * 0.2)  # the rows fitted, not the held-out ones
+    assert [f.name for f in saved.features] == [f.name for f in spec.MODEL_FEATURES]
+    by_name = {f.name: f for f in saved.features}
+    # ~8% of values and ~5% of whole groups hidden behind defaults; 50.0 is no real ticket.
+    assert 0.1 < by_name["avg_ticket_30d"].default_rate < 0.16
+    assert by_name["is_premium"].edges == (0.0, 1.0)
+    assert all(sum(f.proportions) == pytest.approx(1.0) for f in saved.features)
 
 
 def test_if_missing_keeps_the_saved_model(store: Path) -> None:

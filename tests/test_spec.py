@@ -176,7 +176,8 @@ def test_features_imports_neither_bentoml_nor_torch() -> None:
     import sys
 
     code = (
-        "import sys, features, features.offline.load; "
+        "import sys, features, features.offline.load, features.servedlog.columns, "
+        "features.servedlog.files, features.skew.__main__; "
         "print({'bentoml', 'torch'} & set(sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
