@@ -14,18 +14,17 @@ from bisect import bisect_left
 
 from features import metrics
 from features.online.codec import GroupCodec
-from features.online.entry import GroupRead, Reason, Source
-
-_SOURCES = {source: i for i, source in enumerate(Source)}
-_REASONS = {reason: i for i, reason in enumerate(Reason)}
+from features.online.entry import Reason, Source
 
 
 class GroupHealth:
     """One group's tallies since the last flush, and the children they are written to.
 
-    `count` runs on the request path: a few list increments, one bisect for the age bucket,
-    and per defaulted feature one more increment. The slots a GroupRead's defaults go to
-    are computed once per interned read (the codec's read ids), not per request.
+    `count` runs on the request path: one count per served read, by its slot (`2 * read_id`
+    as read, `2 * read_id + 1` as served from the cache: `codec.reads[read_id]`'s pair,
+    flattened), and for a value with an event time one bisect for its age bucket. What a
+    read means (its source, its defaulted features and reason) is worked out in `flush`,
+    once per read and interval.
     """
 
     __slots__ = (
@@ -34,55 +33,45 @@ class GroupHealth:
         "_ages",
         "_bounds",
         "_codec",
-        "_default_slots",
-        "_defaulted",
-        "_defaults",
         "_defaults_to",
-        "_features",
-        "_served",
+        "_reads",
         "_served_to",
         "_sum_s",
     )
 
     def __init__(self, codec: GroupCodec) -> None:
         name = codec.name
-        names = codec.spec.field_names
         self._codec = codec
-        self._features = {feature: i for i, feature in enumerate(names)}
         # Bound once: every series exists from the start, so rates read 0, not absent.
-        self._served_to = [metrics.SERVED.labels(name, source) for source in Source]
-        self._defaults_to = [
-            metrics.FEATURE_DEFAULTS.labels(name, feature, reason)
+        self._served_to = {source: metrics.SERVED.labels(name, source) for source in Source}
+        self._defaults_to = {
+            (feature, reason): metrics.FEATURE_DEFAULTS.labels(name, feature, reason)
             for reason in Reason
-            for feature in names
-        ]
+            for feature in codec.spec.field_names
+        }
         age = metrics.SERVED_AGE.labels(name)
-        # prometheus_client has no call that adds n observations to a bucket: its per-bucket
-        # values (not cumulative) and sum are written directly; tests/test_health.py checks
-        # the exposition against what was served.
+        # prometheus_client has no call that adds n observations at once: the histogram's
+        # per-bucket values (not cumulative) and its sum are written directly.
+        # tests/test_health.py checks the exposition against what was served.
         self._age_buckets_to = age._buckets
         self._age_sum_to = age._sum
-        self._bounds = (*metrics.AGE_BUCKETS_S, math.inf)
+        # Floats: bisect compares float ages with them, which mixed with ints is slower.
+        self._bounds = (*map(float, metrics.AGE_BUCKETS_S), math.inf)
         if len(self._age_buckets_to) != len(self._bounds):
             raise RuntimeError("prometheus_client's Histogram layout is not the one expected")
         metrics.FRESHNESS_WINDOW.labels(name).set(codec.spec.freshness_s)
-        self._served = [0] * len(self._served_to)
-        self._defaults = [0] * len(self._defaults_to)
+        self._reads = [0] * (2 * len(codec.reads))  # by slot; grows with the codec's reads
         self._ages = [0] * len(self._bounds)
-        self._default_slots: list[tuple[int, ...] | None] = []  # by read id
-        self._defaulted = False  # any default tallied since the last flush
         self._sum_s = 0.0
 
-    def count(self, read: GroupRead, read_id: int, event_ts: float, now: float) -> None:
-        """One row's group served: `read` as it went out, `read_id` its index in the codec,
-        `event_ts` its event time (NaN if none) and `now` the wall clock at serving."""
-        self._served[_SOURCES[read.source]] += 1
-        reason = read.reason
-        if read.defaulted and reason is not None:
-            defaults = self._defaults
-            for slot in self._slots(reason, read.defaulted, read_id):
-                defaults[slot] += 1
-            self._defaulted = True
+    def count(self, read_slot: int, event_ts: float, now: float) -> None:
+        """One row's group served: its read's slot, its event time (NaN if none) and the
+        wall clock when served."""
+        try:
+            self._reads[read_slot] += 1
+        except IndexError:  # a read interned since: grow to the codec's reads
+            self._reads.extend([0] * (2 * len(self._codec.reads) - len(self._reads)))
+            self._reads[read_slot] += 1
         age = now - event_ts
         if age == age:  # not NaN: it has an event time
             if age < 0.0:
@@ -92,26 +81,22 @@ class GroupHealth:
 
     def flush(self) -> None:
         """Add the tallies to their Prometheus children and start them again from zero."""
-        pairs = [(self._served, self._served_to), (self._ages, self._age_buckets_to)]
-        if self._defaulted:  # most intervals have none: skip the feature x reason slots
-            self._defaulted = False
-            pairs.append((self._defaults, self._defaults_to))
-        for tallies, children in pairs:
-            for i, n in enumerate(tallies):
-                if n:
-                    tallies[i] = 0
-                    children[i].inc(n)
+        reads = self._reads
+        pairs = self._codec.reads
+        for i, n in enumerate(reads):
+            if not n:
+                continue
+            reads[i] = 0
+            read = pairs[i >> 1][i & 1]
+            self._served_to[read.source].inc(n)
+            if read.reason is not None:
+                for feature in read.defaulted:
+                    self._defaults_to[feature, read.reason].inc(n)
+        ages = self._ages
+        for i, n in enumerate(ages):
+            if n:
+                ages[i] = 0
+                self._age_buckets_to[i].inc(n)
         if self._sum_s:
             sum_s, self._sum_s = self._sum_s, 0.0
             self._age_sum_to.inc(sum_s)
-
-    def _slots(self, reason: Reason, defaulted: tuple[str, ...], read_id: int) -> tuple[int, ...]:
-        """The default tallies of read `read_id`: one per defaulted feature, for its reason."""
-        known = self._default_slots
-        if read_id >= len(known):
-            known.extend([None] * (len(self._codec.reads) - len(known)))
-        slots = known[read_id]
-        if slots is None:
-            base = _REASONS[reason] * len(self._features)
-            slots = known[read_id] = tuple(base + self._features[f] for f in defaulted)
-        return slots

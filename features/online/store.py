@@ -30,7 +30,8 @@ from features.spec import GROUPS, FeatureGroup, validate_entity_id
 logger = logging.getLogger(__name__)
 
 _Served = tuple[npt.NDArray[np.float64], GroupRead, int, float]
-"""One key's values as served, its read, the read's id in its codec and its event time."""
+"""One key's values as served, its read, the read's health slot (GroupHealth) and its event
+time."""
 
 
 class FeatureStore:
@@ -180,7 +181,7 @@ class FeatureStore:
                 misses[key_id] = key, codec
             else:
                 read_id = cached[1]
-                served[key_id] = cached[0], codec.reads[read_id][1], read_id, cached[2]
+                served[key_id] = cached[0], codec.reads[read_id][1], 2 * read_id + 1, cached[2]
         if served:
             self._hits.inc(len(served))
         source = Source.CACHE
@@ -194,7 +195,7 @@ class FeatureStore:
         health = self._health
         wall = self._clock()
         for i, (key, codec) in enumerate(keyed):
-            values, read, read_id, event_ts = served[key.id]
+            values, read, read_slot, event_ts = served[key.id]
             parts.append(values)
             row_reads[codec.name] = read
             if read.defaulted and read.reason is not None:
@@ -202,7 +203,7 @@ class FeatureStore:
             if read.stale:
                 metrics.STALE.labels(codec.name, read.source).inc()
             column = i % per_row
-            health[column].count(read, read_id, event_ts, wall)
+            health[column].count(read_slot, event_ts, wall)
             if column == per_row - 1:
                 reads.append(row_reads)
                 row_reads = {}
@@ -295,7 +296,7 @@ class FeatureStore:
                     metrics.DEADLINE_EXCEEDED.labels(codec.name, "stale").inc()
             read_id = entry[1]
             read = codec.reads[read_id][0]
-            served[key_id] = entry[0], read, read_id, entry[2]
+            served[key_id] = entry[0], read, 2 * read_id, entry[2]
             if read.reason in NOT_CACHED:
                 source = Source.DEFAULT
             elif read.source is Source.BACKING and source is Source.REDIS:
