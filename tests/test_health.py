@@ -4,7 +4,9 @@ served, from Redis, the cache and the backing store."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Sequence
 
 import pytest
 import redis
@@ -13,8 +15,11 @@ from prometheus_client import REGISTRY
 from features import GROUPS, MERCHANT_RISK, USER_FEATURES, FeatureStore, FeatureWriter, metrics
 from features.backing import BackingStore
 from features.connection import Client
+from features.online.codec import codec_for
 from features.online.entry import Reason, Source
 from features.online.health import GroupHealth
+from features.online.keys import Key
+from features.online.tier import Answer
 from tests.conftest import FakeClock
 from tests.test_backing import backing, emulator  # noqa: F401 (the emulators' fixtures)
 
@@ -199,6 +204,59 @@ async def test_values_from_the_backing_store_are_counted_and_aged(
     assert seen.grown("features_served_total", group=M, source="default") == 1
     labels = {"group": M, "feature": "avg_ticket_30d", "reason": "missing"}
     assert seen.grown("features_feature_defaults_total", **labels) == 1
+    await store.aclose()
+
+
+class HeldTier:
+    """An in-memory tier: user u1 with an event time, merchants missing; while `held` is
+    set it answers nothing until released (the deadline passes first)."""
+
+    name = "held"
+
+    def __init__(self, event_ts: float) -> None:
+        self.event_ts = event_ts
+        self.held: asyncio.Event | None = None
+
+    async def open(self) -> None:
+        pass
+
+    async def read(self, keys: Sequence[Key], deadline: float) -> list[Answer]:
+        if self.held is not None:
+            await self.held.wait()
+        user = codec_for(USER_FEATURES)
+        stored = [b"1"] * len(USER_FEATURES.features)
+        return [
+            user.decode_values(stored, self.event_ts, self.event_ts, Source.REDIS)
+            if key.group is USER_FEATURES
+            else codec_for(key.group).missing
+            for key in keys
+        ]
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_the_deadline_fallback_is_aged_from_the_cached_event_time(clock: FakeClock) -> None:
+    tier = HeldTier(event_ts=clock.now - 100)
+    timer = FakeClock()
+    store = FeatureStore(
+        tiers=[tier], deadline_s=0.01, timer=timer, clock=clock, health_flush_s=0.0
+    )
+    await store.read([tx("u1", "m1")])
+    timer.tick(10)  # past the cache's 5 s: the next read asks the tier again
+    clock.tick(60)
+    tier.held = asyncio.Event()
+    seen = Metrics()
+    rows = await store.read([tx("u1", "m1")])
+    assert {r.reason for r in rows.reads[0].values()} == {Reason.DEADLINE}
+    assert seen.grown("features_served_total", group=U, source="cache") == 1
+    assert seen.grown("features_served_age_seconds_sum", group=U) == 160
+    # The merchant's last read was its defaults: served again, counted with reason deadline.
+    assert seen.grown("features_served_total", group=M, source="cache") == 1
+    assert seen.grown("features_served_age_seconds_count", group=M) == 0
+    labels = {"group": M, "feature": "mcc_risk_score", "reason": "deadline"}
+    assert seen.grown("features_feature_defaults_total", **labels) == 1
+    tier.held.set()
     await store.aclose()
 
 
