@@ -5,6 +5,7 @@ served, from Redis, the cache and the backing store."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import Sequence
 
@@ -15,6 +16,7 @@ from prometheus_client import REGISTRY
 from features import GROUPS, MERCHANT_RISK, USER_FEATURES, FeatureStore, FeatureWriter, metrics
 from features.backing import BackingStore
 from features.connection import Client
+from features.online.cache import EntryCache
 from features.online.codec import codec_for
 from features.online.entry import Reason, Source
 from features.online.health import GroupHealth
@@ -258,6 +260,19 @@ async def test_the_deadline_fallback_is_aged_from_the_cached_event_time(clock: F
     assert seen.grown("features_feature_defaults_total", **labels) == 1
     tier.held.set()
     await store.aclose()
+
+
+def test_entries_with_their_event_time_stay_untracked_by_the_collector() -> None:
+    codec = codec_for(USER_FEATURES)
+    reply: list[bytes | None] = [*([b"1"] * len(USER_FEATURES.features)), b"1700000000.5"]
+    entry = codec.decode(reply, 1.7e9)
+    assert entry[2] == 1700000000.5
+    cache = EntryCache(maxsize=1, ttl_s=5.0, keep_s=5.0)
+    cache.put("k", entry, now=1.0)
+    cached = cache.fresh("k", 1.0)
+    gc.collect()  # a tuple of untracked objects is untracked after the pass that sees it
+    assert not gc.is_tracked(entry) and not gc.is_tracked(cached)
+    assert not gc.is_tracked(codec.missing)
 
 
 def test_label_sets_and_buckets_come_from_the_spec(client: Client) -> None:
