@@ -19,7 +19,7 @@ from features.connection import Client
 from features.online.cache import EntryCache
 from features.online.codec import codec_for
 from features.online.entry import Reason, Source
-from features.online.health import GroupHealth
+from features.online.health import ServedLog
 from features.online.keys import Key
 from features.online.tier import Answer
 from tests.conftest import FakeClock
@@ -173,13 +173,27 @@ async def test_tallies_are_written_once_an_interval_and_on_close(
     assert seen.grown("features_served_total", group=M, source="default") == 3
 
 
+async def test_a_full_log_is_written_whatever_the_interval(
+    client: Client, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("features.online.store.MAX_PENDING", 4)  # rows x groups
+    store = store_for(client, clock, flush_s=3600.0)
+    seen = Metrics()
+    await store.read([tx("nobody", "m1")])
+    assert not seen.changed()
+    await store.read([tx("nobody", "m1")])  # 4 logged: written now
+    assert seen.grown("features_served_total", group=U, source="default") == 2
+    assert seen.grown("features_served_total", group=M, source="default") == 2
+    await store.aclose()
+
+
 async def test_a_failed_metrics_write_is_logged_and_the_read_still_answers(
     client: Client, clock: FakeClock, caplog: pytest.LogCaptureFixture, monkeypatch
 ) -> None:
-    def broken(self: GroupHealth) -> None:
+    def broken(self: ServedLog) -> None:
         raise OSError("no space left for the metrics file")
 
-    monkeypatch.setattr(GroupHealth, "flush", broken)
+    monkeypatch.setattr(ServedLog, "flush", broken)
     store = store_for(client, clock)
     with caplog.at_level(logging.ERROR, logger="features.online.store"):
         rows = await store.read([tx("u1", "m1")])

@@ -21,7 +21,7 @@ from features.online.backing_tier import BackingTier
 from features.online.cache import EntryCache
 from features.online.codec import GroupCodec, codec_for
 from features.online.entry import NOT_CACHED, Entry, FeatureRows, GroupRead, Reason, Source
-from features.online.health import GroupHealth
+from features.online.health import MAX_PENDING, ServedLog
 from features.online.keys import Key
 from features.online.redis_tier import RedisTier
 from features.online.tier import Tier
@@ -30,8 +30,8 @@ from features.spec import GROUPS, FeatureGroup, validate_entity_id
 logger = logging.getLogger(__name__)
 
 _Served = tuple[npt.NDArray[np.float64], GroupRead, int, float]
-"""One key's values as served, its read, the read's health slot (GroupHealth) and its event
-time."""
+"""One key's values as served, its read, the read's slot (ServedLog: `2 * read_id`, + 1 from
+the cache) and its event time."""
 
 
 class FeatureStore:
@@ -83,7 +83,7 @@ class FeatureStore:
         self._deadline_s = deadline_s
         self._timer = timer  # cache freshness
         self._clock = clock  # wall time, for the age of served values
-        self._health = [GroupHealth(codec) for codec in self._groups]  # in group order
+        self._served_log = ServedLog(self._groups)  # groups in row order
         self._health_flush_s = health_flush_s
         self._health_flushed = clock()
         self._health_log = RateLimitedLog(
@@ -192,7 +192,7 @@ class FeatureStore:
         reads: list[dict[str, GroupRead]] = []
         row_reads: dict[str, GroupRead] = {}
         per_row = len(self._groups)
-        health = self._health
+        log_slot, log_age = self._served_log.slots.append, self._served_log.ages.append
         wall = self._clock()
         for i, (key, codec) in enumerate(keyed):
             values, read, read_slot, event_ts = served[key.id]
@@ -203,11 +203,15 @@ class FeatureStore:
             if read.stale:
                 metrics.STALE.labels(codec.name, read.source).inc()
             column = i % per_row
-            health[column].count(read_slot, event_ts, wall)
+            log_slot(read_slot * per_row + column)
+            log_age(wall - event_ts)  # NaN without an event time
             if column == per_row - 1:
                 reads.append(row_reads)
                 row_reads = {}
-        if not 0.0 <= wall - self._health_flushed < self._health_flush_s:  # or stepped back
+        if (
+            not 0.0 <= wall - self._health_flushed < self._health_flush_s  # or stepped back
+            or len(self._served_log.slots) >= MAX_PENDING
+        ):
             self.flush_health(wall)
         # One concatenation: cheaper than a slice assignment per group and row.
         values = (
@@ -222,8 +226,7 @@ class FeatureStore:
         """Write the health tallies to their metrics (`now`: the wall clock, if read)."""
         self._health_flushed = self._clock() if now is None else now
         try:
-            for health in self._health:
-                health.flush()
+            self._served_log.flush()
         except Exception as exc:  # a metrics write must never fail a read
             self._health_log.failed("feature health metrics write", exc)
 
