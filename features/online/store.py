@@ -47,9 +47,9 @@ class FeatureStore:
     backing tiers (tests run the chain on in-memory ones).
 
     Feature health (features/online/health.py: groups served by source, features served as
-    defaults, the age of served values from their event time on `clock`) is tallied per
-    read and written to its metrics once `health_flush_s` has passed on `clock`, and when
-    the store closes.
+    defaults, the age of served values from their event time on `clock`) is logged per
+    read and written to its metrics once `health_flush_s` has passed on `clock`, when the
+    log holds MAX_PENDING groups, and when the store closes.
     """
 
     def __init__(
