@@ -4,11 +4,22 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from features.spec import GROUPS
+
 # Sub-millisecond resolution: the layer should sit far below its 15 ms budget.
 LATENCY_BUCKETS_S = (
     0.00005, 0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.0025,
     0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25,
 )  # fmt: skip
+
+# Seconds to a week, and every group's freshness window (1 h, 24 h) as a bound: the share
+# of served values older than their window reads straight off one bucket.
+AGE_BUCKETS_S = tuple(
+    sorted(
+        {1, 10, 30, 60, 300, 600, 1800, 3600, 7200, 14400, 43200, 86400, 172800, 604800}
+        | {group.freshness_s for group in GROUPS}
+    )
+)
 
 RETRIEVAL_SECONDS = Histogram(
     "features_retrieval_seconds",
@@ -29,6 +40,30 @@ DEFAULTS = Counter(
     "features_defaults_total",
     "Feature groups or single features served their training defaults, by reason",
     ["group", "reason"],
+)
+SERVED = Counter(
+    "features_served_total",
+    "Feature groups served, by where their values came from: the denominator of the"
+    " per-feature default and corrupt rates",
+    ["group", "source"],
+)
+FEATURE_DEFAULTS = Counter(
+    "features_feature_defaults_total",
+    "Single features served their training default, by reason",
+    ["group", "feature", "reason"],
+)
+SERVED_AGE = Histogram(
+    "features_served_age_seconds",
+    "Age of the values served per group: the wall clock when served minus their event"
+    " time (defaults have none)",
+    ["group"],
+    buckets=AGE_BUCKETS_S,
+)
+FRESHNESS_WINDOW = Gauge(
+    "features_freshness_window_seconds",
+    "Each group's freshness window (features/spec.py), to compare served ages with",
+    ["group"],
+    multiprocess_mode="livemax",
 )
 REDIS_ERRORS = Counter(
     "features_redis_errors_total",

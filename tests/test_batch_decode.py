@@ -3,6 +3,8 @@ on its own gives: values, reasons, staleness, corrupt-value counts."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -51,7 +53,8 @@ def test_decode_found_equals_decode_one_by_one(data: st.DataObject) -> None:
     alone = [codec.decode(r, NOW) for r in replies]
     assert [a - b for a, b in zip(corrupt_counts(codec), before, strict=True)] == batch_corrupt
     assert len(batch) == len(alone)
-    for (values, read_id), (one_values, one_read_id) in zip(batch, alone, strict=True):
+    for (values, read_id, ts), (one_values, one_read_id, one_ts) in zip(batch, alone, strict=True):
         np.testing.assert_array_equal(values, one_values)
+        assert ts == one_ts or (math.isnan(ts) and math.isnan(one_ts))
         assert values.dtype == np.float64 and not values.flags.writeable
         assert codec.reads[read_id] == codec.reads[one_read_id]

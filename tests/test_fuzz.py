@@ -45,8 +45,9 @@ def test_any_stored_bytes_decode_to_a_float_or_the_default(data: st.DataObject) 
     # The fields, then the event time: any bytes there too.
     reply = data.draw(st.lists(FIELD_BYTES, min_size=n + 1, max_size=n + 1))
     codec = GroupCodec(spec)
-    values, read_id = codec.decode(reply, now=1.8e9)
+    values, read_id, event_ts = codec.decode(reply, now=1.8e9)
     check_row(values, reply[:-1], spec.defaults)
+    assert not math.isinf(event_ts)  # a finite event time, or NaN for none
     for name in codec.reads[read_id][0].defaulted:
         i = spec.field_names.index(name)
         assert values[i] == spec.defaults[i]

@@ -48,7 +48,7 @@ def test_cache_is_fresh_for_its_ttl_and_kept_for_the_fallback() -> None:
     assert cache.fresh("a", 104.9) is not None
     assert cache.fresh("a", 105.0) is None
     last = cache.last("a", 159.9)
-    assert last is not None and last[:2] == entry
+    assert last is not None and last[:3] == entry
     assert cache.last("a", 160.0) is None
     cache.put("b", entry, now=100.0)
     cache.fresh("a", 100.0)  # a is now the most recently used

@@ -9,7 +9,7 @@ import numpy.typing as npt
 
 from features.online.entry import Entry
 
-Cached = tuple[npt.NDArray[np.float64], int, float]
+Cached = tuple[npt.NDArray[np.float64], int, float, float]
 """An Entry and the timer reading when it was stored; plain tuples, untracked by the GC."""
 
 
@@ -33,17 +33,17 @@ class EntryCache:
     def fresh(self, key_id: str, now: float) -> Cached | None:
         """The entry stored under `key_id` less than `ttl_s` ago, else None."""
         cached = self._touch(key_id)
-        return cached if cached is not None and now - cached[2] < self.ttl_s else None
+        return cached if cached is not None and now - cached[3] < self.ttl_s else None
 
     def last(self, key_id: str, now: float) -> Cached | None:
         """The entry stored under `key_id` less than `keep_s` ago, fresh or not."""
         cached = self._touch(key_id)
-        return cached if cached is not None and now - cached[2] < self.keep_s else None
+        return cached if cached is not None and now - cached[3] < self.keep_s else None
 
     def put(self, key_id: str, entry: Entry, now: float) -> None:
         """Store `entry` as read at `now`."""
         entries = self._entries
-        entries[key_id] = (entry[0], entry[1], now)
+        entries[key_id] = (entry[0], entry[1], entry[2], now)
         entries.move_to_end(key_id)
         if len(entries) > self._maxsize:
             entries.popitem(last=False)

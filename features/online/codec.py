@@ -19,6 +19,8 @@ from features.spec import EVENT_TS_FIELD, Dtype, FeatureGroup
 # values must stay finite as float32, because the model reads float32.
 _FLOAT32_OVERFLOW = 3.4028235677973366e38
 _ZERO_ONE = frozenset((0.0, 1.0))
+NO_EVENT_TS = math.nan
+"""The event time of an Entry that has none (defaults; a value stored without one)."""
 # From this many replies of one group, decode_found parses them as one array: fewer
 # cost more in numpy calls than they save.
 _BATCH_MIN = 8
@@ -55,11 +57,18 @@ class GroupCodec:
             for stale in (False, True)
         }
         self.defaults = {
-            reason: (group.defaults, self.intern(GroupRead(Source.DEFAULT, names, reason)))
+            reason: (
+                group.defaults,
+                self.intern(GroupRead(Source.DEFAULT, names, reason)),
+                NO_EVENT_TS,
+            )
             for reason in Reason
         }
         self.missing = self.defaults[Reason.MISSING]
         self.wrongtype = self.defaults[Reason.INVALID]
+        # Bound once, so a series exists per field from the start and a count costs no
+        # .labels() call.
+        self._corrupt = tuple(metrics.CORRUPT_VALUES.labels(self.name, n) for n in names)
 
     def intern(self, read: GroupRead) -> int:
         """The index of `read` (and its as-cached twin) in `reads`."""
@@ -72,12 +81,12 @@ class GroupCodec:
             self.reads.append((read, cached))
         return index
 
-    def on_deadline(self, values: npt.NDArray[np.float64], read_id: int) -> Entry:
+    def on_deadline(self, values: npt.NDArray[np.float64], read_id: int, event_ts: float) -> Entry:
         """The last value read, served at the deadline: from the cache, stale, reason
         deadline."""
         read = self.reads[read_id][0]
         stale = GroupRead(Source.CACHE, read.defaulted, Reason.DEADLINE, True)
-        return values, self.intern(stale)
+        return values, self.intern(stale), event_ts
 
     def decode(self, reply: list[bytes | None], now: float) -> Entry:
         """Turn one HMGET reply (fields, then event time) into values; bad or absent
@@ -109,15 +118,17 @@ class GroupCodec:
         if len(self._flag_columns):
             flags = values[:, self._flag_columns]
             ok &= ((flags == 0.0) | (flags == 1.0)).all(axis=1)
+        known = np.isfinite(event_ts)
         with np.errstate(invalid="ignore"):  # inf - inf: not finite, so never stale
-            stale = np.isfinite(event_ts) & (now - event_ts > self.spec.freshness_s)
+            stale = known & (now - event_ts > self.spec.freshness_s)
+        times = np.where(known, event_ts, NO_EVENT_TS).tolist()
         clean = self.clean
         entries: list[Entry] = []
-        for i, (valid, old) in enumerate(zip(ok.tolist(), stale.tolist(), strict=True)):
+        for i, (valid, old, ts) in enumerate(zip(ok.tolist(), stale.tolist(), times, strict=True)):
             if valid:
                 # Its own (immutable) buffer: a cached row keeps no batch alive.
                 row = np.frombuffer(values[i].tobytes(), dtype=np.float64)
-                entries.append((row, clean[Source.REDIS, old]))
+                entries.append((row, clean[Source.REDIS, old], ts))
             else:
                 reply = replies[i]
                 entries.append(
@@ -144,11 +155,13 @@ class GroupCodec:
         self, reply: Sequence[bytes | None], event_ts: float | None, now: float, source: Source
     ) -> Entry:
         """Values of one group from raw strings in field order."""
-        stale = event_ts is not None and now - event_ts > self.spec.freshness_s
+        if event_ts is None or not math.isfinite(event_ts):
+            event_ts = NO_EVENT_TS  # never stale
+        stale = now - event_ts > self.spec.freshness_s  # False for NaN
         # Plain floats: for ten fields, several times cheaper than numpy.
         values = _floats(reply)
         if self.all_valid(values):
-            return self._frozen(values), self.clean[source, stale]
+            return self._frozen(values), self.clean[source, stale], event_ts
         spec = self.spec
         bad: list[int] = []
         for i, (value, (integral, boolean, default)) in enumerate(
@@ -163,13 +176,12 @@ class GroupCodec:
             bad.append(i)
             values[i] = default
             if reply[i] is not None:
-                metrics.CORRUPT_VALUES.labels(self.name, spec.field_names[i]).inc()
+                self._corrupt[i].inc()
         if not bad:
-            return self._frozen(values), self.clean[source, stale]
+            return self._frozen(values), self.clean[source, stale], event_ts
         defaulted = tuple(spec.field_names[i] for i in bad)
-        return self._frozen(values), self.intern(
-            GroupRead(source, defaulted, Reason.INVALID, stale)
-        )
+        read_id = self.intern(GroupRead(source, defaulted, Reason.INVALID, stale))
+        return self._frozen(values), read_id, event_ts
 
     def _frozen(self, values: list[float]) -> npt.NDArray[np.float64]:
         """A read-only float64 array of `values`: over packed bytes, which are immutable,

@@ -44,10 +44,12 @@ class GroupRead:
     stale: bool = False
 
 
-Entry = tuple[npt.NDArray[np.float64], int]
-"""One group of one entity as a tier answers it: its values (read-only) and the index of
-its GroupRead pair in the group's codec. A plain tuple of untracked objects, so the
-collector stops tracking it (and the cache that holds it) after its first young pass."""
+Entry = tuple[npt.NDArray[np.float64], int, float]
+"""One group of one entity as a tier answers it: its values (read-only), the index of its
+GroupRead pair in the group's codec, and its event time (unix s; NaN when unknown, as for
+defaults), from which the store observes the age of what it serves. A plain tuple of
+untracked objects, so the collector stops tracking it (and the cache that holds it) after
+its first young pass."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,7 @@ import numpy as np
 import numpy.typing as npt
 
 from features import metrics
+from features._log import RateLimitedLog
 from features.backing import BackingStore
 from features.breaker import CircuitBreaker
 from features.connection import Client
@@ -20,12 +21,17 @@ from features.online.backing_tier import BackingTier
 from features.online.cache import EntryCache
 from features.online.codec import GroupCodec, codec_for
 from features.online.entry import NOT_CACHED, Entry, FeatureRows, GroupRead, Reason, Source
+from features.online.health import MAX_PENDING, ServedLog
 from features.online.keys import Key
 from features.online.redis_tier import RedisTier
 from features.online.tier import Tier
 from features.spec import GROUPS, FeatureGroup, validate_entity_id
 
 logger = logging.getLogger(__name__)
+
+_Served = tuple[npt.NDArray[np.float64], GroupRead, int, float]
+"""One key's values as served, its read, the read's slot (ServedLog: `2 * read_id`, + 1 from
+the cache) and its event time."""
 
 
 class FeatureStore:
@@ -39,6 +45,11 @@ class FeatureStore:
     `multiplex` reads Redis through the tier's own multiplexed connection instead of
     `client`'s pool (RedisTier; not in cluster mode). `tiers` replaces the Redis and
     backing tiers (tests run the chain on in-memory ones).
+
+    Feature health (features/online/health.py: groups served by source, features served as
+    defaults, the age of served values from their event time on `clock`) is logged per
+    read and written to its metrics once `health_flush_s` has passed on `clock`, when the
+    log holds MAX_PENDING groups, and when the store closes.
     """
 
     def __init__(
@@ -57,6 +68,7 @@ class FeatureStore:
         read_repair_max_tasks: int = 8,
         breaker: CircuitBreaker | None = None,
         multiplex: bool = False,
+        health_flush_s: float = 1.0,
         tiers: Sequence[Tier] | None = None,
         timer: Callable[[], float] = time.monotonic,
         clock: Callable[[], float] = time.time,
@@ -70,6 +82,13 @@ class FeatureStore:
         self._width = sum(len(group.features) for group in groups)
         self._deadline_s = deadline_s
         self._timer = timer  # cache freshness
+        self._clock = clock  # wall time, for the age of served values
+        self._served_log = ServedLog(self._groups)  # groups in row order
+        self._health_flush_s = health_flush_s
+        self._health_flushed = clock()
+        self._health_log = RateLimitedLog(
+            logger, error_log_interval_s, level=logging.ERROR, exc_info=True
+        )
         self._cache = EntryCache(cache_maxsize, cache_ttl_s, max(cache_ttl_s, stale_max_age_s))
         self._backing: BackingTier | None = None
         if tiers is None:
@@ -151,7 +170,7 @@ class FeatureStore:
         keyed = [pair for row in rows for pair in self._keys(row)]
         now = self._timer()
         cache = self._cache
-        served: dict[str, tuple[npt.NDArray[np.float64], GroupRead]] = {}
+        served: dict[str, _Served] = {}
         misses: dict[str, tuple[Key, GroupCodec]] = {}
         for key, codec in keyed:
             key_id = key.id
@@ -161,7 +180,8 @@ class FeatureStore:
             if cached is None:
                 misses[key_id] = key, codec
             else:
-                served[key_id] = cached[0], codec.reads[cached[1]][1]
+                read_id = cached[1]
+                served[key_id] = cached[0], codec.reads[read_id][1], 2 * read_id + 1, cached[2]
         if served:
             self._hits.inc(len(served))
         source = Source.CACHE
@@ -172,17 +192,27 @@ class FeatureStore:
         reads: list[dict[str, GroupRead]] = []
         row_reads: dict[str, GroupRead] = {}
         per_row = len(self._groups)
+        log_slot, log_age = self._served_log.slots.append, self._served_log.ages.append
+        wall = self._clock()
         for i, (key, codec) in enumerate(keyed):
-            values, read = served[key.id]
+            values, read, read_slot, event_ts = served[key.id]
             parts.append(values)
             row_reads[codec.name] = read
             if read.defaulted and read.reason is not None:
                 metrics.DEFAULTS.labels(codec.name, read.reason).inc()
             if read.stale:
                 metrics.STALE.labels(codec.name, read.source).inc()
-            if i % per_row == per_row - 1:
+            column = i % per_row
+            log_slot(read_slot * per_row + column)
+            log_age(wall - event_ts)  # NaN without an event time
+            if column == per_row - 1:
                 reads.append(row_reads)
                 row_reads = {}
+        if (
+            not 0.0 <= wall - self._health_flushed < self._health_flush_s  # or stepped back
+            or len(self._served_log.slots) >= MAX_PENDING
+        ):
+            self.flush_health(wall)
         # One concatenation: cheaper than a slice assignment per group and row.
         values = (
             np.concatenate(parts).reshape(len(rows), self._width)
@@ -191,6 +221,14 @@ class FeatureStore:
         )
         self._retrieval[source].observe(time.perf_counter() - started)
         return FeatureRows(values, reads, source)
+
+    def flush_health(self, now: float | None = None) -> None:
+        """Write the health tallies to their metrics (`now`: the wall clock, if read)."""
+        self._health_flushed = self._clock() if now is None else now
+        try:
+            self._served_log.flush()
+        except Exception as exc:  # a metrics write must never fail a read
+            self._health_log.failed("feature health metrics write", exc)
 
     def _keys(self, row: Mapping[str, str]) -> list[tuple[Key, GroupCodec]]:
         keys = []
@@ -207,7 +245,7 @@ class FeatureStore:
     async def _read_misses(
         self,
         misses: dict[str, tuple[Key, GroupCodec]],
-        served: dict[str, tuple[npt.NDArray[np.float64], GroupRead]],
+        served: dict[str, _Served],
         now: float,
     ) -> Source:
         """Serve the cache's misses: join reads in flight, start one for the rest, wait
@@ -257,10 +295,11 @@ class FeatureStore:
                     entry = codec.defaults[Reason.DEADLINE]
                     metrics.DEADLINE_EXCEEDED.labels(codec.name, "default").inc()
                 else:
-                    entry = codec.on_deadline(last[0], last[1])
+                    entry = codec.on_deadline(last[0], last[1], last[2])
                     metrics.DEADLINE_EXCEEDED.labels(codec.name, "stale").inc()
-            read = codec.reads[entry[1]][0]
-            served[key_id] = entry[0], read
+            read_id = entry[1]
+            read = codec.reads[read_id][0]
+            served[key_id] = entry[0], read, 2 * read_id, entry[2]
             if read.reason in NOT_CACHED:
                 source = Source.DEFAULT
             elif read.source is Source.BACKING and source is Source.REDIS:
@@ -326,6 +365,7 @@ class FeatureStore:
         """Finish reads and read repairs, stop probes, close the backing store and the
         multiplexed connection; the Redis client is the caller's."""
         await self.wait_repairs()
+        self.flush_health()
         for tier in self._tiers:
             await tier.aclose()
 
