@@ -13,7 +13,7 @@ import pytest
 import redis
 from prometheus_client import REGISTRY
 
-from features import GROUPS, MERCHANT_RISK, USER_FEATURES, FeatureStore, FeatureWriter, metrics
+from features import GROUPS, MERCHANT_RISK, USER_PROFILE, FeatureStore, FeatureWriter, metrics
 from features.backing import BackingStore
 from features.connection import Client
 from features.online.cache import EntryCache
@@ -25,10 +25,10 @@ from features.online.tier import Answer
 from tests.conftest import FakeClock
 from tests.test_backing import backing, emulator  # noqa: F401 (the emulators' fixtures)
 
-USER = {f.name: 1.0 for f in USER_FEATURES.features}
-MERCHANT = {"mcc_risk_score": 0.25, "chargeback_rate_90d": 0.01, "merchant_tx_count_24h": 7}
+USER = {f.name: 1.0 for f in USER_PROFILE.features}
+MERCHANT = {"mcc_risk_score": 0.25, "chargeback_rate_90d": 0.01, "refund_rate_30d": 0.02}
 ABSENT = [n for n in MERCHANT_RISK.field_names if n not in MERCHANT]  # no field, no value
-U, M = USER_FEATURES.qualified_name, MERCHANT_RISK.qualified_name
+U, M = USER_PROFILE.qualified_name, MERCHANT_RISK.qualified_name
 
 
 def sample(name: str, **labels: str) -> float:
@@ -74,7 +74,9 @@ def tx(user: str, merchant: str) -> dict[str, str]:
 def store_for(
     client: Client, wall: FakeClock, flush_s: float = 0.0, **kwargs: object
 ) -> FeatureStore:
-    # The cache runs on a timer of its own that never moves: entries stay fresh.
+    # The cache runs on a timer of its own that never moves: entries stay fresh. One
+    # group per entity is all the tallies need.
+    kwargs.setdefault("groups", (USER_PROFILE, MERCHANT_RISK))
     return FeatureStore(
         client,
         clock=wall,
@@ -88,24 +90,24 @@ async def test_defaults_per_feature_the_denominator_corrupt_values_and_ages(
     client: Client, sync_redis: redis.Redis, clock: FakeClock
 ) -> None:
     writer = FeatureWriter(client)
-    await writer.write(USER_FEATURES, [("ok", USER)], event_ts=clock.now - 100)
-    await writer.write(USER_FEATURES, [("bad", USER)], event_ts=clock.now - 200)
+    await writer.write(USER_PROFILE, [("ok", USER)], event_ts=clock.now - 100)
+    await writer.write(USER_PROFILE, [("bad", USER)], event_ts=clock.now - 200)
     # A whole number that is not, and a flag that is not 0 or 1: corrupt, served as defaults.
-    sync_redis.hset(USER_FEATURES.key("bad"), mapping={"tx_count_1h": "1.5", "is_premium": "7"})
+    sync_redis.hset(USER_PROFILE.key("bad"), mapping={"account_age_days": "1.5", "is_premium": "7"})
     await writer.write(MERCHANT_RISK, [("m1", MERCHANT)], event_ts=clock.now - 7200)
     store = store_for(client, clock)
     seen = Metrics()
     rows = await store.read([tx("ok", "m1"), tx("bad", "m1"), tx("nobody", "m1")])
-    assert rows.reads[1][U].defaulted == ("tx_count_1h", "is_premium")
+    assert rows.reads[1][U].defaulted == ("account_age_days", "is_premium")
 
     assert seen.grown("features_served_total", group=U, source="redis") == 2
     assert seen.grown("features_served_total", group=U, source="default") == 1
     assert seen.grown("features_served_total", group=M, source="redis") == 3  # per row
-    for feature in ("tx_count_1h", "is_premium"):
+    for feature in ("account_age_days", "is_premium"):
         labels = {"group": U, "feature": feature}
         assert seen.grown("features_feature_defaults_total", **labels, reason="invalid") == 1
         assert seen.grown("features_corrupt_values_total", **labels) == 1
-    for feature in USER_FEATURES.field_names:  # the unknown user: every feature
+    for feature in USER_PROFILE.field_names:  # the unknown user: every feature
         labels = {"group": U, "feature": feature, "reason": "missing"}
         assert seen.grown("features_feature_defaults_total", **labels) == 1
     for feature in ABSENT:  # absent fields: defaults, but no stored value was corrupt
@@ -134,7 +136,7 @@ async def test_defaults_per_feature_the_denominator_corrupt_values_and_ages(
     assert seen.grown("features_served_age_seconds_sum", group=U) == 130
     assert seen.grown("features_served_age_seconds_sum", group=M) == 2 * 7230
     # A cache hit of a defaulted read counts its defaults again, and no corrupt value.
-    labels = {"group": U, "feature": "tx_count_1h"}
+    labels = {"group": U, "feature": "account_age_days"}
     assert seen.grown("features_feature_defaults_total", **labels, reason="missing") == 1
     assert seen.grown("features_corrupt_values_total", **labels) == 0
     await store.aclose()
@@ -143,7 +145,7 @@ async def test_defaults_per_feature_the_denominator_corrupt_values_and_ages(
 async def test_an_event_time_ahead_of_the_clock_is_age_zero(
     client: Client, clock: FakeClock
 ) -> None:
-    await FeatureWriter(client).write(USER_FEATURES, [("ahead", USER)], event_ts=clock.now + 50)
+    await FeatureWriter(client).write(USER_PROFILE, [("ahead", USER)], event_ts=clock.now + 50)
     store = store_for(client, clock)
     seen = Metrics()
     await store.read([tx("ahead", "nobody")])
@@ -156,7 +158,7 @@ async def test_an_event_time_ahead_of_the_clock_is_age_zero(
 async def test_tallies_are_written_once_an_interval_and_on_close(
     client: Client, clock: FakeClock
 ) -> None:
-    await FeatureWriter(client).write(USER_FEATURES, [("u1", USER)], event_ts=clock.now - 10)
+    await FeatureWriter(client).write(USER_PROFILE, [("u1", USER)], event_ts=clock.now - 10)
     store = store_for(client, clock, flush_s=1.0)
     seen = Metrics()
     await store.read([tx("u1", "m1")])
@@ -197,7 +199,7 @@ async def test_a_failed_metrics_write_is_logged_and_the_read_still_answers(
     store = store_for(client, clock)
     with caplog.at_level(logging.ERROR, logger="features.online.store"):
         rows = await store.read([tx("u1", "m1")])
-    assert rows.values.shape == (1, sum(len(g.features) for g in GROUPS))
+    assert rows.values.shape == (1, len(USER_PROFILE.features) + len(MERCHANT_RISK.features))
     assert "feature health metrics write failed (OSError" in caplog.text
     await store.aclose()
 
@@ -209,7 +211,7 @@ async def test_values_from_the_backing_store_are_counted_and_aged(
     clock: FakeClock,
 ) -> None:
     writer = FeatureWriter(client, backing)
-    await writer.write(USER_FEATURES, [("u1", USER)], event_ts=clock.now - 40)
+    await writer.write(USER_PROFILE, [("u1", USER)], event_ts=clock.now - 40)
     sync_redis.flushall()  # Redis lost it: the store of record still has it
     store = store_for(client, clock, backing=backing, backing_timeout_s=2.0)
     seen = Metrics()
@@ -239,11 +241,11 @@ class HeldTier:
     async def read(self, keys: Sequence[Key], deadline: float) -> list[Answer]:
         if self.held is not None:
             await self.held.wait()
-        user = codec_for(USER_FEATURES)
-        stored = [b"1"] * len(USER_FEATURES.features)
+        user = codec_for(USER_PROFILE)
+        stored = [b"1"] * len(USER_PROFILE.features)
         return [
             user.decode_values(stored, self.event_ts, self.event_ts, Source.REDIS)
-            if key.group is USER_FEATURES
+            if key.group is USER_PROFILE
             else codec_for(key.group).missing
             for key in keys
         ]
@@ -277,8 +279,8 @@ async def test_the_deadline_fallback_is_aged_from_the_cached_event_time(clock: F
 
 
 def test_entries_with_their_event_time_stay_untracked_by_the_collector() -> None:
-    codec = codec_for(USER_FEATURES)
-    reply: list[bytes | None] = [*([b"1"] * len(USER_FEATURES.features)), b"1700000000.5"]
+    codec = codec_for(USER_PROFILE)
+    reply: list[bytes | None] = [*([b"1"] * len(USER_PROFILE.features)), b"1700000000.5"]
     entry = codec.decode(reply, 1.7e9)
     assert entry[2] == 1700000000.5
     cache = EntryCache(maxsize=1, ttl_s=5.0, keep_s=5.0)
