@@ -39,6 +39,7 @@ from features.spec import (
     schema,
     validate_entity_id,
 )
+from features.tracing import TRACING
 
 __all__ = [
     "ENTITY_ID_MAX_LEN",
@@ -48,6 +49,7 @@ __all__ = [
     "MERCHANT_RISK",
     "MODEL_FEATURES",
     "STORED_FEATURES",
+    "TRACING",
     "USER_FEATURES",
     "BackingStore",
     "BackingStoreError",
