@@ -15,12 +15,14 @@ from typing import Any
 
 import bentoml
 import numpy as np
+import numpy.typing as npt
 from prometheus_client import Histogram
 from redis.exceptions import RedisError
 
 from features import (
     ENTITY_TYPES,
     GROUPS,
+    TRACING,
     FeatureRows,
     GroupRead,
     InvalidEntityId,
@@ -49,6 +51,7 @@ from serving.schemas import (
     entity_field,
     transaction_model,
 )
+from serving.tracing import exporting_provider
 
 logger = logging.getLogger("fraud")
 
@@ -85,6 +88,11 @@ class FraudService:
         self.store = open_store(self.settings, self.redis)
         self.gc_pauses = collector.GcPauses()
         self._gc_flush: asyncio.Task[None] | None = None
+        # Our spans, children of BentoML's request span; none at all unless it exports.
+        provider = exporting_provider()
+        self._tracer = None if provider is None else provider.get_tracer("fraud")
+        if provider is not None:
+            TRACING.enable(provider)
         logger.info(
             "model %s loaded, fingerprint %s; online store %s",
             self.model.tag,
@@ -148,13 +156,13 @@ class FraudService:
         except InvalidEntityId as exc:
             raise InvalidRequest(str(exc)) from None
         fetched = time.perf_counter()
-        now = time.time()
-        x = model_inputs(
-            rows.values,
-            np.array([t["amount"] for t in txs], dtype=np.float64),
-            np.array([now if t["timestamp"] is None else t["timestamp"] for t in txs]),
-        )
-        probabilities = self.scorer.predict(x)
+        if self._tracer is None:
+            probabilities = self._infer(txs, rows)
+        else:
+            with self._tracer.start_as_current_span(
+                "fraud.inference", attributes={"fraud.rows": len(txs)}
+            ):
+                probabilities = self._infer(txs, rows)
         done = time.perf_counter()
         INFERENCE_SECONDS.observe(done - fetched)
         timings = Timings.model_construct(
@@ -167,6 +175,15 @@ class FraudService:
             f"total;dur={timings.total_ms}"
         )
         return _scores(rows, probabilities.tolist()), timings
+
+    def _infer(self, txs: list[dict[str, Any]], rows: FeatureRows) -> npt.NDArray[np.float32]:
+        now = time.time()
+        x = model_inputs(
+            rows.values,
+            np.array([t["amount"] for t in txs], dtype=np.float64),
+            np.array([now if t["timestamp"] is None else t["timestamp"] for t in txs]),
+        )
+        return self.scorer.predict(x)
 
 
 # The decorator made FraudService a bentoml Service; its stub types it as the class.
