@@ -1,0 +1,413 @@
+"""Traces: the OTEL_* variables mapped onto BentoML's tracing configuration, the read
+path's spans in process (a real SDK provider, real Redis), and the real `bentoml serve`
+exporting them to a real OTLP/HTTP receiver, parented under BentoML's request span."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+from bentoml._internal.configuration.containers import BentoMLConfiguration
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+
+from features import TRACING, USER_FEATURES, FeatureStore, Settings, open_redis
+from serving.runtime import RuntimeConfigError, service_config, tracing_config
+from tests.conftest import Service
+from tools.delay_proxy import DelayProxy
+from tools.otlp_receiver import OtlpReceiver, ReceivedSpan
+from tools.redis_server import RedisServer, free_port
+
+OFF = {"excluded_urls": [".*"]}
+RECEIVER = "http://127.0.0.1:4318"
+ON = {"exporter_type": "otlp", "otlp": {"protocol": "http"}}
+FLUSH = {"OTEL_BSP_SCHEDULE_DELAY": "100"}  # ms: spans leave the worker quickly
+SERVER = 2  # SpanKind.SERVER in OTLP's numbering
+
+# --- the environment, mapped --------------------------------------------------------
+
+
+def test_tracing_is_off_by_default() -> None:
+    assert tracing_config({}) == OFF
+    # A sampler alone exports nowhere: still off.
+    assert tracing_config({"OTEL_TRACES_SAMPLER": "always_on"}) == OFF
+
+
+@pytest.mark.parametrize(
+    ("env", "rate"),
+    [
+        ({}, 1.0),  # the standard's default sampler, parentbased_always_on
+        ({"OTEL_TRACES_SAMPLER": "always_on"}, 1.0),
+        ({"OTEL_TRACES_SAMPLER": "parentbased_always_off"}, 0.0),
+        ({"OTEL_TRACES_SAMPLER": "ParentBased_TraceIdRatio"}, 1.0),  # no ratio: 1.0
+        (
+            {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.1"},
+            0.1,
+        ),
+        ({"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.25"}, 0.25),
+        # The ratio only means something to a ratio sampler (as in the SDK).
+        ({"OTEL_TRACES_SAMPLER": "always_on", "OTEL_TRACES_SAMPLER_ARG": "0.5"}, 1.0),
+    ],
+)
+def test_an_otlp_endpoint_turns_on_otlp_http_export(env: dict[str, str], rate: float) -> None:
+    assert tracing_config({"OTEL_EXPORTER_OTLP_ENDPOINT": RECEIVER, **env}) == {
+        **ON,
+        "sample_rate": rate,
+    }
+
+
+def test_the_traces_endpoint_alone_turns_it_on_too() -> None:
+    env = {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"{RECEIVER}/v1/traces"}
+    assert tracing_config(env) == {**ON, "sample_rate": 1.0}
+
+
+@pytest.mark.parametrize(
+    "off",
+    [
+        {"FRAUD_TRACING": "0"},
+        {"OTEL_SDK_DISABLED": "TRUE"},
+        {"OTEL_TRACES_EXPORTER": "none"},
+        {"OTEL_TRACES_SAMPLER": "always_off"},
+    ],
+)
+def test_each_off_switch_wins_over_an_endpoint(off: dict[str, str]) -> None:
+    assert tracing_config({"OTEL_EXPORTER_OTLP_ENDPOINT": RECEIVER, **off}) == OFF
+
+
+def test_fraud_tracing_1_leaves_the_exporter_to_bentomls_configuration() -> None:
+    assert tracing_config({"FRAUD_TRACING": "1"}) == {}
+    sampled = {"FRAUD_TRACING": "1", "OTEL_TRACES_SAMPLER": "traceidratio",
+               "OTEL_TRACES_SAMPLER_ARG": "0.5"}  # fmt: skip
+    assert tracing_config(sampled) == {"sample_rate": 0.5}
+    both = {"FRAUD_TRACING": "1", "OTEL_EXPORTER_OTLP_ENDPOINT": RECEIVER}
+    assert tracing_config(both) == {**ON, "sample_rate": 1.0}
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {},
+        {"OTEL_EXPORTER_OTLP_ENDPOINT": RECEIVER},
+        {"OTEL_EXPORTER_OTLP_ENDPOINT": RECEIVER, "OTEL_TRACES_SAMPLER": "parentbased_always_off"},
+        {"FRAUD_TRACING": "1"},
+    ],
+)
+def test_bentoml_accepts_the_section(env: dict[str, str]) -> None:
+    # BentoML's own schema (a sample_rate must be a float, not an int), after its merge of
+    # the decorator's options as the service's defaults.
+    config: Any = BentoMLConfiguration(
+        override_defaults={"services": {"FraudService": service_config(env)}}, use_version=2
+    ).to_dict()
+    tracing = config["services"]["FraudService"]["tracing"]
+    for key, value in tracing_config(env).items():
+        if isinstance(value, dict):
+            assert value.items() <= tracing[key].items()
+        else:
+            assert tracing[key] == value
+
+
+@pytest.mark.parametrize(
+    ("name", "env"),
+    [
+        ("FRAUD_TRACING", {"FRAUD_TRACING": "on"}),
+        ("OTEL_SDK_DISABLED", {"OTEL_SDK_DISABLED": "1"}),
+        ("OTEL_TRACES_EXPORTER", {"OTEL_TRACES_EXPORTER": "zipkin"}),
+        ("OTEL_TRACES_EXPORTER", {"OTEL_TRACES_EXPORTER": "otlp,console"}),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", {"OTEL_EXPORTER_OTLP_ENDPOINT": "localhost:4318"}),
+        ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "ftp://x"}),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", {"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}),
+        ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", {"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/json"}),
+        ("OTEL_TRACES_SAMPLER", {"OTEL_TRACES_SAMPLER": "jaeger_remote"}),
+        ("OTEL_TRACES_SAMPLER_ARG", {"OTEL_TRACES_SAMPLER": "traceidratio",
+                                     "OTEL_TRACES_SAMPLER_ARG": "1.5"}),
+        ("OTEL_TRACES_SAMPLER_ARG", {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+                                     "OTEL_TRACES_SAMPLER_ARG": "a tenth"}),
+    ],
+)  # fmt: skip
+def test_bad_tracing_values_name_the_variable(name: str, env: dict[str, str]) -> None:
+    # Checked whether or not tracing ends up on: a typo never passes silently.
+    with pytest.raises(RuntimeConfigError, match=f"^{name}="):
+        tracing_config(env)
+
+
+# --- the read path's spans, in process ------------------------------------------------
+
+
+@pytest.fixture
+def exported() -> Iterator[InMemorySpanExporter]:
+    """The read path traced through a real SDK provider into a real in-memory exporter."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    TRACING.enable(provider)
+    yield exporter
+    TRACING.disable()
+    provider.shutdown()
+
+
+def by_name(spans: tuple[ReadableSpan, ...]) -> dict[str, list[ReadableSpan]]:
+    named: dict[str, list[ReadableSpan]] = {}
+    for span in spans:
+        named.setdefault(span.name, []).append(span)
+    return named
+
+
+@dataclass
+class Slow:
+    proxy: DelayProxy
+    url: str
+
+
+@pytest.fixture
+def slow_redis(redis_server: RedisServer) -> Iterator[Slow]:
+    with DelayProxy("127.0.0.1", redis_server.port) as proxy:
+        yield Slow(proxy, proxy.url())
+
+
+async def _store(url: str, deadline_s: float) -> AsyncIterator[FeatureStore]:
+    settings = Settings(redis_url=url, redis_socket_timeout_s=1.0, redis_pool_timeout_s=1.0)
+    client = open_redis(settings)
+    store = FeatureStore(client, deadline_s=deadline_s, multiplex=True)
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.aclose()
+        await client.aclose()
+
+
+async def test_the_feature_step_and_its_redis_round_trip_are_spans(
+    exported: InMemorySpanExporter, redis_url: str, sync_redis: redis.Redis
+) -> None:
+    sync_redis.hset(USER_FEATURES.key("u1"), mapping={"tx_count_1h": 2})
+    async for store in _store(redis_url, 1.0):
+        await store.read([{"user": "u1", "merchant": "m1"}])
+        await store.read([{"user": "u1", "merchant": "m1"}, {"user": "u2", "merchant": "m1"}])
+    spans = by_name(exported.get_finished_spans())
+    first, second = spans["features.read"]
+    assert dict(first.attributes or {}) == {
+        "features.rows": 1,
+        "features.keys": 2,
+        "features.cache_hits": 0,
+        "features.joined": 0,
+        "features.source": "redis",
+        "features.deadline_groups": (),
+    }
+    assert second.attributes is not None
+    assert (second.attributes["features.keys"], second.attributes["features.cache_hits"]) == (3, 2)
+    trips = spans["features.redis"]
+    assert len(trips) == 2  # the second read sent only its one miss
+    for trip, read in zip(trips, (first, second), strict=True):
+        assert trip.parent is not None and trip.parent.span_id == read.context.span_id
+        assert trip.context.trace_id == read.context.trace_id
+        assert trip.kind is SpanKind.CLIENT
+    assert dict(trips[1].attributes or {})["db.operation.batch.size"] == 1
+
+
+async def test_a_round_trip_past_the_deadline_stays_the_steps_child(
+    exported: InMemorySpanExporter, slow_redis: Slow, sync_redis: redis.Redis
+) -> None:
+    slow_redis.proxy.set_delay(0.3)
+    async for store in _store(slow_redis.url, 0.05):
+        rows = await store.read([{"user": "late", "merchant": "late"}])
+        assert rows.source == "default"
+        await store.wait_repairs()  # the read lands after the step has ended
+    spans = by_name(exported.get_finished_spans())
+    (read,) = spans["features.read"]
+    (trip,) = spans["features.redis"]
+    assert read.attributes is not None
+    assert read.attributes["features.deadline_groups"] == ("merchant:risk", "user:features")
+    assert trip.parent is not None and trip.parent.span_id == read.context.span_id
+    assert trip.end_time is not None and read.end_time is not None
+    assert trip.end_time > read.end_time  # it ended in its own task, after the deadline
+
+
+async def test_a_failed_round_trip_carries_its_error_kind(
+    exported: InMemorySpanExporter,
+) -> None:
+    async for store in _store(f"redis://127.0.0.1:{free_port()}/0", 1.0):  # nothing listens
+        await store.read([{"user": "u", "merchant": "m"}])
+    (trip,) = by_name(exported.get_finished_spans())["features.redis"]
+    assert trip.attributes is not None
+    assert trip.attributes["error.type"] == "ConnectionError"
+    assert not trip.status.is_ok
+
+
+async def test_no_span_at_all_while_tracing_is_off(redis_url: str, sync_redis: redis.Redis) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    # A provider exists (as BentoML's always does) but the read path was never handed it.
+    assert TRACING.tracer is None
+    async for store in _store(redis_url, 1.0):
+        with provider.get_tracer("test").start_as_current_span("request"):
+            await store.read([{"user": "u1", "merchant": "m1"}])
+    assert [s.name for s in exporter.get_finished_spans()] == ["request"]
+    provider.shutdown()
+
+
+# --- the real server, a real receiver ----------------------------------------------
+
+
+@dataclass
+class Traced:
+    service: Service
+    receiver: OtlpReceiver
+    redis: RedisServer
+    admin: redis.Redis
+
+
+@pytest.fixture(scope="module")
+def traced(bentoml_home: Path) -> Iterator[Traced]:
+    with OtlpReceiver() as receiver, RedisServer(quiet=True) as server:
+        service = Service(
+            bentoml_home,
+            server.url,
+            OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint,
+            OTEL_TRACES_SAMPLER="always_on",
+            OTEL_SERVICE_NAME="fraud-test",
+            **FLUSH,
+        ).start()
+        admin = redis.Redis(port=server.port, socket_timeout=5)
+        try:
+            yield Traced(service, receiver, server, admin)
+        finally:
+            service.stop()
+            admin.close()
+
+
+def predict(service: Service, user: str, merchant: str = "m1") -> httpx.Response:
+    body = {"user_id": user, "merchant_id": merchant, "amount": 3.0}
+    response = httpx.post(f"{service.url}/predict", json=body, timeout=10)
+    assert response.status_code == 200, response.text
+    return response
+
+
+def in_trace(spans: list[ReceivedSpan], trace_id: str) -> dict[str, list[ReceivedSpan]]:
+    named: dict[str, list[ReceivedSpan]] = {}
+    for span in spans:
+        if span.trace_id == trace_id:
+            named.setdefault(span.name, []).append(span)
+    return named
+
+
+def trace_of(response: httpx.Response) -> str:
+    # BentoML's request id is its request span's id (hex): the trace is found by it.
+    return response.headers["x-bentoml-request-id"]
+
+
+def _complete(span_id: str) -> Any:
+    def found(spans: list[ReceivedSpan]) -> bool:
+        request = [s for s in spans if s.span_id == span_id]
+        if not request:
+            return False
+        names = {s.name for s in spans if s.trace_id == request[0].trace_id}
+        return {"features.read", "features.redis", "fraud.inference"} <= names
+
+    return found
+
+
+@pytest.mark.e2e
+def test_our_spans_arrive_under_bentomls_request_span(traced: Traced) -> None:
+    traced.admin.hset(USER_FEATURES.key("traced1"), mapping={"tx_count_1h": 2})
+    request_id = trace_of(predict(traced.service, "traced1"))
+    spans = traced.receiver.wait_for(_complete(request_id))
+    (request,) = [s for s in spans if s.span_id == request_id]
+    assert request.kind == SERVER and request.parent_span_id == ""
+    assert request.resource["service.name"] == "fraud-test"  # OTEL_SERVICE_NAME
+    named = in_trace(spans, request.trace_id)
+    (read,) = named["features.read"]
+    (trip,) = named["features.redis"]
+    (inference,) = named["fraud.inference"]
+    assert read.parent_span_id == request.span_id
+    assert inference.parent_span_id == request.span_id
+    assert trip.parent_span_id == read.span_id
+    assert read.scope == "features" and inference.scope == "fraud"
+    assert read.attributes == {
+        "features.rows": 1,
+        "features.keys": 2,
+        "features.cache_hits": 0,
+        "features.joined": 0,
+        "features.source": "redis",
+        "features.deadline_groups": [],
+    }
+    assert trip.attributes["db.system.name"] == "redis"
+    assert trip.attributes["db.operation.batch.size"] == 2
+    assert inference.attributes == {"fraud.rows": 1}
+
+    # Again: both groups now come from this worker's cache, and Redis is not asked.
+    again = trace_of(predict(traced.service, "traced1"))
+    spans = traced.receiver.wait_for(
+        lambda got: any(s.parent_span_id == again and s.name == "fraud.inference" for s in got)
+    )
+    (request,) = [s for s in spans if s.span_id == again]
+    named = in_trace(spans, request.trace_id)
+    assert "features.redis" not in named
+    assert named["features.read"][0].attributes["features.cache_hits"] == 2
+    assert named["features.read"][0].attributes["features.source"] == "cache"
+
+
+@pytest.mark.e2e
+def test_our_log_lines_carry_the_trace_id(traced: Traced) -> None:
+    # Runs last in this module: it stops the service's Redis.
+    traced.redis.stop()
+    logged = len(traced.service.output())
+    request_id = trace_of(predict(traced.service, "unseen-user"))
+    spans = traced.receiver.wait_for(_complete(request_id))
+    (request,) = [s for s in spans if s.span_id == request_id]
+    (read,) = in_trace(spans, request.trace_id)["features.read"]
+    (trip,) = in_trace(spans, request.trace_id)["features.redis"]
+    assert trip.attributes["error.type"] in {"ConnectionError", "OSError", "ConnectionRefusedError"}
+    deadline = time.monotonic() + 10.0
+    while "Redis read failed" not in (added := traced.service.output()[logged:]):
+        assert time.monotonic() < deadline, added
+        time.sleep(0.05)
+    (line,) = [line for line in added.splitlines() if "Redis read failed" in line]
+    # BentoML's log filter adds the current span: the feature step's, in the read's task.
+    assert f"trace={request.trace_id},span={read.span_id}" in line
+
+
+@pytest.mark.e2e
+def test_tracing_off_exports_nothing_and_logs_no_trace(bentoml_home: Path) -> None:
+    with OtlpReceiver() as receiver:
+        closed = f"redis://127.0.0.1:{free_port()}/0"  # every read fails, and is logged
+        off = Service(
+            bentoml_home, closed, OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint,
+            OTEL_TRACES_SAMPLER="always_on", FRAUD_TRACING="0", **FLUSH,
+        ).start()  # fmt: skip
+        try:
+            for i in range(5):
+                response = predict(off, f"off{i}")
+                assert "x-bentoml-request-id" not in response.headers  # no request span
+            time.sleep(1.0)  # ten schedule delays: a span would have been exported
+            line = next(ln for ln in off.output().splitlines() if "Redis read failed" in ln)
+        finally:
+            off.stop()
+        assert (receiver.requests, receiver.span_count) == (0, 0)
+        assert not re.search(r"trace=[0-9a-f]{32}", line)
+
+
+def test_the_receiver_parses_what_the_sdk_exporter_sends() -> None:
+    # The receiver the end-to-end tests trust, against the real exporter in process.
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+    with OtlpReceiver() as receiver:
+        provider = TracerProvider()
+        exporter = OTLPSpanExporter(endpoint=f"{receiver.endpoint}/v1/traces")
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        with provider.get_tracer("t").start_as_current_span("outer") as outer:
+            provider.get_tracer("t").start_span("inner", attributes={"n": 3, "g": ["a"]}).end()
+        provider.shutdown()
+        inner, got_outer = receiver.spans()
+    assert (inner.name, got_outer.name) == ("inner", "outer")
+    assert inner.parent_span_id == format(outer.get_span_context().span_id, "016x")
+    assert inner.attributes == {"n": 3, "g": ["a"]}
