@@ -71,7 +71,7 @@ class BackingTier:
             metrics.BACKING_READS.labels(name, "skipped").inc()
             return [Reason.UNAVAILABLE] * len(keys)
         loop = asyncio.get_running_loop()
-        tracer = TRACING.tracer
+        tracer = TRACING.active()
         span = None if tracer is None else self._start_span(tracer, len(keys))
         try:
             await self.store.open()  # once per worker (a no-op after): not timed

@@ -96,7 +96,7 @@ class RedisTier:
         codecs = self._codecs
         loop = asyncio.get_running_loop()
         started = loop.time()
-        tracer = TRACING.tracer
+        tracer = TRACING.active()
         span = None if tracer is None else self._start_span(tracer, len(keys))
         try:
             replies = await self._round_trip(keys)

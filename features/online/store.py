@@ -148,15 +148,15 @@ class FeatureStore:
 
         Each row maps entity type to id, e.g. {"user": "u1", "merchant": "m1"}.
         Raises InvalidEntityId, before any I/O, for an id that may not become a key.
-        With tracing on, the step is the span `features.read`, current while the tiers
-        run: the read task copies the context when it is created, so the tiers' spans are
-        its children even after the deadline has ended it.
+        With tracing on, under a recorded span, the step is the span `features.read`,
+        current while the tiers run: the read task copies the context when it is created,
+        so the tiers' spans are its children even after the deadline has ended it.
         """
-        tracer = TRACING.tracer
+        tracer = TRACING.active()
         if tracer is None:
             return await self._read(rows, None)
         with tracer.start_as_current_span("features.read") as span:
-            return await self._read(rows, span if span.is_recording() else None)
+            return await self._read(rows, span)
 
     async def _read(self, rows: Sequence[Mapping[str, str]], span: Span | None) -> FeatureRows:
         started = time.perf_counter()
