@@ -34,12 +34,13 @@ from features import (
     redact_url,
 )
 from features.metrics import LATENCY_BUCKETS_S
+from features.tracing import Tracing
 from models import MODEL_NAME
 from models.scorer import Scorer, check_saved_schema
 from serving import client_errors
 from serving.admission import Admission
 from serving.limits import RequestLimits
-from serving.runtime import admission_config, service_config
+from serving.runtime import admission_config, service_config, tracing_mode
 from serving.schemas import (
     BatchPrediction,
     GroupSource,
@@ -51,7 +52,7 @@ from serving.schemas import (
     entity_field,
     transaction_model,
 )
-from serving.tracing import exporting_provider
+from serving.tracing import exporting_provider, install_provider
 
 logger = logging.getLogger("fraud")
 
@@ -63,6 +64,8 @@ TransactionBatch = batch_model(SETTINGS, Transaction)
 ID_FIELDS = {entity: entity_field(entity) for entity in ENTITY_TYPES}
 
 client_errors.install(SETTINGS.error_log_interval_s)
+TRACING_MODE = tracing_mode()
+install_provider(TRACING_MODE, "FraudService")
 
 INFERENCE_SECONDS = Histogram(
     "fraud_inference_seconds",
@@ -89,9 +92,9 @@ class FraudService:
         self.gc_pauses = collector.GcPauses()
         self._gc_flush: asyncio.Task[None] | None = None
         # Our spans, children of BentoML's request span; none at all unless it exports.
-        provider = exporting_provider()
-        self._tracer = None if provider is None else provider.get_tracer("fraud")
-        if provider is not None:
+        self.tracing = Tracing("fraud")
+        if (provider := exporting_provider(TRACING_MODE)) is not None:
+            self.tracing.enable(provider)
             TRACING.enable(provider)
         logger.info(
             "model %s loaded, fingerprint %s; online store %s",
@@ -156,10 +159,11 @@ class FraudService:
         except InvalidEntityId as exc:
             raise InvalidRequest(str(exc)) from None
         fetched = time.perf_counter()
-        if self._tracer is None:
+        tracer = self.tracing.active()
+        if tracer is None:
             probabilities = self._infer(txs, rows)
         else:
-            with self._tracer.start_as_current_span(
+            with tracer.start_as_current_span(
                 "fraud.inference", attributes={"fraud.rows": len(txs)}
             ):
                 probabilities = self._infer(txs, rows)

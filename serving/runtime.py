@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
+from enum import StrEnum
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -14,15 +15,16 @@ from serving.admission import AdmissionConfig
 
 # Matches every URL: BentoML's OpenTelemetry middleware then makes no span at all.
 ALL_URLS = [".*"]
-# OTEL_TRACES_SAMPLER values BentoML's parent-based ratio sampler can stand for: a fixed
-# rate, or None for the ratio in OTEL_TRACES_SAMPLER_ARG. always_off turns tracing off.
-_SAMPLERS: dict[str, float | None] = {
-    "always_on": 1.0,
-    "parentbased_always_on": 1.0,
-    "parentbased_always_off": 0.0,
-    "traceidratio": None,
-    "parentbased_traceidratio": None,
-}
+# The samplers the SDK knows by name (it reads OTEL_TRACES_SAMPLER itself).
+_SAMPLERS = (
+    "always_on",
+    "always_off",
+    "traceidratio",
+    "parentbased_always_on",
+    "parentbased_always_off",
+    "parentbased_traceidratio",
+)
+_RATIO_SAMPLERS = ("traceidratio", "parentbased_traceidratio")
 _OTLP_HTTP = "http/protobuf"  # the one OTLP exporter installed
 
 
@@ -60,13 +62,19 @@ def service_config(env: Mapping[str, str] = os.environ) -> dict[str, Any]:
     }
 
 
-def tracing_config(env: Mapping[str, str] = os.environ) -> dict[str, Any]:
-    """BentoML's `tracing` section: OTLP/HTTP export when an OTLP endpoint is given (or
-    FRAUD_TRACING=1 leaves the exporter to BentoML's own configuration), else no span.
+class Tracing(StrEnum):
+    """Who makes the spans, and who exports them."""
 
-    Every variable that is set is checked, whether or not tracing ends up on. Keys set
-    here are BentoML's service defaults: its configuration file or BENTOML_CONFIG_OPTIONS
-    (`services.FraudService.tracing.*`) override them key by key."""
+    OFF = "off"  # no span at all, not even BentoML's request span
+    OTEL = "otel"  # the SDK's provider, from the OTEL_* variables (serving/tracing.py)
+    BENTOML = "bentoml"  # BentoML's provider, from its own tracing configuration
+
+
+def tracing_mode(env: Mapping[str, str] = os.environ) -> Tracing:
+    """OTEL when an OTLP endpoint is given, BENTOML for FRAUD_TRACING=1 without one, else
+    OFF; FRAUD_TRACING=0, OTEL_SDK_DISABLED=true, OTEL_TRACES_EXPORTER=none and
+    OTEL_TRACES_SAMPLER=always_off each turn it off. Every variable that is set is
+    checked, whether or not tracing ends up on: the SDK would only warn about a typo."""
     asked = _tristate(env, "FRAUD_TRACING")
     disabled = _boolean(env, "OTEL_SDK_DISABLED")
     raw_exporter = env.get("OTEL_TRACES_EXPORTER", "")
@@ -75,24 +83,20 @@ def tracing_config(env: Mapping[str, str] = os.environ) -> dict[str, Any]:
         raise RuntimeConfigError(f"OTEL_TRACES_EXPORTER={raw_exporter!r}: must be otlp or none")
     endpoint = _otlp_endpoint(env)
     _otlp_protocol(env)
-    rate = _sample_rate(env)
+    sampler = _sampler(env)
+    if asked is False or disabled or exporter == "none" or sampler == "always_off":
+        return Tracing.OFF
+    if endpoint is not None:
+        return Tracing.OTEL
+    return Tracing.BENTOML if asked else Tracing.OFF
+
+
+def tracing_config(env: Mapping[str, str] = os.environ) -> dict[str, Any]:
+    """BentoML's `tracing` section: off, no request span (its URL exclusion matches every
+    URL); on, nothing, so BentoML's own configuration applies."""
     # BentoML records a span for every request even when nothing exports it: ~20
     # objects a request for the collector, and the most CPU of any middleware.
-    off = {"excluded_urls": ALL_URLS}
-    if asked is False or disabled or exporter == "none" or rate == "off":
-        return off
-    if endpoint is None:
-        if not asked:
-            return off
-        # BentoML's own configuration names the exporter (or none: spans, no export).
-        return {} if rate is None else {"sample_rate": rate}
-    # The exporter reads the OTEL_EXPORTER_OTLP_* variables itself: endpoint (plus
-    # /v1/traces for the generic one), headers, timeout, compression, certificate.
-    return {
-        "exporter_type": "otlp",
-        "sample_rate": 1.0 if rate is None else rate,  # the standard's parentbased_always_on
-        "otlp": {"protocol": "http"},
-    }
+    return {"excluded_urls": ALL_URLS} if tracing_mode(env) is Tracing.OFF else {}
 
 
 def _otlp_endpoint(env: Mapping[str, str]) -> str | None:
@@ -115,35 +119,25 @@ def _otlp_protocol(env: Mapping[str, str]) -> None:
             raise RuntimeConfigError(f"{name}={raw!r}: only {_OTLP_HTTP} is supported")
 
 
-def _sample_rate(env: Mapping[str, str]) -> float | str | None:
-    """BentoML's sample_rate for OTEL_TRACES_SAMPLER (and _ARG): None when unset, "off"
-    for always_off."""
+def _sampler(env: Mapping[str, str]) -> str:
+    """OTEL_TRACES_SAMPLER, lower case ("" if unset), checked with its ratio."""
     raw_name = env.get("OTEL_TRACES_SAMPLER", "")
     name = raw_name.strip().lower()
-    if not name:
-        return None
-    if name == "always_off":
-        return "off"
-    if name not in _SAMPLERS:
+    if name and name not in _SAMPLERS:
         raise RuntimeConfigError(
-            f"OTEL_TRACES_SAMPLER={raw_name!r}: must be always_off or one of "
-            + ", ".join(_SAMPLERS)
+            f"OTEL_TRACES_SAMPLER={raw_name!r}: must be one of {', '.join(_SAMPLERS)}"
         )
-    fixed = _SAMPLERS[name]
-    if fixed is not None:
-        return fixed
     raw = env.get("OTEL_TRACES_SAMPLER_ARG", "").strip()
-    if not raw:
-        return 1.0  # the standard's default ratio
-    try:
-        ratio = float(raw)
-    except ValueError:
-        ratio = math.nan
-    if not 0.0 <= ratio <= 1.0:
-        raise RuntimeConfigError(
-            f"OTEL_TRACES_SAMPLER_ARG={raw!r}: must be a ratio from 0 to 1 for {name}"
-        )
-    return ratio
+    if name in _RATIO_SAMPLERS and raw:
+        try:
+            ratio = float(raw)
+        except ValueError:
+            ratio = math.nan
+        if not 0.0 <= ratio <= 1.0:
+            raise RuntimeConfigError(
+                f"OTEL_TRACES_SAMPLER_ARG={raw!r}: must be a ratio from 0 to 1 for {name}"
+            )
+    return name
 
 
 def _tristate(env: Mapping[str, str], name: str) -> bool | None:
