@@ -18,10 +18,18 @@ from bentoml._internal.configuration.containers import BentoMLConfiguration
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import SpanKind
 
-from features import TRACING, USER_FEATURES, FeatureStore, Settings, open_redis
-from serving.runtime import RuntimeConfigError, service_config, tracing_config
+from features import TRACING, USER_FEATURES, FeatureRows, FeatureStore, Settings, open_redis
+from serving.runtime import (
+    RuntimeConfigError,
+    Tracing,
+    service_config,
+    tracing_config,
+    tracing_mode,
+)
+from serving.tracing import sdk_provider
 from tests.conftest import Service
 from tools.delay_proxy import DelayProxy
 from tools.otlp_receiver import OtlpReceiver, ReceivedSpan
@@ -29,7 +37,6 @@ from tools.redis_server import RedisServer, free_port
 
 OFF = {"excluded_urls": [".*"]}
 RECEIVER = "http://127.0.0.1:4318"
-ON = {"exporter_type": "otlp", "otlp": {"protocol": "http"}}
 FLUSH = {"OTEL_BSP_SCHEDULE_DELAY": "100"}  # ms: spans leave the worker quickly
 SERVER = 2  # SpanKind.SERVER in OTLP's numbering
 
@@ -37,37 +44,32 @@ SERVER = 2  # SpanKind.SERVER in OTLP's numbering
 
 
 def test_tracing_is_off_by_default() -> None:
-    assert tracing_config({}) == OFF
+    assert tracing_mode({}) is Tracing.OFF
+    assert tracing_config({}) == OFF  # no request span either
     # A sampler alone exports nowhere: still off.
-    assert tracing_config({"OTEL_TRACES_SAMPLER": "always_on"}) == OFF
+    assert tracing_mode({"OTEL_TRACES_SAMPLER": "always_on"}) is Tracing.OFF
 
 
 @pytest.mark.parametrize(
-    ("env", "rate"),
+    "env",
     [
-        ({}, 1.0),  # the standard's default sampler, parentbased_always_on
-        ({"OTEL_TRACES_SAMPLER": "always_on"}, 1.0),
-        ({"OTEL_TRACES_SAMPLER": "parentbased_always_off"}, 0.0),
-        ({"OTEL_TRACES_SAMPLER": "ParentBased_TraceIdRatio"}, 1.0),  # no ratio: 1.0
-        (
-            {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.1"},
-            0.1,
-        ),
-        ({"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.25"}, 0.25),
-        # The ratio only means something to a ratio sampler (as in the SDK).
-        ({"OTEL_TRACES_SAMPLER": "always_on", "OTEL_TRACES_SAMPLER_ARG": "0.5"}, 1.0),
+        {"OTEL_EXPORTER_OTLP_ENDPOINT": RECEIVER},
+        {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"{RECEIVER}/v1/traces"},
+        {"OTEL_EXPORTER_OTLP_ENDPOINT": RECEIVER, "FRAUD_TRACING": "1"},
+        {"OTEL_EXPORTER_OTLP_ENDPOINT": RECEIVER, "OTEL_TRACES_SAMPLER": "ParentBased_TraceIdRatio",
+         "OTEL_TRACES_SAMPLER_ARG": "0.1"},
+        {"OTEL_EXPORTER_OTLP_ENDPOINT": RECEIVER, "OTEL_TRACES_EXPORTER": "otlp",
+         "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf", "OTEL_SDK_DISABLED": "false"},
     ],
-)
-def test_an_otlp_endpoint_turns_on_otlp_http_export(env: dict[str, str], rate: float) -> None:
-    assert tracing_config({"OTEL_EXPORTER_OTLP_ENDPOINT": RECEIVER, **env}) == {
-        **ON,
-        "sample_rate": rate,
-    }
+)  # fmt: skip
+def test_an_otlp_endpoint_turns_on_the_sdks_provider(env: dict[str, str]) -> None:
+    assert tracing_mode(env) is Tracing.OTEL
+    assert tracing_config(env) == {}  # BentoML makes its request span
 
 
-def test_the_traces_endpoint_alone_turns_it_on_too() -> None:
-    env = {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"{RECEIVER}/v1/traces"}
-    assert tracing_config(env) == {**ON, "sample_rate": 1.0}
+def test_fraud_tracing_1_alone_leaves_tracing_to_bentomls_configuration() -> None:
+    assert tracing_mode({"FRAUD_TRACING": "1"}) is Tracing.BENTOML
+    assert tracing_config({"FRAUD_TRACING": "1"}) == {}
 
 
 @pytest.mark.parametrize(
@@ -80,39 +82,20 @@ def test_the_traces_endpoint_alone_turns_it_on_too() -> None:
     ],
 )
 def test_each_off_switch_wins_over_an_endpoint(off: dict[str, str]) -> None:
-    assert tracing_config({"OTEL_EXPORTER_OTLP_ENDPOINT": RECEIVER, **off}) == OFF
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": RECEIVER, **off}
+    assert tracing_mode(env) is Tracing.OFF
+    assert tracing_config(env) == OFF
 
 
-def test_fraud_tracing_1_leaves_the_exporter_to_bentomls_configuration() -> None:
-    assert tracing_config({"FRAUD_TRACING": "1"}) == {}
-    sampled = {"FRAUD_TRACING": "1", "OTEL_TRACES_SAMPLER": "traceidratio",
-               "OTEL_TRACES_SAMPLER_ARG": "0.5"}  # fmt: skip
-    assert tracing_config(sampled) == {"sample_rate": 0.5}
-    both = {"FRAUD_TRACING": "1", "OTEL_EXPORTER_OTLP_ENDPOINT": RECEIVER}
-    assert tracing_config(both) == {**ON, "sample_rate": 1.0}
-
-
-@pytest.mark.parametrize(
-    "env",
-    [
-        {},
-        {"OTEL_EXPORTER_OTLP_ENDPOINT": RECEIVER},
-        {"OTEL_EXPORTER_OTLP_ENDPOINT": RECEIVER, "OTEL_TRACES_SAMPLER": "parentbased_always_off"},
-        {"FRAUD_TRACING": "1"},
-    ],
-)
+@pytest.mark.parametrize("env", [{}, {"FRAUD_TRACING": "1"}])
 def test_bentoml_accepts_the_section(env: dict[str, str]) -> None:
-    # BentoML's own schema (a sample_rate must be a float, not an int), after its merge of
-    # the decorator's options as the service's defaults.
+    # BentoML's own schema, after its merge of the decorator's options as the service's
+    # defaults: our exclusion lands where its middleware reads it.
     config: Any = BentoMLConfiguration(
         override_defaults={"services": {"FraudService": service_config(env)}}, use_version=2
     ).to_dict()
-    tracing = config["services"]["FraudService"]["tracing"]
-    for key, value in tracing_config(env).items():
-        if isinstance(value, dict):
-            assert value.items() <= tracing[key].items()
-        else:
-            assert tracing[key] == value
+    excluded = config["services"]["FraudService"]["tracing"]["excluded_urls"]
+    assert excluded == (OFF["excluded_urls"] if env == {} else None)
 
 
 @pytest.mark.parametrize(
@@ -134,31 +117,56 @@ def test_bentoml_accepts_the_section(env: dict[str, str]) -> None:
     ],
 )  # fmt: skip
 def test_bad_tracing_values_name_the_variable(name: str, env: dict[str, str]) -> None:
-    # Checked whether or not tracing ends up on: a typo never passes silently.
+    # Checked whether or not tracing ends up on: a typo never passes silently (the SDK
+    # itself would warn and fall back to sampling everything).
     with pytest.raises(RuntimeConfigError, match=f"^{name}="):
-        tracing_config(env)
+        tracing_mode(env)
+    with pytest.raises(RuntimeConfigError, match=f"^{name}="):
+        service_config(env)
+
+
+def test_the_sdks_provider_reads_the_standard_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "0.25")
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "fraud-eu")
+    provider = sdk_provider("FraudService")
+    try:
+        assert "TraceIdRatioBased{0.25}" in provider.sampler.get_description()
+        assert provider.resource.attributes["service.name"] == "fraud-eu"
+    finally:
+        provider.shutdown()
 
 
 # --- the read path's spans, in process ------------------------------------------------
 
 
+@dataclass
+class Exported:
+    exporter: InMemorySpanExporter
+    provider: TracerProvider
+
+    async def read(self, store: FeatureStore, rows: list[dict[str, str]]) -> FeatureRows:
+        """`store.read` under a recorded span, as BentoML's request span is in the service."""
+        with self.provider.get_tracer("test").start_as_current_span("request"):
+            return await store.read(rows)
+
+    def spans(self) -> dict[str, list[ReadableSpan]]:
+        named: dict[str, list[ReadableSpan]] = {}
+        for span in self.exporter.get_finished_spans():
+            named.setdefault(span.name, []).append(span)
+        return named
+
+
 @pytest.fixture
-def exported() -> Iterator[InMemorySpanExporter]:
+def exported() -> Iterator[Exported]:
     """The read path traced through a real SDK provider into a real in-memory exporter."""
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     TRACING.enable(provider)
-    yield exporter
+    yield Exported(exporter, provider)
     TRACING.disable()
     provider.shutdown()
-
-
-def by_name(spans: tuple[ReadableSpan, ...]) -> dict[str, list[ReadableSpan]]:
-    named: dict[str, list[ReadableSpan]] = {}
-    for span in spans:
-        named.setdefault(span.name, []).append(span)
-    return named
 
 
 @dataclass
@@ -186,13 +194,15 @@ async def _store(url: str, deadline_s: float) -> AsyncIterator[FeatureStore]:
 
 
 async def test_the_feature_step_and_its_redis_round_trip_are_spans(
-    exported: InMemorySpanExporter, redis_url: str, sync_redis: redis.Redis
+    exported: Exported, redis_url: str, sync_redis: redis.Redis
 ) -> None:
     sync_redis.hset(USER_FEATURES.key("u1"), mapping={"tx_count_1h": 2})
     async for store in _store(redis_url, 1.0):
-        await store.read([{"user": "u1", "merchant": "m1"}])
-        await store.read([{"user": "u1", "merchant": "m1"}, {"user": "u2", "merchant": "m1"}])
-    spans = by_name(exported.get_finished_spans())
+        await exported.read(store, [{"user": "u1", "merchant": "m1"}])
+        await exported.read(
+            store, [{"user": "u1", "merchant": "m1"}, {"user": "u2", "merchant": "m1"}]
+        )
+    spans = exported.spans()
     first, second = spans["features.read"]
     assert dict(first.attributes or {}) == {
         "features.rows": 1,
@@ -214,14 +224,14 @@ async def test_the_feature_step_and_its_redis_round_trip_are_spans(
 
 
 async def test_a_round_trip_past_the_deadline_stays_the_steps_child(
-    exported: InMemorySpanExporter, slow_redis: Slow, sync_redis: redis.Redis
+    exported: Exported, slow_redis: Slow, sync_redis: redis.Redis
 ) -> None:
     slow_redis.proxy.set_delay(0.3)
     async for store in _store(slow_redis.url, 0.05):
-        rows = await store.read([{"user": "late", "merchant": "late"}])
+        rows = await exported.read(store, [{"user": "late", "merchant": "late"}])
         assert rows.source == "default"
         await store.wait_repairs()  # the read lands after the step has ended
-    spans = by_name(exported.get_finished_spans())
+    spans = exported.spans()
     (read,) = spans["features.read"]
     (trip,) = spans["features.redis"]
     assert read.attributes is not None
@@ -232,11 +242,11 @@ async def test_a_round_trip_past_the_deadline_stays_the_steps_child(
 
 
 async def test_a_failed_round_trip_carries_its_error_kind(
-    exported: InMemorySpanExporter,
+    exported: Exported,
 ) -> None:
     async for store in _store(f"redis://127.0.0.1:{free_port()}/0", 1.0):  # nothing listens
-        await store.read([{"user": "u", "merchant": "m"}])
-    (trip,) = by_name(exported.get_finished_spans())["features.redis"]
+        await exported.read(store, [{"user": "u", "merchant": "m"}])
+    (trip,) = exported.spans()["features.redis"]
     assert trip.attributes is not None
     assert trip.attributes["error.type"] == "ConnectionError"
     assert not trip.status.is_ok
@@ -255,6 +265,19 @@ async def test_no_span_at_all_while_tracing_is_off(redis_url: str, sync_redis: r
     provider.shutdown()
 
 
+async def test_no_span_of_ours_under_an_unsampled_request(
+    exported: Exported, redis_url: str, sync_redis: redis.Redis
+) -> None:
+    unsampled = TracerProvider(sampler=ALWAYS_OFF)
+    async for store in _store(redis_url, 1.0):
+        with unsampled.get_tracer("test").start_as_current_span("request") as request:
+            assert not request.is_recording()
+            await store.read([{"user": "u1", "merchant": "m1"}])
+        await store.read([{"user": "u2", "merchant": "m1"}])  # no request span at all
+    assert exported.exporter.get_finished_spans() == ()
+    unsampled.shutdown()
+
+
 # --- the real server, a real receiver ----------------------------------------------
 
 
@@ -262,7 +285,7 @@ async def test_no_span_at_all_while_tracing_is_off(redis_url: str, sync_redis: r
 class Traced:
     service: Service
     receiver: OtlpReceiver
-    redis: RedisServer
+    redis_server: RedisServer
     admin: redis.Redis
 
 
@@ -359,7 +382,7 @@ def test_our_spans_arrive_under_bentomls_request_span(traced: Traced) -> None:
 @pytest.mark.e2e
 def test_our_log_lines_carry_the_trace_id(traced: Traced) -> None:
     # Runs last in this module: it stops the service's Redis.
-    traced.redis.stop()
+    traced.redis_server.stop()
     logged = len(traced.service.output())
     request_id = trace_of(predict(traced.service, "unseen-user"))
     spans = traced.receiver.wait_for(_complete(request_id))
