@@ -12,7 +12,13 @@ Cases, each its own `bentoml serve` (one worker, admission control off: a closed
   on100   OTEL_* as on10, always_on
 Targets: `off` within 1% of `base`, `on10` within 5% of `off`.
 
+`--micro` times FeatureStore.read in process instead (real Redis, cache hits and
+misses): the body alone (no tracing code), tracing off, on under an unsampled request,
+on under a sampled one exporting to a local receiver. It isolates what the read path's
+own spans cost from BentoML's request span.
+
     .venv/bin/python -m load_tests.bench_tracing --rounds 5 --seconds 4
+    .venv/bin/python -m load_tests.bench_tracing --micro --n 20000
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from typing import Any
 
 import psutil  # type: ignore[import-untyped]
 
-from features import MERCHANT_RISK, USER_FEATURES, Settings
+from features import MERCHANT_RISK, USER_FEATURES, Settings, open_redis
 from features.offline.demo import merchant_ids, user_ids
 from features.offline.load import demo_rows, load
 from load_tests import httpload
@@ -237,6 +243,96 @@ def _capacity(reference: dict[str, Any], case: dict[str, Any]) -> float:
     return float(reference["cpu_us_per_request"] / case["cpu_us_per_request"] - 1)
 
 
+async def _micro(redis_url: str, n: int) -> dict[str, dict[str, float]]:
+    from opentelemetry import context as otel_context
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased, TraceIdRatioBased
+    from opentelemetry.trace import INVALID_SPAN_CONTEXT, NonRecordingSpan, set_span_in_context
+
+    from features import TRACING, open_store
+    from load_tests.bench import interleaved
+
+    settings = Settings(redis_url=redis_url, redis_socket_timeout_s=1.0)
+    client = open_redis(settings)
+    store = open_store(settings, client)
+    await store.open()
+    with OtlpReceiver(keep=False) as receiver:
+        provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(0.1)))
+        provider.add_span_processor(
+            BatchSpanProcessor(OTLPSpanExporter(endpoint=f"{receiver.endpoint}/v1/traces"))
+        )
+        tracer = provider.get_tracer(TRACING.scope)
+        sampled = TracerProvider(sampler=ALWAYS_ON).get_tracer("bench").start_span("request")
+        contexts = {
+            "none": otel_context.Context(),
+            "unsampled": set_span_in_context(NonRecordingSpan(INVALID_SPAN_CONTEXT)),
+            "sampled": set_span_in_context(sampled),
+        }
+        hot = [{"user": "u000001", "merchant": "m00001"}]
+        await store.read(hot)  # cached from here on
+
+        def case(kind: str, parent: str, enabled: bool, body: bool = False) -> Any:
+            ctx = contexts[parent]
+
+            async def run(i: int) -> None:
+                rows = (
+                    hot if kind == "hit" else [{"user": f"x{kind}{parent}{i}", "merchant": f"y{i}"}]
+                )
+                TRACING.tracer = tracer if enabled else None  # a tracer built once
+                token = otel_context.attach(ctx)
+                try:
+                    if body:
+                        await store._read(rows, None)
+                    else:
+                        await store.read(rows)
+                finally:
+                    otel_context.detach(token)
+
+            return run
+
+        results: dict[str, dict[str, float]] = {}
+        for kind in ("hit", "miss"):
+            cases = {
+                f"{kind}: no tracing code": case(kind, "none", False, body=True),
+                f"{kind}: off": case(kind, "none", False),
+                f"{kind}: on, unsampled request": case(kind, "unsampled", True),
+                f"{kind}: on, sampled request": case(kind, "sampled", True),
+            }
+            results |= await interleaved(cases, n if kind == "hit" else max(1000, n // 5))
+        TRACING.disable()
+        provider.shutdown()
+        results["exported spans"] = {"n": receiver.span_count}
+    await store.aclose()
+    await client.aclose()
+    return results
+
+
+def micro(n: int) -> dict[str, Any]:
+    with RedisServer(quiet=True) as redis:
+        return asyncio.run(_micro(redis.url, n))
+
+
+def micro_table(result: dict[str, Any]) -> str:
+    lines = [
+        "FeatureStore.read in process, real Redis; interleaved rounds",
+        "",
+        "| case | p50 us | p99 us | n | p50 vs no tracing code |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name, r in result.items():
+        if "p50_us" not in r:
+            continue
+        ref = result[f"{name.split(':')[0]}: no tracing code"]["p50_us"]
+        lines.append(
+            f"| {name} | {r['p50_us']:.1f} | {r['p99_us']:.1f} | {r['n']:.0f} | "
+            f"{r['p50_us'] - ref:+.1f} us |"
+        )
+    lines.append(f"\nspans exported: {result['exported spans']['n']}")
+    return "\n".join(lines)
+
+
 def _merge_base() -> str:
     out = subprocess.run(
         ["git", "merge-base", "HEAD", "main"], cwd=ROOT, check=True, capture_output=True, text=True
@@ -249,7 +345,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--base", default=None, help="revision without tracing (merge-base)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=4.0, help="per case and round")
+    parser.add_argument("--micro", action="store_true", help="FeatureStore.read in process")
+    parser.add_argument("--n", type=int, default=20_000, help="--micro: samples per hit case")
     args = parser.parse_args(argv)
+    if args.micro:
+        text = micro_table(micro(args.n))
+        print(text)
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / "bench-tracing-micro-latest.md").write_text(text + "\n")
+        return 0
     if not (ROOT / ".bentoml" / "models").exists():
         env = {**os.environ, "BENTOML_HOME": str(ROOT / ".bentoml"), "BENTOML_DO_NOT_TRACK": "true"}
         subprocess.run(
