@@ -11,6 +11,8 @@ configuration builds the provider, its sampler included."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from bentoml._internal.configuration.containers import BentoMLContainer
 from bentoml._internal.context import server_context
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -20,11 +22,19 @@ from opentelemetry.sdk.resources import (
     OTELResourceDetector,
     Resource,
 )
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.trace import TracerProvider
+from prometheus_client import Counter
 
 from serving.runtime import ALL_URLS, Tracing
+
+EXPORTED_SPANS = Counter(
+    "fraud_trace_spans_exported_total",
+    "Spans the OTLP exporter sent (ok) or gave up on (failed), OTEL_* tracing only",
+    ["result"],
+)
 
 
 def install_provider(mode: Tracing, service_name: str) -> None:
@@ -46,8 +56,29 @@ def sdk_provider(service_name: str) -> SdkTracerProvider:
     provider = SdkTracerProvider(resource=resource)
     # Its queue is bounded (OTEL_BSP_MAX_QUEUE_SIZE, 2048): when full, spans are dropped,
     # never waited for; the export runs on the processor's own thread.
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    provider.add_span_processor(BatchSpanProcessor(CountedExporter(OTLPSpanExporter())))
     return provider
+
+
+class CountedExporter(SpanExporter):
+    """An exporter that counts what it sent and what it gave up on. The exporter logs
+    each failed batch itself: at most one line per batch, one batch per schedule delay."""
+
+    def __init__(self, inner: SpanExporter) -> None:
+        self._inner = inner
+        self._ok = EXPORTED_SPANS.labels("ok")
+        self._failed = EXPORTED_SPANS.labels("failed")
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        result = self._inner.export(spans)
+        (self._ok if result is SpanExportResult.SUCCESS else self._failed).inc(len(spans))
+        return result
+
+    def shutdown(self) -> None:
+        self._inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30_000) -> bool:
+        return self._inner.force_flush(timeout_millis)
 
 
 def exporting_provider(mode: Tracing) -> TracerProvider | None:

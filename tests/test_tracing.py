@@ -20,6 +20,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import SpanKind
+from prometheus_client import REGISTRY
 
 from features import TRACING, USER_FEATURES, FeatureRows, FeatureStore, Settings, open_redis
 from serving.runtime import (
@@ -135,6 +136,29 @@ def test_the_sdks_provider_reads_the_standard_variables(monkeypatch: pytest.Monk
         assert provider.resource.attributes["service.name"] == "fraud-eu"
     finally:
         provider.shutdown()
+
+
+def test_exported_spans_are_counted(monkeypatch: pytest.MonkeyPatch) -> None:
+    def count(result: str) -> float:
+        return (
+            REGISTRY.get_sample_value("fraud_trace_spans_exported_total", {"result": result}) or 0.0
+        )
+
+    ok, failed = count("ok"), count("failed")
+    with OtlpReceiver() as receiver:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
+        provider = sdk_provider("FraudService")
+        provider.get_tracer("t").start_span("sent").end()
+        assert provider.force_flush()
+        provider.shutdown()
+    # Nothing listens there: the exporter gives up after its timeout.
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "0.5")
+    provider = sdk_provider("FraudService")
+    provider.get_tracer("t").start_span("lost").end()
+    provider.force_flush()
+    provider.shutdown()
+    assert (count("ok") - ok, count("failed") - failed) == (1, 1)
 
 
 # --- the read path's spans, in process ------------------------------------------------
