@@ -40,7 +40,7 @@ from models.scorer import Scorer, check_saved_schema
 from serving import client_errors
 from serving.admission import Admission
 from serving.limits import RequestLimits
-from serving.runtime import admission_config, service_config, tracing_mode
+from serving.runtime import TracingMode, admission_config, service_config, tracing_mode
 from serving.schemas import (
     BatchPrediction,
     GroupSource,
@@ -52,7 +52,8 @@ from serving.schemas import (
     entity_field,
     transaction_model,
 )
-from serving.tracing import exporting_provider, install_provider
+from serving.trace_gate import TraceGate
+from serving.tracing import exporting_provider, head_sampler, otel_provider
 
 logger = logging.getLogger("fraud")
 
@@ -65,7 +66,7 @@ ID_FIELDS = {entity: entity_field(entity) for entity in ENTITY_TYPES}
 
 client_errors.install(SETTINGS.error_log_interval_s)
 TRACING_MODE = tracing_mode()
-install_provider(TRACING_MODE, "FraudService")
+SERVICE_NAME = "FraudService"
 
 INFERENCE_SECONDS = Histogram(
     "fraud_inference_seconds",
@@ -93,7 +94,7 @@ class FraudService:
         self._gc_flush: asyncio.Task[None] | None = None
         # Our spans, children of BentoML's request span; none at all unless it exports.
         self.tracing = Tracing("fraud")
-        if (provider := exporting_provider(TRACING_MODE)) is not None:
+        if (provider := exporting_provider(TRACING_MODE, SERVICE_NAME)) is not None:
             self.tracing.enable(provider)
             TRACING.enable(provider)
         logger.info(
@@ -192,6 +193,13 @@ class FraudService:
 
 # The decorator made FraudService a bentoml Service; its stub types it as the class.
 # Outermost first: refuse what cannot be served before reading any body.
+if TRACING_MODE is TracingMode.OTEL:  # the request span, for sampled requests only
+    FraudService.add_asgi_middleware(  # type: ignore[attr-defined]
+        TraceGate,
+        paths=[api.route for api in FraudService.apis.values()],  # type: ignore[attr-defined]
+        sampler=head_sampler(),
+        provider=functools.partial(otel_provider, SERVICE_NAME),  # built in the worker
+    )
 ADMISSION = admission_config()
 if ADMISSION.enabled:
     FraudService.add_asgi_middleware(Admission, config=ADMISSION)  # type: ignore[attr-defined]

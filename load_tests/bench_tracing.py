@@ -5,10 +5,11 @@ Cases, each its own `bentoml serve` (one worker, admission control off: a closed
   base    the code before tracing was added (`git archive` of --base), default settings
   off     this code, default settings (tracing off: no span at all)
   spans   FRAUD_TRACING=1 with no exporter: BentoML's request spans, made and dropped
-  on10    OTLP/HTTP export to a local receiver, parentbased_traceidratio at 0.1 (the
-          SDK's provider, from the OTEL_* variables)
+  on10    OTLP/HTTP export to a local receiver, parentbased_traceidratio at 0.1, from
+          the OTEL_* variables (the request span only for sampled requests)
   on10-bentoml  the same rate through BentoML's own tracing configuration instead
-          (FRAUD_TRACING=1, BENTOML_CONFIG_OPTIONS): its sampler records what it drops
+          (FRAUD_TRACING=1, BENTOML_CONFIG_OPTIONS): BentoML's middleware makes a request
+          span for every request, and its sampler records what it does not export
   on100   OTEL_* as on10, always_on
 Targets: `off` within 1% of `base`, `on10` within 5% of `off`.
 

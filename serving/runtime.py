@@ -62,15 +62,15 @@ def service_config(env: Mapping[str, str] = os.environ) -> dict[str, Any]:
     }
 
 
-class Tracing(StrEnum):
+class TracingMode(StrEnum):
     """Who makes the spans, and who exports them."""
 
     OFF = "off"  # no span at all, not even BentoML's request span
-    OTEL = "otel"  # the SDK's provider, from the OTEL_* variables (serving/tracing.py)
+    OTEL = "otel"  # the SDK, from the OTEL_* variables (serving/tracing.py, trace_gate.py)
     BENTOML = "bentoml"  # BentoML's provider, from its own tracing configuration
 
 
-def tracing_mode(env: Mapping[str, str] = os.environ) -> Tracing:
+def tracing_mode(env: Mapping[str, str] = os.environ) -> TracingMode:
     """OTEL when an OTLP endpoint is given, BENTOML for FRAUD_TRACING=1 without one, else
     OFF; FRAUD_TRACING=0, OTEL_SDK_DISABLED=true, OTEL_TRACES_EXPORTER=none and
     OTEL_TRACES_SAMPLER=always_off each turn it off. Every variable that is set is
@@ -85,18 +85,27 @@ def tracing_mode(env: Mapping[str, str] = os.environ) -> Tracing:
     _otlp_protocol(env)
     sampler = _sampler(env)
     if asked is False or disabled or exporter == "none" or sampler == "always_off":
-        return Tracing.OFF
+        return TracingMode.OFF
     if endpoint is not None:
-        return Tracing.OTEL
-    return Tracing.BENTOML if asked else Tracing.OFF
+        return TracingMode.OTEL
+    return TracingMode.BENTOML if asked else TracingMode.OFF
 
 
 def tracing_config(env: Mapping[str, str] = os.environ) -> dict[str, Any]:
-    """BentoML's `tracing` section: off, no request span (its URL exclusion matches every
-    URL); on, nothing, so BentoML's own configuration applies."""
-    # BentoML records a span for every request even when nothing exports it: ~20
-    # objects a request for the collector, and the most CPU of any middleware.
-    return {"excluded_urls": ALL_URLS} if tracing_mode(env) is Tracing.OFF else {}
+    """BentoML's `tracing` section: for BENTOML nothing, so its own configuration applies;
+    otherwise no request span from BentoML (its URL exclusion matches every URL). With
+    OTEL the service's own middleware makes the request span (serving/trace_gate.py)."""
+    # BentoML's middleware makes a span for every request even when nothing exports it
+    # or its sampler drops it: the most CPU of any middleware (load_tests/bench_tracing.py).
+    return {} if tracing_mode(env) is TracingMode.BENTOML else {"excluded_urls": ALL_URLS}
+
+
+def trace_sampler(env: Mapping[str, str] = os.environ) -> tuple[str, float]:
+    """OTEL_TRACES_SAMPLER and its ratio, as the specification defaults them:
+    parentbased_always_on, and 1.0 for a ratio sampler without OTEL_TRACES_SAMPLER_ARG."""
+    name = _sampler(env) or "parentbased_always_on"
+    raw = env.get("OTEL_TRACES_SAMPLER_ARG", "").strip()
+    return name, float(raw) if name in _RATIO_SAMPLERS and raw else 1.0
 
 
 def _otlp_endpoint(env: Mapping[str, str]) -> str | None:

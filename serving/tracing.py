@@ -1,17 +1,17 @@
-"""The tracer provider behind BentoML's request span and the service's own spans.
+"""The tracer provider behind the request span and the service's own spans.
 
-With the OTEL_* variables (runtime.Tracing.OTEL) the provider is the SDK's own, built
-from them as the OpenTelemetry specification says (sampler, resource, batch processor,
-OTLP/HTTP exporter all read their variables), and handed to BentoML before it builds its
-middleware. BentoML's own provider samples with a ratio sampler that records every
-request it does not export (to learn trace ids): ~30-45% of one worker's max RPS at a
-10% rate in load_tests/bench_tracing.py. The SDK's drops them, and our spans are then
-not made at all. With FRAUD_TRACING=1 alone (runtime.Tracing.BENTOML), BentoML's
-configuration builds the provider, its sampler included."""
+OTEL (runtime.TracingMode): the SDK's own provider, built once per worker from the OTEL_*
+variables (resource, batch processor, OTLP/HTTP exporter read theirs, as the
+specification says); the sampler named by OTEL_TRACES_SAMPLER decides once per request
+in serving/trace_gate.py, so the provider samples whatever reaches it. BENTOML
+(FRAUD_TRACING=1 alone): BentoML's provider, from its own tracing configuration; its
+sampler records every request it does not export (to learn trace ids)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+import os
+from collections.abc import Mapping, Sequence
 
 from bentoml._internal.configuration.containers import BentoMLContainer
 from bentoml._internal.context import server_context
@@ -25,10 +25,17 @@ from opentelemetry.sdk.resources import (
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    ALWAYS_ON,
+    ParentBased,
+    Sampler,
+    TraceIdRatioBased,
+)
 from opentelemetry.trace import TracerProvider
 from prometheus_client import Counter
 
-from serving.runtime import ALL_URLS, Tracing
+from serving.runtime import ALL_URLS, TracingMode, trace_sampler
 
 EXPORTED_SPANS = Counter(
     "fraud_trace_spans_exported_total",
@@ -37,23 +44,34 @@ EXPORTED_SPANS = Counter(
 )
 
 
-def install_provider(mode: Tracing, service_name: str) -> None:
-    """For OTEL, hand BentoML a provider built from the OTEL_* variables. Call it when
-    service.py is imported: before BentoML builds its middleware, which asks for one."""
-    if mode is Tracing.OTEL:
-        # The container's documented override: BentoML then builds no provider of its own.
-        BentoMLContainer.tracer_provider.set(sdk_provider(service_name))
+@functools.cache
+def otel_provider(service_name: str) -> SdkTracerProvider:
+    """This process's one SDK provider for OTEL (built on first use: in a worker)."""
+    return sdk_provider(service_name)
+
+
+def head_sampler(env: Mapping[str, str] = os.environ) -> Sampler:
+    """The SDK's sampler that OTEL_TRACES_SAMPLER(_ARG) name (checked by runtime.py)."""
+    name, ratio = trace_sampler(env)
+    fixed: dict[str, Sampler] = {"always_on": ALWAYS_ON, "always_off": ALWAYS_OFF}
+    if name in fixed:
+        return fixed[name]
+    if name == "traceidratio":
+        return TraceIdRatioBased(ratio)
+    root = {"parentbased_always_on": ALWAYS_ON, "parentbased_always_off": ALWAYS_OFF}.get(name)
+    return ParentBased(TraceIdRatioBased(ratio) if root is None else root)
 
 
 def sdk_provider(service_name: str) -> SdkTracerProvider:
-    """The SDK's provider: OTEL_TRACES_SAMPLER(_ARG), OTEL_BSP_*, OTEL_EXPORTER_OTLP_*
-    are read by the SDK; OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES win over the
+    """The SDK's provider: OTEL_BSP_* and OTEL_EXPORTER_OTLP_* are read by the SDK;
+    OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES win over the
     service name and worker index given here, as they do in BentoML's provider."""
     ours: dict[str, str | int] = {SERVICE_NAME: service_name}
     if server_context.worker_index is not None:
         ours[SERVICE_INSTANCE_ID] = server_context.worker_index
     resource = Resource.create(ours).merge(OTELResourceDetector().detect())
-    provider = SdkTracerProvider(resource=resource)
+    # Everything given to it is sampled: the request's decision was made before (trace_gate.py).
+    provider = SdkTracerProvider(sampler=ALWAYS_ON, resource=resource)
     # Its queue is bounded (OTEL_BSP_MAX_QUEUE_SIZE, 2048): when full, spans are dropped,
     # never waited for; the export runs on the processor's own thread.
     provider.add_span_processor(BatchSpanProcessor(CountedExporter(OTLPSpanExporter())))
@@ -81,16 +99,18 @@ class CountedExporter(SpanExporter):
         return self._inner.force_flush(timeout_millis)
 
 
-def exporting_provider(mode: Tracing) -> TracerProvider | None:
-    """The provider of BentoML's request span, if anything exports its spans, else None:
-    then the service makes no span of its own. Call it once the service's configuration
-    is in place (from the service's __init__, in a worker)."""
-    if mode is Tracing.OFF:
+def exporting_provider(mode: TracingMode, service_name: str) -> TracerProvider | None:
+    """The provider of the request span, if anything exports its spans, else None: then
+    the service makes no span of its own. Call it once the service's configuration is
+    in place (from the service's __init__, in a worker)."""
+    if mode is TracingMode.OTEL:
+        return otel_provider(service_name)
+    if mode is TracingMode.OFF:
         return None
-    if mode is Tracing.BENTOML:
-        # BentoML builds its provider from this configuration and sets no global one.
-        tracing = BentoMLContainer.tracing
-        if tracing.exporter_type.get() is None or tracing.excluded_urls.get() == ALL_URLS:
-            return None
+    # BentoML builds its provider from this configuration and sets no global one: its
+    # container is the one place to find it.
+    tracing = BentoMLContainer.tracing
+    if tracing.exporter_type.get() is None or tracing.excluded_urls.get() == ALL_URLS:
+        return None
     provider: TracerProvider = BentoMLContainer.tracer_provider.get()
     return provider

@@ -5,9 +5,10 @@ exporting them to a real OTLP/HTTP receiver, parented under BentoML's request sp
 from __future__ import annotations
 
 import re
+import secrets
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,19 +19,20 @@ from bentoml._internal.configuration.containers import BentoMLConfiguration
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON
 from opentelemetry.trace import SpanKind
 from prometheus_client import REGISTRY
 
 from features import TRACING, USER_FEATURES, FeatureRows, FeatureStore, Settings, open_redis
 from serving.runtime import (
     RuntimeConfigError,
-    Tracing,
+    TracingMode,
     service_config,
     tracing_config,
     tracing_mode,
 )
-from serving.tracing import sdk_provider
+from serving.trace_gate import TraceGate
+from serving.tracing import head_sampler, sdk_provider
 from tests.conftest import Service
 from tools.delay_proxy import DelayProxy
 from tools.otlp_receiver import OtlpReceiver, ReceivedSpan
@@ -45,10 +47,10 @@ SERVER = 2  # SpanKind.SERVER in OTLP's numbering
 
 
 def test_tracing_is_off_by_default() -> None:
-    assert tracing_mode({}) is Tracing.OFF
+    assert tracing_mode({}) is TracingMode.OFF
     assert tracing_config({}) == OFF  # no request span either
     # A sampler alone exports nowhere: still off.
-    assert tracing_mode({"OTEL_TRACES_SAMPLER": "always_on"}) is Tracing.OFF
+    assert tracing_mode({"OTEL_TRACES_SAMPLER": "always_on"}) is TracingMode.OFF
 
 
 @pytest.mark.parametrize(
@@ -64,12 +66,12 @@ def test_tracing_is_off_by_default() -> None:
     ],
 )  # fmt: skip
 def test_an_otlp_endpoint_turns_on_the_sdks_provider(env: dict[str, str]) -> None:
-    assert tracing_mode(env) is Tracing.OTEL
-    assert tracing_config(env) == {}  # BentoML makes its request span
+    assert tracing_mode(env) is TracingMode.OTEL
+    assert tracing_config(env) == OFF  # the request span is the service's (trace_gate.py)
 
 
 def test_fraud_tracing_1_alone_leaves_tracing_to_bentomls_configuration() -> None:
-    assert tracing_mode({"FRAUD_TRACING": "1"}) is Tracing.BENTOML
+    assert tracing_mode({"FRAUD_TRACING": "1"}) is TracingMode.BENTOML
     assert tracing_config({"FRAUD_TRACING": "1"}) == {}
 
 
@@ -84,7 +86,7 @@ def test_fraud_tracing_1_alone_leaves_tracing_to_bentomls_configuration() -> Non
 )
 def test_each_off_switch_wins_over_an_endpoint(off: dict[str, str]) -> None:
     env = {"OTEL_EXPORTER_OTLP_ENDPOINT": RECEIVER, **off}
-    assert tracing_mode(env) is Tracing.OFF
+    assert tracing_mode(env) is TracingMode.OFF
     assert tracing_config(env) == OFF
 
 
@@ -126,16 +128,95 @@ def test_bad_tracing_values_name_the_variable(name: str, env: dict[str, str]) ->
         service_config(env)
 
 
+@pytest.mark.parametrize(
+    ("env", "description"),
+    [
+        ({}, "ParentBased{root:AlwaysOnSampler"),
+        ({"OTEL_TRACES_SAMPLER": "traceidratio"}, "TraceIdRatioBased{1.0}"),
+        ({"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.25"},
+         "ParentBased{root:TraceIdRatioBased{0.25}"),
+        ({"OTEL_TRACES_SAMPLER": "Always_Off"}, "AlwaysOffSampler"),
+    ],
+)  # fmt: skip
+def test_the_sampler_is_the_one_the_standard_names(env: dict[str, str], description: str) -> None:
+    assert head_sampler(env).get_description().startswith(description)
+
+
 def test_the_sdks_provider_reads_the_standard_variables(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
-    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "0.25")
     monkeypatch.setenv("OTEL_SERVICE_NAME", "fraud-eu")
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=test")
     provider = sdk_provider("FraudService")
     try:
-        assert "TraceIdRatioBased{0.25}" in provider.sampler.get_description()
         assert provider.resource.attributes["service.name"] == "fraud-eu"
+        assert provider.resource.attributes["deployment.environment"] == "test"
     finally:
         provider.shutdown()
+
+
+@dataclass
+class Gated:
+    exporter: InMemorySpanExporter
+    provider: TracerProvider
+
+    def gate(self, sampler: Any) -> TraceGate:
+        return TraceGate(_ok, paths=["/predict"], sampler=sampler, provider=lambda: self.provider)
+
+    def names(self) -> list[str]:
+        return [s.name for s in self.exporter.get_finished_spans()]
+
+
+@pytest.fixture
+def gated() -> Iterator[Gated]:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    yield Gated(exporter, provider)
+    provider.shutdown()
+
+
+async def _ok(scope: Any, receive: Any, send: Any) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"{}"})
+
+
+async def _call(app: Any, path: str = "/predict", traceparent: str | None = None) -> None:
+    headers = [(b"host", b"127.0.0.1")]
+    if traceparent is not None:
+        headers.append((b"traceparent", traceparent.encode()))
+    scope = {"type": "http", "http_version": "1.1", "method": "POST", "path": path,
+             "raw_path": path.encode(), "query_string": b"", "scheme": "http",
+             "server": ("127.0.0.1", 3000), "client": ("127.0.0.1", 5000),
+             "headers": headers, "root_path": ""}  # fmt: skip
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        return None
+
+    await app(scope, receive, send)
+
+
+async def test_the_gate_traces_what_its_sampler_samples(gated: Gated) -> None:
+    await _call(gated.gate(ALWAYS_ON))
+    await _call(gated.gate(ALWAYS_ON), path="/metrics")  # not an API: never traced
+    await _call(gated.gate(ALWAYS_OFF))
+    assert gated.names() == ["POST /predict"]  # one span: no receive or send spans
+    (request,) = gated.exporter.get_finished_spans()
+    assert request.kind is SpanKind.SERVER and request.parent is None
+
+
+async def test_the_gate_follows_the_callers_decision(gated: Gated) -> None:
+    parent_based = head_sampler({"OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+                                 "OTEL_TRACES_SAMPLER_ARG": "0"})  # fmt: skip
+    sampled, unsampled = Caller(), Caller()
+    await _call(gated.gate(parent_based))  # a root: ratio 0
+    await _call(gated.gate(parent_based), traceparent=unsampled.header(sampled=False))
+    await _call(gated.gate(parent_based), traceparent=sampled.header())
+    (request,) = gated.exporter.get_finished_spans()
+    assert format(request.context.trace_id, "032x") == sampled.trace_id
+    assert request.parent is not None
+    assert format(request.parent.span_id, "016x") == sampled.span_id
 
 
 def test_exported_spans_are_counted(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -320,7 +401,7 @@ def traced(bentoml_home: Path) -> Iterator[Traced]:
             bentoml_home,
             server.url,
             OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint,
-            OTEL_TRACES_SAMPLER="always_on",
+            OTEL_TRACES_SAMPLER="parentbased_always_on",
             OTEL_SERVICE_NAME="fraud-test",
             **FLUSH,
         ).start()
@@ -332,11 +413,23 @@ def traced(bentoml_home: Path) -> Iterator[Traced]:
             admin.close()
 
 
-def predict(service: Service, user: str, merchant: str = "m1") -> httpx.Response:
-    body = {"user_id": user, "merchant_id": merchant, "amount": 3.0}
-    response = httpx.post(f"{service.url}/predict", json=body, timeout=10)
+def predict(service: Service, user: str, traceparent: str | None = None) -> httpx.Response:
+    body = {"user_id": user, "merchant_id": "m1", "amount": 3.0}
+    headers = {} if traceparent is None else {"traceparent": traceparent}
+    response = httpx.post(f"{service.url}/predict", json=body, headers=headers, timeout=10)
     assert response.status_code == 200, response.text
     return response
+
+
+@dataclass(frozen=True)
+class Caller:
+    """A caller's span, as a W3C traceparent header names it."""
+
+    trace_id: str = field(default_factory=lambda: secrets.token_hex(16))
+    span_id: str = field(default_factory=lambda: secrets.token_hex(8))
+
+    def header(self, sampled: bool = True) -> str:
+        return f"00-{self.trace_id}-{self.span_id}-{'01' if sampled else '00'}"
 
 
 def in_trace(spans: list[ReceivedSpan], trace_id: str) -> dict[str, list[ReceivedSpan]]:
@@ -347,34 +440,26 @@ def in_trace(spans: list[ReceivedSpan], trace_id: str) -> dict[str, list[Receive
     return named
 
 
-def trace_of(response: httpx.Response) -> str:
-    # BentoML's request id is its request span's id (hex): the trace is found by it.
-    return response.headers["x-bentoml-request-id"]
-
-
-def _complete(span_id: str) -> Any:
-    def found(spans: list[ReceivedSpan]) -> bool:
-        request = [s for s in spans if s.span_id == span_id]
-        if not request:
-            return False
-        names = {s.name for s in spans if s.trace_id == request[0].trace_id}
-        return {"features.read", "features.redis", "fraud.inference"} <= names
-
-    return found
+def _complete(trace_id: str, *names: str) -> Any:
+    wanted = {"POST /predict", "features.read", "fraud.inference", *names}
+    return lambda spans: wanted <= set(in_trace(spans, trace_id))
 
 
 @pytest.mark.e2e
-def test_our_spans_arrive_under_bentomls_request_span(traced: Traced) -> None:
+def test_our_spans_arrive_under_the_request_span(traced: Traced) -> None:
     traced.admin.hset(USER_FEATURES.key("traced1"), mapping={"tx_count_1h": 2})
-    request_id = trace_of(predict(traced.service, "traced1"))
-    spans = traced.receiver.wait_for(_complete(request_id))
-    (request,) = [s for s in spans if s.span_id == request_id]
-    assert request.kind == SERVER and request.parent_span_id == ""
-    assert request.resource["service.name"] == "fraud-test"  # OTEL_SERVICE_NAME
-    named = in_trace(spans, request.trace_id)
+    caller = Caller()
+    predict(traced.service, "traced1", caller.header())
+    spans = traced.receiver.wait_for(_complete(caller.trace_id, "features.redis"))
+    named = in_trace(spans, caller.trace_id)
+    (request,) = named["POST /predict"]
     (read,) = named["features.read"]
     (trip,) = named["features.redis"]
     (inference,) = named["fraud.inference"]
+    # The request span continues the caller's trace (W3C trace context, parent-based).
+    assert request.kind == SERVER and request.parent_span_id == caller.span_id
+    assert request.attributes["http.target"] == "/predict"
+    assert request.resource["service.name"] == "fraud-test"  # OTEL_SERVICE_NAME
     assert read.parent_span_id == request.span_id
     assert inference.parent_span_id == request.span_id
     assert trip.parent_span_id == read.span_id
@@ -392,15 +477,21 @@ def test_our_spans_arrive_under_bentomls_request_span(traced: Traced) -> None:
     assert inference.attributes == {"fraud.rows": 1}
 
     # Again: both groups now come from this worker's cache, and Redis is not asked.
-    again = trace_of(predict(traced.service, "traced1"))
-    spans = traced.receiver.wait_for(
-        lambda got: any(s.parent_span_id == again and s.name == "fraud.inference" for s in got)
-    )
-    (request,) = [s for s in spans if s.span_id == again]
-    named = in_trace(spans, request.trace_id)
+    again = Caller()
+    predict(traced.service, "traced1", again.header())
+    named = in_trace(traced.receiver.wait_for(_complete(again.trace_id)), again.trace_id)
     assert "features.redis" not in named
     assert named["features.read"][0].attributes["features.cache_hits"] == 2
     assert named["features.read"][0].attributes["features.source"] == "cache"
+
+
+@pytest.mark.e2e
+def test_a_caller_that_did_not_sample_gets_no_spans(traced: Traced) -> None:
+    unsampled, sampled = Caller(), Caller()
+    predict(traced.service, "traced2", unsampled.header(sampled=False))
+    predict(traced.service, "traced2", sampled.header())
+    spans = traced.receiver.wait_for(_complete(sampled.trace_id))  # later: the first is out
+    assert in_trace(spans, unsampled.trace_id) == {}
 
 
 @pytest.mark.e2e
@@ -408,19 +499,20 @@ def test_our_log_lines_carry_the_trace_id(traced: Traced) -> None:
     # Runs last in this module: it stops the service's Redis.
     traced.redis_server.stop()
     logged = len(traced.service.output())
-    request_id = trace_of(predict(traced.service, "unseen-user"))
-    spans = traced.receiver.wait_for(_complete(request_id))
-    (request,) = [s for s in spans if s.span_id == request_id]
-    (read,) = in_trace(spans, request.trace_id)["features.read"]
-    (trip,) = in_trace(spans, request.trace_id)["features.redis"]
-    assert trip.attributes["error.type"] in {"ConnectionError", "OSError", "ConnectionRefusedError"}
+    caller = Caller()
+    predict(traced.service, "unseen-user", caller.header())
+    spans = traced.receiver.wait_for(_complete(caller.trace_id, "features.redis"))
+    (read,) = in_trace(spans, caller.trace_id)["features.read"]
+    (trip,) = in_trace(spans, caller.trace_id)["features.redis"]
+    assert trip.attributes["error.type"] == "ConnectionError"
+    assert trip.status_code == 2  # STATUS_CODE_ERROR
     deadline = time.monotonic() + 10.0
     while "Redis read failed" not in (added := traced.service.output()[logged:]):
         assert time.monotonic() < deadline, added
         time.sleep(0.05)
     (line,) = [line for line in added.splitlines() if "Redis read failed" in line]
     # BentoML's log filter adds the current span: the feature step's, in the read's task.
-    assert f"trace={request.trace_id},span={read.span_id}" in line
+    assert f"trace={caller.trace_id},span={read.span_id}" in line
 
 
 @pytest.mark.e2e
