@@ -92,7 +92,7 @@ class FraudService:
         self.store = open_store(self.settings, self.redis)
         self.gc_pauses = collector.GcPauses()
         self._gc_flush: asyncio.Task[None] | None = None
-        # Our spans, children of BentoML's request span; none at all unless it exports.
+        # Our spans, children of the request span; none at all unless something exports.
         self.tracing = Tracing("fraud")
         if (provider := exporting_provider(TRACING_MODE, SERVICE_NAME)) is not None:
             self.tracing.enable(provider)
