@@ -21,6 +21,7 @@ from redis.exceptions import RedisError
 from features import (
     ENTITY_TYPES,
     GROUPS,
+    TRACING,
     FeatureRows,
     GroupRead,
     InvalidEntityId,
@@ -33,12 +34,13 @@ from features import (
 )
 from features.metrics import LATENCY_BUCKETS_S
 from features.servedlog import ServedLog, check_directory
+from features.tracing import Tracing
 from models import MODEL_NAME
 from models.scorer import Scorer, check_saved_schema
 from serving import client_errors
 from serving.admission import Admission
 from serving.limits import RequestLimits
-from serving.runtime import admission_config, service_config
+from serving.runtime import TracingMode, admission_config, service_config, tracing_mode
 from serving.schemas import (
     BatchPrediction,
     GroupSource,
@@ -50,6 +52,8 @@ from serving.schemas import (
     entity_field,
     transaction_model,
 )
+from serving.trace_gate import TraceGate
+from serving.tracing import exporting_provider, head_sampler, otel_provider
 
 logger = logging.getLogger("fraud")
 
@@ -63,6 +67,8 @@ ID_FIELDS = {entity: entity_field(entity) for entity in ENTITY_TYPES}
 client_errors.install(SETTINGS.error_log_interval_s)
 if SETTINGS.served_log_sample_rate > 0:  # a directory it cannot write stops start-up here
     check_directory(SETTINGS.served_log_dir)
+TRACING_MODE = tracing_mode()
+SERVICE_NAME = "FraudService"
 
 INFERENCE_SECONDS = Histogram(
     "fraud_inference_seconds",
@@ -92,6 +98,11 @@ class FraudService:
         self.served_log.start()
         self.gc_pauses = collector.GcPauses()
         self._gc_flush: asyncio.Task[None] | None = None
+        # Our spans, children of the request span; none at all unless something exports.
+        self.tracing = Tracing("fraud")
+        if (provider := exporting_provider(TRACING_MODE, SERVICE_NAME)) is not None:
+            self.tracing.enable(provider)
+            TRACING.enable(provider)
         logger.info(
             "model %s loaded, fingerprint %s; online store %s",
             self.model.tag,
@@ -160,7 +171,14 @@ class FraudService:
         x = model_inputs(
             rows.values, np.array([t["amount"] for t in txs], dtype=np.float64), event_times
         )
-        probabilities = self.scorer.predict(x)
+        tracer = self.tracing.active()
+        if tracer is None:
+            probabilities = self.scorer.predict(x)
+        else:
+            with tracer.start_as_current_span(
+                "fraud.inference", attributes={"fraud.rows": len(txs)}
+            ):
+                probabilities = self.scorer.predict(x)
         done = time.perf_counter()
         INFERENCE_SECONDS.observe(done - fetched)
         timings = Timings.model_construct(
@@ -183,6 +201,13 @@ class FraudService:
 
 # The decorator made FraudService a bentoml Service; its stub types it as the class.
 # Outermost first: refuse what cannot be served before reading any body.
+if TRACING_MODE is TracingMode.OTEL:  # the request span, for sampled requests only
+    FraudService.add_asgi_middleware(  # type: ignore[attr-defined]
+        TraceGate,
+        paths=[api.route for api in FraudService.apis.values()],  # type: ignore[attr-defined]
+        sampler=head_sampler(),
+        provider=functools.partial(otel_provider, SERVICE_NAME),  # built in the worker
+    )
 ADMISSION = admission_config()
 if ADMISSION.enabled:
     FraudService.add_asgi_middleware(Admission, config=ADMISSION)  # type: ignore[attr-defined]

@@ -41,6 +41,7 @@ from features.spec import (
     schema,
     validate_entity_id,
 )
+from features.tracing import TRACING
 
 __all__ = [
     "ENTITY_ID_MAX_LEN",
@@ -51,6 +52,7 @@ __all__ = [
     "MERCHANT_VELOCITY",
     "MODEL_FEATURES",
     "STORED_FEATURES",
+    "TRACING",
     "USER_FEATURES",
     "USER_PROFILE",
     "BackingStore",

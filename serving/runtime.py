@@ -1,17 +1,31 @@
-"""The service's runtime options from FRAUD_* environment variables, read when service.py
-is imported: BentoML's (the `@bentoml.service` decorator takes them) and admission control."""
+"""The service's runtime options from FRAUD_* environment variables (and the standard
+OTEL_* ones for tracing), read when service.py is imported: BentoML's (the
+`@bentoml.service` decorator takes them) and admission control."""
 
 from __future__ import annotations
 
 import math
 import os
 from collections.abc import Mapping
+from enum import StrEnum
 from typing import Any
+from urllib.parse import urlsplit
 
 from serving.admission import AdmissionConfig
 
 # Matches every URL: BentoML's OpenTelemetry middleware then makes no span at all.
-_ALL_URLS = [".*"]
+ALL_URLS = [".*"]
+# The samplers the SDK knows by name (it reads OTEL_TRACES_SAMPLER itself).
+_SAMPLERS = (
+    "always_on",
+    "always_off",
+    "traceidratio",
+    "parentbased_always_on",
+    "parentbased_always_off",
+    "parentbased_traceidratio",
+)
+_RATIO_SAMPLERS = ("traceidratio", "parentbased_traceidratio")
+_OTLP_HTTP = "http/protobuf"  # the one OTLP exporter installed
 
 
 def admission_config(env: Mapping[str, str] = os.environ) -> AdmissionConfig:
@@ -44,10 +58,112 @@ def service_config(env: Mapping[str, str] = os.environ) -> dict[str, Any]:
         # BentoML arms a timer per request and never cancels it: the timer keeps a little
         # of each request alive for this long (docs/latency-budget.md).
         "traffic": {"timeout": _number(env, "FRAUD_REQUEST_TIMEOUT_S", "1", float)},
-        # BentoML records a span for every request even when nothing exports it: ~20
-        # objects a request for the collector, and the most CPU of any middleware.
-        "tracing": {} if _flag(env, "FRAUD_TRACING") else {"excluded_urls": _ALL_URLS},
+        "tracing": tracing_config(env),
     }
+
+
+class TracingMode(StrEnum):
+    """Who makes the spans, and who exports them."""
+
+    OFF = "off"  # no span at all, not even BentoML's request span
+    OTEL = "otel"  # the SDK, from the OTEL_* variables (serving/tracing.py, trace_gate.py)
+    BENTOML = "bentoml"  # BentoML's provider, from its own tracing configuration
+
+
+def tracing_mode(env: Mapping[str, str] = os.environ) -> TracingMode:
+    """OTEL when an OTLP endpoint is given, BENTOML for FRAUD_TRACING=1 without one, else
+    OFF; FRAUD_TRACING=0, OTEL_SDK_DISABLED=true, OTEL_TRACES_EXPORTER=none and
+    OTEL_TRACES_SAMPLER=always_off each turn it off. Every variable that is set is
+    checked, whether or not tracing ends up on: the SDK would only warn about a typo."""
+    asked = _tristate(env, "FRAUD_TRACING")
+    disabled = _boolean(env, "OTEL_SDK_DISABLED")
+    raw_exporter = env.get("OTEL_TRACES_EXPORTER", "")
+    exporter = raw_exporter.strip().lower()
+    if exporter not in ("", "otlp", "none"):
+        raise RuntimeConfigError(f"OTEL_TRACES_EXPORTER={raw_exporter!r}: must be otlp or none")
+    endpoint = _otlp_endpoint(env)
+    _otlp_protocol(env)
+    sampler = _sampler(env)
+    if asked is False or disabled or exporter == "none" or sampler == "always_off":
+        return TracingMode.OFF
+    if endpoint is not None:
+        return TracingMode.OTEL
+    return TracingMode.BENTOML if asked else TracingMode.OFF
+
+
+def tracing_config(env: Mapping[str, str] = os.environ) -> dict[str, Any]:
+    """BentoML's `tracing` section: for BENTOML nothing, so its own configuration applies;
+    otherwise no request span from BentoML (its URL exclusion matches every URL). With
+    OTEL the service's own middleware makes the request span (serving/trace_gate.py)."""
+    # BentoML's middleware makes a span for every request even when nothing exports it
+    # or its sampler drops it: the most CPU of any middleware (load_tests/bench_tracing.py).
+    return {} if tracing_mode(env) is TracingMode.BENTOML else {"excluded_urls": ALL_URLS}
+
+
+def trace_sampler(env: Mapping[str, str] = os.environ) -> tuple[str, float]:
+    """OTEL_TRACES_SAMPLER and its ratio, as the specification defaults them:
+    parentbased_always_on, and 1.0 for a ratio sampler without OTEL_TRACES_SAMPLER_ARG."""
+    name = _sampler(env) or "parentbased_always_on"
+    raw = env.get("OTEL_TRACES_SAMPLER_ARG", "").strip()
+    return name, float(raw) if name in _RATIO_SAMPLERS and raw else 1.0
+
+
+def _otlp_endpoint(env: Mapping[str, str]) -> str | None:
+    endpoint = None
+    for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        raw = env.get(name, "").strip()
+        if not raw:
+            continue
+        parts = urlsplit(raw)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise RuntimeConfigError(f"{name}={raw!r}: must be an http:// or https:// URL")
+        endpoint = raw  # the signal's own variable, checked last, wins
+    return endpoint
+
+
+def _otlp_protocol(env: Mapping[str, str]) -> None:
+    for name in ("OTEL_EXPORTER_OTLP_PROTOCOL", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"):
+        raw = env.get(name, "").strip()
+        if raw and raw != _OTLP_HTTP:
+            raise RuntimeConfigError(f"{name}={raw!r}: only {_OTLP_HTTP} is supported")
+
+
+def _sampler(env: Mapping[str, str]) -> str:
+    """OTEL_TRACES_SAMPLER, lower case ("" if unset), checked with its ratio."""
+    raw_name = env.get("OTEL_TRACES_SAMPLER", "")
+    name = raw_name.strip().lower()
+    if name and name not in _SAMPLERS:
+        raise RuntimeConfigError(
+            f"OTEL_TRACES_SAMPLER={raw_name!r}: must be one of {', '.join(_SAMPLERS)}"
+        )
+    raw = env.get("OTEL_TRACES_SAMPLER_ARG", "").strip()
+    if name in _RATIO_SAMPLERS and raw:
+        try:
+            ratio = float(raw)
+        except ValueError:
+            ratio = math.nan
+        if not 0.0 <= ratio <= 1.0:
+            raise RuntimeConfigError(
+                f"OTEL_TRACES_SAMPLER_ARG={raw!r}: must be a ratio from 0 to 1 for {name}"
+            )
+    return name
+
+
+def _tristate(env: Mapping[str, str], name: str) -> bool | None:
+    """1, 0, or None when unset (or empty)."""
+    value = env.get(name, "")
+    if value not in ("", "0", "1"):
+        raise RuntimeConfigError(f"{name}={value!r}: must be 0 or 1")
+    return None if value == "" else value == "1"
+
+
+def _boolean(env: Mapping[str, str], name: str) -> bool:
+    """The OpenTelemetry spelling: true or false, any case; unset is false."""
+    raw = env.get(name, "")
+    value = raw.strip().lower()
+    if value not in ("", "true", "false"):
+        raise RuntimeConfigError(f"{name}={raw!r}: must be true or false")
+    return value == "true"
 
 
 def _flag(env: Mapping[str, str], name: str, default: str = "") -> bool:

@@ -31,7 +31,7 @@ def test_public_names_are_pinned() -> None:
             "fingerprint", "model_inputs", "open_redis", "redact_url", "schema",
             "validate_entity_id",
             "BackingStore", "BackingStoreError", "Record", "open_backing",
-            "ENTITY_TYPES", "open_store",
+            "ENTITY_TYPES", "open_store", "TRACING",
         ]
     )  # fmt: skip
 

@@ -42,13 +42,16 @@ class BentoServer(Started):
         workers: int | None = None,
         log: Path | None = None,
         cpus: Set[int] | None = None,
+        root: Path = ROOT,
     ) -> None:
         """`env` is set over this process's environment; `workers` sets FRAUD_WORKERS;
-        output goes to `log`, else to this process's stdout; `cpus` pins the server."""
+        output goes to `log`, else to this process's stdout; `cpus` pins the server;
+        `root` is the source tree served (another revision's, for a benchmark)."""
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         self.target = target
+        self.root = root
         self.startup_s: float | None = None  # from spawn to the first 200 on /readyz
         self._env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true", **env}
         if workers is not None:
@@ -78,7 +81,7 @@ class BentoServer(Started):
             self._process = subprocess.Popen(
                 args,
                 env=self._env,
-                cwd=ROOT,
+                cwd=self.root,
                 stdout=out,
                 stderr=subprocess.STDOUT if out else None,
                 start_new_session=True,  # its own process group, for stop() to kill

@@ -8,6 +8,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 
+from opentelemetry.trace import Span, SpanKind, StatusCode, Tracer
 from redis.exceptions import RedisError
 
 from features import metrics
@@ -21,6 +22,7 @@ from features.online.entry import Reason, Source
 from features.online.keys import Key
 from features.online.tier import Answer
 from features.spec import FeatureGroup
+from features.tracing import TRACING
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +71,8 @@ class BackingTier:
             metrics.BACKING_READS.labels(name, "skipped").inc()
             return [Reason.UNAVAILABLE] * len(keys)
         loop = asyncio.get_running_loop()
+        tracer = TRACING.active()
+        span = None if tracer is None else self._start_span(tracer, len(keys))
         try:
             await self.store.open()  # once per worker (a no-op after): not timed
             started = loop.time()
@@ -79,11 +83,20 @@ class BackingTier:
             kind = "timeout" if isinstance(exc, TimeoutError) else "error"
             metrics.BACKING_READS.labels(name, kind).inc()
             self._log.failed(f"{name} read", exc, len(keys))
+            if span is not None:
+                span.set_attribute("error.type", kind)
+                span.set_status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}")
             # The store of record could not be asked: unknown, not missing (and not cached).
             return [Reason.UNAVAILABLE] * len(keys)
         except BaseException:
             breaker.abandon()  # cancelled: no answer either way, the next read may probe
             raise
+        else:
+            if span is not None:
+                span.set_attribute("features.found", sum(r is not None for r in records))
+        finally:
+            if span is not None:
+                span.end()
         ended = loop.time()
         if started < deadline < ended:
             breaker.slow()
@@ -104,6 +117,14 @@ class BackingTier:
         if repair and self._repair_when():
             self._schedule_repair(repair)
         return answers
+
+    def _start_span(self, tracer: Tracer, n_keys: int) -> Span:
+        # A child of the current span: the feature step's, copied into the read's task.
+        return tracer.start_span(
+            "features.backing",
+            kind=SpanKind.CLIENT,
+            attributes={"features.backing.store": self.name, "features.keys": n_keys},
+        )
 
     def _schedule_repair(self, items: list[tuple[FeatureGroup, str, Record]]) -> None:
         if len(self._repairs) >= self._repair_max_tasks:

@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
+from opentelemetry.trace import Span, SpanKind, StatusCode, Tracer
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -27,6 +28,7 @@ from features.online.entry import Reason
 from features.online.keys import Key
 from features.online.multiplex import Multiplexed, hmget_packer
 from features.online.tier import Answer
+from features.tracing import TRACING
 
 logger = logging.getLogger(__name__)
 
@@ -94,13 +96,21 @@ class RedisTier:
         codecs = self._codecs
         loop = asyncio.get_running_loop()
         started = loop.time()
+        tracer = TRACING.active()
+        span = None if tracer is None else self._start_span(tracer, len(keys))
         try:
             replies = await self._round_trip(keys)
         except _FAILURES as exc:
             if not _pool_exhausted(exc):  # our own backlog is no sign that Redis is down
                 breaker.failure()
-            self._failed(exc, len(keys))
+            kind = self._failed(exc, len(keys))
+            if span is not None:
+                span.set_attribute("error.type", kind)
+                span.set_status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}")
             return [Reason.UNAVAILABLE] * len(keys)
+        finally:
+            if span is not None:
+                span.end()
         if started < deadline < loop.time():
             breaker.slow()
         else:
@@ -131,6 +141,19 @@ class RedisTier:
         await asyncio.gather(*self._probes, return_exceptions=True)
         if self._mux is not None:
             await self._mux.aclose()
+
+    def _start_span(self, tracer: Tracer, n_keys: int) -> Span:
+        # A child of the current span: the feature step's, copied into the read's task.
+        return tracer.start_span(
+            "features.redis",
+            kind=SpanKind.CLIENT,
+            attributes={
+                "db.system.name": "redis",
+                "db.operation.name": "HMGET",
+                "db.operation.batch.size": n_keys,
+                "features.multiplexed": self._mux is not None,
+            },
+        )
 
     async def _round_trip(self, keys: Sequence[Key]) -> list[Any]:
         """One HMGET per key, all in one round trip; error replies come back as values."""
@@ -174,7 +197,8 @@ class RedisTier:
                 self.breaker.success()
                 metrics.REDIS_UP.set(1)
 
-    def _failed(self, exc: BaseException, n_keys: int) -> None:
+    def _failed(self, exc: BaseException, n_keys: int) -> str:
+        """Count and (rate-limited) log one failure; returns its kind (the metric label)."""
         if _pool_exhausted(exc):
             kind = "pool_exhausted"
         elif isinstance(exc, RedisTimeoutError | TimeoutError):
@@ -185,6 +209,7 @@ class RedisTier:
         if kind != "pool_exhausted":
             metrics.REDIS_UP.set(0)
         self._log.failed("Redis read", exc, n_keys)
+        return kind
 
 
 def _pool_exhausted(exc: BaseException) -> bool:

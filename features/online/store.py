@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import numpy.typing as npt
+from opentelemetry.trace import Span
 
 from features import metrics
 from features._log import RateLimitedLog
@@ -26,6 +27,7 @@ from features.online.keys import Key
 from features.online.redis_tier import RedisTier
 from features.online.tier import Tier
 from features.spec import GROUPS, FeatureGroup, validate_entity_id
+from features.tracing import TRACING
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +167,17 @@ class FeatureStore:
 
         Each row maps entity type to id, e.g. {"user": "u1", "merchant": "m1"}.
         Raises InvalidEntityId, before any I/O, for an id that may not become a key.
+        With tracing on, under a recorded span, the step is the span `features.read`,
+        current while the tiers run: the read task copies the context when it is created,
+        so the tiers' spans are its children even after the deadline has ended it.
         """
+        tracer = TRACING.active()
+        if tracer is None:
+            return await self._read(rows, None)
+        with tracer.start_as_current_span("features.read") as span:
+            return await self._read(rows, span)
+
+    async def _read(self, rows: Sequence[Mapping[str, str]], span: Span | None) -> FeatureRows:
         started = time.perf_counter()
         keyed = [pair for row in rows for pair in self._keys(row)]
         now = self._timer()
@@ -182,12 +194,14 @@ class FeatureStore:
             else:
                 read_id = cached[1]
                 served[key_id] = cached[0], codec.reads[read_id][1], 2 * read_id + 1, cached[2]
-        if served:
-            self._hits.inc(len(served))
+        hits = len(served)
+        if hits:
+            self._hits.inc(hits)
         source = Source.CACHE
+        late: list[str] | None = None if span is None else []
         if misses:
             self._misses.inc(len(misses))
-            source = await self._read_misses(misses, served, now)
+            source = await self._read_misses(misses, served, now, late, span)
         parts: list[npt.NDArray[np.float64]] = []
         reads: list[dict[str, GroupRead]] = []
         row_reads: dict[str, GroupRead] = {}
@@ -220,6 +234,16 @@ class FeatureStore:
             else np.empty((0, self._width), dtype=np.float64)
         )
         self._retrieval[source].observe(time.perf_counter() - started)
+        if span is not None and late is not None:
+            span.set_attributes(
+                {
+                    "features.rows": len(rows),
+                    "features.keys": len(served),
+                    "features.cache_hits": hits,
+                    "features.source": source.value,
+                    "features.deadline_groups": sorted(set(late)),
+                }
+            )
         return FeatureRows(values, reads, source)
 
     def flush_health(self, now: float | None = None) -> None:
@@ -247,10 +271,12 @@ class FeatureStore:
         misses: dict[str, tuple[Key, GroupCodec]],
         served: dict[str, _Served],
         now: float,
+        late: list[str] | None,
+        span: Span | None,
     ) -> Source:
         """Serve the cache's misses: join reads in flight, start one for the rest, wait
-        until the deadline; what is still unanswered then gets the deadline's fallback.
-        Returns the slowest source used."""
+        until the deadline; what is still unanswered then gets the deadline's fallback
+        (its group goes to `late`, if given). Returns the slowest source used."""
         loop = asyncio.get_running_loop()
         deadline = float("inf") if self._deadline_s is None else loop.time() + self._deadline_s
         inflight = self._inflight
@@ -264,6 +290,8 @@ class FeatureStore:
                 waits[key_id] = joined
         if waits:
             metrics.SHARED_READS.inc(len(waits))
+        if span is not None:
+            span.set_attribute("features.joined", len(waits))
         if own:
             # One flight per read, not per key: joiners look their keys up in its result.
             flight = _Flight()
@@ -290,6 +318,8 @@ class FeatureStore:
             landed = waits[key_id].result
             entry = None if landed is None else landed.get(key_id)
             if entry is None:  # the deadline passed first
+                if late is not None:
+                    late.append(codec.name)
                 last = cache.last(key_id, now)
                 if last is None:
                     entry = codec.defaults[Reason.DEADLINE]

@@ -1,0 +1,116 @@
+"""The tracer provider behind the request span and the service's own spans.
+
+OTEL (runtime.TracingMode): the SDK's own provider, built once per worker from the OTEL_*
+variables (resource, batch processor, OTLP/HTTP exporter read theirs, as the
+specification says); the sampler named by OTEL_TRACES_SAMPLER decides once per request
+in serving/trace_gate.py, so the provider samples whatever reaches it. BENTOML
+(FRAUD_TRACING=1 alone): BentoML's provider, from its own tracing configuration; its
+sampler records every request it does not export (to learn trace ids)."""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Mapping, Sequence
+
+from bentoml._internal.configuration.containers import BentoMLContainer
+from bentoml._internal.context import server_context
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.resources import (
+    SERVICE_INSTANCE_ID,
+    SERVICE_NAME,
+    OTELResourceDetector,
+    Resource,
+)
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    ALWAYS_ON,
+    ParentBased,
+    Sampler,
+    TraceIdRatioBased,
+)
+from opentelemetry.trace import TracerProvider
+from prometheus_client import Counter
+
+from serving.runtime import ALL_URLS, TracingMode, trace_sampler
+
+EXPORTED_SPANS = Counter(
+    "fraud_trace_spans_exported_total",
+    "Spans the OTLP exporter sent (ok) or gave up on (failed), OTEL_* tracing only",
+    ["result"],
+)
+
+
+@functools.cache
+def otel_provider(service_name: str) -> SdkTracerProvider:
+    """This process's one SDK provider for OTEL (built on first use: in a worker)."""
+    return sdk_provider(service_name)
+
+
+def head_sampler(env: Mapping[str, str] = os.environ) -> Sampler:
+    """The SDK's sampler that OTEL_TRACES_SAMPLER(_ARG) name (checked by runtime.py)."""
+    name, ratio = trace_sampler(env)
+    fixed: dict[str, Sampler] = {"always_on": ALWAYS_ON, "always_off": ALWAYS_OFF}
+    if name in fixed:
+        return fixed[name]
+    if name == "traceidratio":
+        return TraceIdRatioBased(ratio)
+    root = {"parentbased_always_on": ALWAYS_ON, "parentbased_always_off": ALWAYS_OFF}.get(name)
+    return ParentBased(TraceIdRatioBased(ratio) if root is None else root)
+
+
+def sdk_provider(service_name: str) -> SdkTracerProvider:
+    """The SDK's provider: OTEL_BSP_* and OTEL_EXPORTER_OTLP_* are read by the SDK;
+    OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES win over the
+    service name and worker index given here, as they do in BentoML's provider."""
+    ours: dict[str, str | int] = {SERVICE_NAME: service_name}
+    if server_context.worker_index is not None:
+        ours[SERVICE_INSTANCE_ID] = server_context.worker_index
+    resource = Resource.create(ours).merge(OTELResourceDetector().detect())
+    # Everything given to it is sampled: the request's decision was made before (trace_gate.py).
+    provider = SdkTracerProvider(sampler=ALWAYS_ON, resource=resource)
+    # Its queue is bounded (OTEL_BSP_MAX_QUEUE_SIZE, 2048): when full, spans are dropped,
+    # never waited for; the export runs on the processor's own thread.
+    provider.add_span_processor(BatchSpanProcessor(CountedExporter(OTLPSpanExporter())))
+    return provider
+
+
+class CountedExporter(SpanExporter):
+    """An exporter that counts what it sent and what it gave up on. The exporter logs
+    each failed batch itself: at most one line per batch, one batch per schedule delay."""
+
+    def __init__(self, inner: SpanExporter) -> None:
+        self._inner = inner
+        self._ok = EXPORTED_SPANS.labels("ok")
+        self._failed = EXPORTED_SPANS.labels("failed")
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        result = self._inner.export(spans)
+        (self._ok if result is SpanExportResult.SUCCESS else self._failed).inc(len(spans))
+        return result
+
+    def shutdown(self) -> None:
+        self._inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30_000) -> bool:
+        return self._inner.force_flush(timeout_millis)
+
+
+def exporting_provider(mode: TracingMode, service_name: str) -> TracerProvider | None:
+    """The provider of the request span, if anything exports its spans, else None: then
+    the service makes no span of its own. Call it once the service's configuration is
+    in place (from the service's __init__, in a worker)."""
+    if mode is TracingMode.OTEL:
+        return otel_provider(service_name)
+    if mode is TracingMode.OFF:
+        return None
+    # BentoML builds its provider from this configuration and sets no global one: its
+    # container is the one place to find it.
+    tracing = BentoMLContainer.tracing
+    if tracing.exporter_type.get() is None or tracing.excluded_urls.get() == ALL_URLS:
+        return None
+    provider: TracerProvider = BentoMLContainer.tracer_provider.get()
+    return provider
