@@ -19,7 +19,7 @@ from features.connection import Client
 from features.online.cache import EntryCache
 from features.online.codec import codec_for
 from features.online.entry import Reason, Source
-from features.online.health import ServedLog
+from features.online.health import HealthTally
 from features.online.keys import Key
 from features.online.tier import Answer
 from tests.conftest import FakeClock
@@ -192,10 +192,10 @@ async def test_a_full_log_is_written_whatever_the_interval(
 async def test_a_failed_metrics_write_is_logged_and_the_read_still_answers(
     client: Client, clock: FakeClock, caplog: pytest.LogCaptureFixture, monkeypatch
 ) -> None:
-    def broken(self: ServedLog) -> None:
+    def broken(self: HealthTally) -> None:
         raise OSError("no space left for the metrics file")
 
-    monkeypatch.setattr(ServedLog, "flush", broken)
+    monkeypatch.setattr(HealthTally, "flush", broken)
     store = store_for(client, clock)
     with caplog.at_level(logging.ERROR, logger="features.online.store"):
         rows = await store.read([tx("u1", "m1")])

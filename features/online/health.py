@@ -23,7 +23,7 @@ MAX_PENDING = 65_536
 """Served groups logged before a flush is due whatever the interval: bounds the lists."""
 
 
-class ServedLog:
+class HealthTally:
     """What one store served since the last flush, one entry per row and group.
 
     `slots[i]` is `read_slot * len(codecs) + group`, where `group` is the group's index in

@@ -22,7 +22,7 @@ from features.online.backing_tier import BackingTier
 from features.online.cache import EntryCache
 from features.online.codec import GroupCodec, codec_for
 from features.online.entry import NOT_CACHED, Entry, FeatureRows, GroupRead, Reason, Source
-from features.online.health import MAX_PENDING, ServedLog
+from features.online.health import MAX_PENDING, HealthTally
 from features.online.keys import Key
 from features.online.redis_tier import RedisTier
 from features.online.tier import Tier
@@ -32,7 +32,7 @@ from features.tracing import TRACING
 logger = logging.getLogger(__name__)
 
 _Served = tuple[npt.NDArray[np.float64], GroupRead, int, float]
-"""One key's values as served, its read, the read's slot (ServedLog: `2 * read_id`, + 1 from
+"""One key's values as served, its read, the read's slot (HealthTally: `2 * read_id`, + 1 from
 the cache) and its event time."""
 
 
@@ -85,7 +85,7 @@ class FeatureStore:
         self._deadline_s = deadline_s
         self._timer = timer  # cache freshness
         self._clock = clock  # wall time, for the age of served values
-        self._served_log = ServedLog(self._groups)  # groups in row order
+        self._health = HealthTally(self._groups)  # groups in row order
         self._health_flush_s = health_flush_s
         self._health_flushed = clock()
         self._health_log = RateLimitedLog(
@@ -206,7 +206,7 @@ class FeatureStore:
         reads: list[dict[str, GroupRead]] = []
         row_reads: dict[str, GroupRead] = {}
         per_row = len(self._groups)
-        log_slot, log_age = self._served_log.slots.append, self._served_log.ages.append
+        log_slot, log_age = self._health.slots.append, self._health.ages.append
         wall = self._clock()
         for i, (key, codec) in enumerate(keyed):
             values, read, read_slot, event_ts = served[key.id]
@@ -224,7 +224,7 @@ class FeatureStore:
                 row_reads = {}
         if (
             not 0.0 <= wall - self._health_flushed < self._health_flush_s  # or stepped back
-            or len(self._served_log.slots) >= MAX_PENDING
+            or len(self._health.slots) >= MAX_PENDING
         ):
             self.flush_health(wall)
         # One concatenation: cheaper than a slice assignment per group and row.
@@ -250,7 +250,7 @@ class FeatureStore:
         """Write the health tallies to their metrics (`now`: the wall clock, if read)."""
         self._health_flushed = self._clock() if now is None else now
         try:
-            self._served_log.flush()
+            self._health.flush()
         except Exception as exc:  # a metrics write must never fail a read
             self._health_log.failed("feature health metrics write", exc)
 
