@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis.generation.modes import GenerationMode
 
-from features import GROUPS, USER_FEATURES, FeatureStore, Reason, Settings, Source, open_redis
+from features import HASH_GROUPS, USER_FEATURES, FeatureStore, Reason, Settings, Source, open_redis
 from features.online.codec import GroupCodec
 from tests.conftest import Service
 
@@ -40,7 +40,7 @@ def check_row(values: np.ndarray[Any, Any], reply: list[bytes | None], defaults:
 @settings(max_examples=300, deadline=None)
 @given(st.data())
 def test_any_stored_bytes_decode_to_a_float_or_the_default(data: st.DataObject) -> None:
-    spec = data.draw(st.sampled_from(GROUPS))
+    spec = data.draw(st.sampled_from(HASH_GROUPS))
     n = len(spec.features)
     # The fields, then the event time: any bytes there too.
     reply = data.draw(st.lists(FIELD_BYTES, min_size=n + 1, max_size=n + 1))
@@ -55,7 +55,11 @@ def test_any_stored_bytes_decode_to_a_float_or_the_default(data: st.DataObject) 
 @settings(
     max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-@given(values=st.lists(FIELD_BYTES, min_size=10, max_size=10))
+@given(
+    values=st.lists(
+        FIELD_BYTES, min_size=len(USER_FEATURES.features), max_size=len(USER_FEATURES.features)
+    )
+)
 def test_any_bytes_in_redis_read_back_safely(
     values: list[bytes | None], sync_redis: redis.Redis, redis_url: str
 ) -> None:
@@ -76,7 +80,7 @@ def test_any_bytes_in_redis_read_back_safely(
     read_ = rows.reads[0]["user:features"]
     assert read_.source in (Source.REDIS, Source.DEFAULT)
     assert read_.reason in (None, Reason.INVALID, Reason.MISSING)
-    check_row(rows.values[0, :10], values, USER_FEATURES.defaults)
+    check_row(rows.values[0, : len(values)], values, USER_FEATURES.defaults)
 
 
 JSON = st.recursive(
