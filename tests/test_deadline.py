@@ -332,7 +332,7 @@ def test_g_serve_answers_at_the_deadline_through_a_slow_network(
             sync_redis.hset(group.key(entity_id), mapping=values)  # type: ignore[arg-type]
             sync_redis.expire(group.key(entity_id), group.ttl_s)
     for command in structure_commands(users, ["gm"]):
-        sync_redis.execute_command(*command)
+        sync_redis.execute_command(*command)  # type: ignore[no-untyped-call]
     svc = Service(
         bentoml_home,
         proxy.url(),
