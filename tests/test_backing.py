@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +15,12 @@ import pytest
 import redis
 
 from features import (
+    GROUPS,
     MERCHANT_RISK,
-    STORED_FEATURES,
     USER_FEATURES,
     BackingStore,
     CircuitBreaker,
+    FeatureGroup,
     FeatureStore,
     FeatureWriteError,
     FeatureWriter,
@@ -38,9 +39,8 @@ from tools.emulators import BigtableEmulator, Dynalite
 from tools.redis_server import RedisServer, free_port
 
 USER = {f.name: float(i + 1) for i, f in enumerate(USER_FEATURES.features)}
-USER["is_premium"] = 1.0
-MERCHANT = {"mcc_risk_score": 0.25, "chargeback_rate_90d": 0.01, "merchant_tx_count_24h": 7}
-COLUMN = {f.name: i for i, f in enumerate(STORED_FEATURES)}
+MERCHANT = {"mcc_risk_score": 0.25, "chargeback_rate_90d": 0.01}
+PERSISTED = {g.qualified_name: g.persisted for g in GROUPS}
 CREDENTIALS = ("test", "test")  # dynalite checks that requests are signed, not by whom
 SLOW_OK_S = 2.0  # the emulators' latency on a busy 2-core VM: not the production deadline
 
@@ -87,14 +87,24 @@ def settings_for(url: str) -> Settings:
     return Settings(redis_url=url, redis_socket_timeout_s=1.0, redis_pool_timeout_s=1.0)
 
 
+WRITTEN = (USER_FEATURES, MERCHANT_RISK)
+"""The groups these tests write: their stores read those."""
+COLUMN = {f.name: i for i, f in enumerate(f for g in WRITTEN for f in g.features)}
+
+
 def store_with(
     client: Client,
     backing: BackingStore,
     timeout_s: float = SLOW_OK_S,
     breaker: CircuitBreaker | None = None,
+    groups: Sequence[FeatureGroup] = WRITTEN,
 ) -> FeatureStore:
     return FeatureStore(
-        client, backing=backing, backing_timeout_s=timeout_s, backing_breaker=breaker
+        client,
+        groups=groups,
+        backing=backing,
+        backing_timeout_s=timeout_s,
+        backing_breaker=breaker,
     )
 
 
@@ -118,7 +128,7 @@ async def test_write_through_then_read_back(backing, client, sync_redis) -> None
     assert user.event_ts == 1.7e9
     by_name = dict(zip(MERCHANT_RISK.field_names, merchant.fields, strict=True))
     assert float(by_name["mcc_risk_score"] or b"nan") == 0.25
-    assert float(by_name["merchant_tx_count_24h"] or b"nan") == 7
+    assert float(by_name["chargeback_rate_90d"] or b"nan") == 0.01
     assert by_name["avg_ticket_30d"] is None
     assert merchant.event_ts == 1.7e9 + 5
     assert float(sync_redis.hget("user:{u1}:features", "_ts")) == 1.7e9
@@ -279,7 +289,13 @@ def test_loader_writes_through_in_batches(dynalite, own_redis, monkeypatch) -> N
     dynamo_env(monkeypatch, table, dynalite.url)
     demo = ["--demo", "--users", "2100", "--merchants", "20", "--create"]  # 2 user batches
     assert main([*demo, "--redis-url", own_redis.url]) == 0
-    assert redis.Redis.from_url(own_redis.url).dbsize() == 2120
+    # Per user its hashes (persisted) and merchants paid (not); per merchant its hashes and
+    # embedding (all persisted).
+    user_items = sum(g.entity == "user" and g.persisted for g in GROUPS)
+    merchant_items = sum(g.entity == "merchant" and g.persisted for g in GROUPS)
+    assert redis.Redis.from_url(own_redis.url).dbsize() == 2100 * (user_items + 1) + 20 * (
+        merchant_items
+    )
 
     async def count() -> int:
         store = dynamo_store(dynalite.url)
@@ -289,7 +305,7 @@ def test_loader_writes_through_in_batches(dynalite, own_redis, monkeypatch) -> N
         finally:
             await store.aclose()
 
-    assert asyncio.run(count()) == 2120
+    assert asyncio.run(count()) == 2100 * user_items + 20 * merchant_items
 
 
 def test_warm_command_fails_cleanly_when_the_store_is_down(own_redis, monkeypatch, capsys) -> None:
@@ -308,6 +324,7 @@ async def test_slow_backing_opens_its_breaker_and_defaults_come_in_time(
         backing,
         timeout_s=0.05,
         breaker=CircuitBreaker(name=backing.name, failure_threshold=2, reset_s=60.0),
+        groups=GROUPS,
     )
     await store.read([tx("warmup", "warmup")])  # connections open before the fault
     skipped = metrics.BACKING_READS.labels(backing.name, "skipped")
@@ -318,8 +335,10 @@ async def test_slow_backing_opens_its_breaker_and_defaults_come_in_time(
             started = time.perf_counter()
             rows = await store.read([tx(f"slow{i}", "m1")])
             assert time.perf_counter() - started < 0.5  # the 50 ms deadline, plus slack
-            for read in rows.reads[0].values():
-                assert (read.source, read.reason) == (Source.DEFAULT, Reason.UNAVAILABLE)
+            for name, read in rows.reads[0].items():
+                # The sorted sets are not persisted: Redis's answer (no such key) stands.
+                reason = Reason.UNAVAILABLE if PERSISTED[name] else Reason.MISSING
+                assert (read.source, read.reason) == (Source.DEFAULT, reason), name
         started = time.perf_counter()
         rows = await store.read([tx("slow9", "m9")])  # breaker open: no backing call
         assert time.perf_counter() - started < 0.5
@@ -450,7 +469,8 @@ def test_service_survives_a_redis_restart_on_the_backing_store(
             r = httpx.post(f"{service.url}/predict", json=body, timeout=10)
             assert r.status_code == 200, r.text
             sources = r.json()["sources"]
-            assert {s["source"] for s in sources.values()} == {"backing"}, sources
+            written = {sources[g.qualified_name]["source"] for g in WRITTEN}
+            assert written == {"backing"}, sources
             assert not sources["user:features"]["stale"]
         # Read repair runs in the background: Redis fills up under traffic. The first
         # request after the restart may have met a dead connection (no repair for it).
