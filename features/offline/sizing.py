@@ -135,10 +135,12 @@ def report(
         f"(data fills {FILL_LOW:.0%}-{FILL_HIGH:.0%}); replicas double it.",
     ]
     shards = max(1, math.ceil(high / (node_gb * 1e9)))
-    ops = rps * len(sizes) * (1 - hit_rate)
+    per_miss = sum(codec_for(g).n_replies for g in GROUPS)
+    ops = rps * per_miss * (1 - hit_rate)
     lines.append(
         f"Redis commands at {rps:,.0f} RPS, cache hit rate {hit_rate:.0%}: {ops:,.0f}/s "
-        f"(one HMGET per group per miss)."
+        f"({per_miss} per uncached request: an HMGET per hash, a GET per embedding, "
+        "ZCARD and ZCOUNT or ZSCORE per sorted set)."
     )
     if ops > CLUSTER_OPS or shards > 1:
         by_ops = math.ceil(ops / COMFORTABLE_OPS)
