@@ -34,7 +34,7 @@ from features.breaker import State
 from features.connection import Client
 from tools.redis_server import RedisServer
 
-USER = {"tx_count_1h": 3, "tx_sum_1h": 120.5, "avg_tx_90d": 40.0}
+USER = {"tx_count_1h": 3, "tx_sum_1h": 120.5, "tx_sum_24h": 40.0}
 FAILED = {Reason.UNAVAILABLE, Reason.CIRCUIT_OPEN}
 # Generous bounds for a busy 2-core VM; the figures themselves are in the load scenario.
 SLOW_READ_S = 0.5  # a read that waits for a timeout (socket timeout 0.1 s)
@@ -282,12 +282,12 @@ async def test_keys_of_the_wrong_type_serve_defaults(rig: Rig, kind: str) -> Non
 async def test_huge_and_unknown_fields_are_handled(rig: Rig) -> None:
     key = USER_FEATURES.key("big")
     rig.admin.hset(key, mapping={"tx_count_1h": "1" * 8_000_000, "not_a_feature": "x" * 1000})
-    rig.admin.hset(key, "avg_tx_90d", "12.5")
+    rig.admin.hset(key, "tx_sum_24h", "12.5")
     corrupt = metrics.CORRUPT_VALUES.labels("user:features", "tx_count_1h")
     before = corrupt._value.get()
     rows, elapsed = await rig.read("big")
     read = rows.reads[0]["user:features"]
     assert read.reason is Reason.INVALID and "tx_count_1h" in read.defaulted
-    assert "avg_tx_90d" not in read.defaulted
+    assert "tx_sum_24h" not in read.defaulted
     assert corrupt._value.get() == before + 1
     assert elapsed < 2.0  # 8 MB through a 0.1 s socket timeout on loopback

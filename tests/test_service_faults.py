@@ -214,8 +214,8 @@ def test_full_redis_keeps_serving_reads(rig: Rig) -> None:
 
 def test_garbage_in_redis_is_served_as_counted_defaults(rig: Rig) -> None:
     rig.admin.set(USER_FEATURES.key("junk1"), "not a hash")
-    rig.admin.hset(USER_FEATURES.key("junk2"), mapping={"tx_count_1h": "NaN", "avg_tx_90d": "x"})
-    corrupt = metric(rig, 'features_corrupt_values_total{feature="avg_tx_90d"')
+    rig.admin.hset(USER_FEATURES.key("junk2"), mapping={"tx_count_1h": "NaN", "tx_sum_24h": "x"})
+    corrupt = metric(rig, 'features_corrupt_values_total{feature="tx_sum_24h"')
     first, second = post(rig, "junk1", "gm"), post(rig, "junk2", "gm")
     assert first["sources"]["user:features"] == {
         "source": "default",
@@ -224,8 +224,8 @@ def test_garbage_in_redis_is_served_as_counted_defaults(rig: Rig) -> None:
         "stale": False,
     }
     assert second["sources"]["user:features"]["reason"] == "invalid"
-    assert {"tx_count_1h", "avg_tx_90d"} <= set(second["sources"]["user:features"]["defaulted"])
-    assert metric(rig, 'features_corrupt_values_total{feature="avg_tx_90d"') == corrupt + 1
+    assert {"tx_count_1h", "tx_sum_24h"} <= set(second["sources"]["user:features"]["defaulted"])
+    assert metric(rig, 'features_corrupt_values_total{feature="tx_sum_24h"') == corrupt + 1
 
 
 def test_configured_request_limits_apply(rig: Rig) -> None:
