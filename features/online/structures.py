@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import struct
+from abc import abstractmethod
 from collections.abc import Sequence
 from typing import Any
 
@@ -81,9 +82,9 @@ class _SetCodec(Codec):
             return self.spec.defaults, self._invalid[source]
         return _frozen_one(value), self.clean[source, False]
 
+    @abstractmethod
     def _value(self, raw: Any) -> float | None:
         """The feature's value from a reply, None if it is not one."""
-        raise NotImplementedError
 
 
 class RecentCountCodec(_SetCodec):
