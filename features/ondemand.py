@@ -16,6 +16,7 @@ from features.spec import MODEL_FEATURES, ON_DEMAND_FEATURES, STORED_FEATURES
 _STORED_INDEX = {f.name: i for i, f in enumerate(STORED_FEATURES)}
 _ON_DEMAND = {f.name: f.default for f in ON_DEMAND_FEATURES}
 _MAX_LOGIN_AGE_S = 30 * 86400.0
+_NEW_MERCHANT_S = 30 * 86400.0  # also the cap of seconds_since_paid_merchant
 _MAX_RATIO = 1000.0
 _SECONDS_PER_DAY = 86400
 _EPOCH_THURSDAY = 3  # 1970-01-01 was a Thursday; Monday is 0
@@ -28,6 +29,7 @@ _MODEL_STORED_COLUMNS = np.array(
 _MODEL_STORED_LIST: list[int] = _MODEL_STORED_COLUMNS.tolist()
 _LAST_LOGIN = _STORED_INDEX["last_login_ts"]
 _AVG_TX = _STORED_INDEX["avg_tx_90d"]
+_LAST_PAID = _STORED_INDEX["merchant_last_paid_ts"]
 _MAX_INT_TS = 2.0**62  # beyond this, int64 arithmetic would differ: use the array path
 
 
@@ -55,7 +57,15 @@ def on_demand(
             np.clip(amount / avg_tx, 0.0, _MAX_RATIO),
             _ON_DEMAND["amount_to_avg_ratio"],
         )
-    return np.column_stack([since_login, hour, weekday >= 5, ratio]).astype(np.float32)
+    # 0 (no score) is the default: never paid within the set's 30 days, so new.
+    last_paid = stored[:, _LAST_PAID]
+    since_paid = np.where(
+        last_paid > 0,
+        np.clip(timestamp - last_paid, 0.0, _NEW_MERCHANT_S),
+        _ON_DEMAND["seconds_since_paid_merchant"],
+    )
+    columns = [since_login, hour, weekday >= 5, ratio, since_paid, since_paid >= _NEW_MERCHANT_S]
+    return np.column_stack(columns).astype(np.float32)
 
 
 def model_inputs(
@@ -83,11 +93,12 @@ def _one_row(row: list[float], amount: float, timestamp: float) -> npt.NDArray[n
     Same arithmetic in float64 and the same single rounding to float32; None sends
     values the array path handles differently (non-finite, huge) back to it.
     """
-    last_login, avg_tx = row[_LAST_LOGIN], row[_AVG_TX]
+    last_login, avg_tx, last_paid = row[_LAST_LOGIN], row[_AVG_TX], row[_LAST_PAID]
     if not (
         math.isfinite(amount)
         and math.isfinite(last_login)
         and math.isfinite(avg_tx)
+        and math.isfinite(last_paid)
         and -_MAX_INT_TS < timestamp < _MAX_INT_TS
     ):
         return None
@@ -102,6 +113,11 @@ def _one_row(row: list[float], amount: float, timestamp: float) -> npt.NDArray[n
         ratio = min(max(amount / avg_tx, 0.0), _MAX_RATIO)
     else:
         ratio = _ON_DEMAND["amount_to_avg_ratio"]
+    if last_paid > 0:
+        since_paid = min(max(timestamp - last_paid, 0.0), _NEW_MERCHANT_S)
+    else:
+        since_paid = _ON_DEMAND["seconds_since_paid_merchant"]
     values = [row[i] for i in _MODEL_STORED_LIST]
     values += (amount, since_login, float(hour), float(weekday >= 5), ratio)
+    values += (since_paid, float(since_paid >= _NEW_MERCHANT_S))
     return np.array([values], dtype=np.float32)

@@ -1,9 +1,19 @@
 """Feature definitions: the one source of truth for training and serving.
 
-Each entity type has feature groups; a group is one Redis hash per entity, read and
-written whole, with a freshness window. Its key lives twice that window. Every feature
-carries the default the model was trained with, so a missing value means the same
-thing at serving time as it did in training.
+Each entity type has feature groups; a group is one Redis structure per entity (its
+`kind`), read in the request's one pipeline:
+
+- hash: fields read with HMGET, written whole, with a freshness window; the key lives
+  twice that window.
+- embedding: a string of packed little-endian float32, one per dimension, read with GET;
+  its features are the dimensions.
+- recent count: a sorted set of events scored by event time; ZCOUNT over the last
+  `window_s` seconds is the one feature. The writer trims it to `retention_s`.
+- member score: a sorted set whose members are ids of another entity of the request
+  (`member`), scored by a time; ZSCORE of the request's member is the one feature.
+
+Every feature carries the default the model was trained with, so a missing value means
+the same thing at serving time as it did in training.
 """
 
 from __future__ import annotations
@@ -26,6 +36,17 @@ ENTITY_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
 _ENTITY_ID_RE = re.compile(ENTITY_ID_PATTERN)
 # Reserved hash field (and backing-store attribute) holding the group's event time, unix s.
 EVENT_TS_FIELD = "_ts"
+# The backing stores' one attribute (DynamoDB binary, Bigtable cell) of an embedding.
+EMBEDDING_FIELD = "vec"
+
+
+class Kind(StrEnum):
+    """The Redis structure a group is stored in, and so the command that reads it."""
+
+    HASH = "hash"  # HMGET key *fields _ts
+    EMBEDDING = "embedding"  # GET key: packed '<f4', 4 bytes a dimension
+    RECENT_COUNT = "recent_count"  # ZCARD key; ZCOUNT key (now - window_s) +inf
+    MEMBER_SCORE = "member_score"  # ZCARD key; ZSCORE key <the request's member id>
 
 
 class Dtype(StrEnum):
@@ -48,22 +69,32 @@ class Feature:
 
 @dataclass(frozen=True, slots=True)
 class FeatureGroup:
-    """Features of one entity type stored together in one hash, `{entity}:{{id}}:{name}`.
+    """Features of one entity type stored together in one key, `{entity}:{{id}}:{name}`.
 
     The braces are a Redis Cluster hash tag: every group of one entity lands in one
     slot, so an entity can be read, written and expired together in any deployment.
+    `kind` says which structure the key holds (module docstring); the sorted-set kinds
+    hold one feature each and carry their own times, so they are never reported stale.
     """
 
     entity: str
     name: str
     freshness_s: int
     features: tuple[Feature, ...]
+    kind: Kind = Kind.HASH
+    window_s: int = 0
+    """RECENT_COUNT: the count covers events of the last `window_s` seconds."""
+    member: str = ""
+    """MEMBER_SCORE: the entity type whose request id is the member looked up."""
+    retention_s: int = 0
+    """Sorted sets: the history kept (the writer trims older entries); also the TTL."""
     field_names: tuple[str, ...] = field(init=False)
     qualified_name: str = field(init=False)
     """`entity:group`, the group's name in metrics and responses."""
     defaults: npt.NDArray[np.float64] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        _check_kind(self)
         object.__setattr__(self, "field_names", tuple(f.name for f in self.features))
         object.__setattr__(self, "qualified_name", f"{self.entity}:{self.name}")
         defaults = np.array([f.default for f in self.features], dtype=np.float64)
@@ -72,12 +103,48 @@ class FeatureGroup:
 
     @property
     def ttl_s(self) -> int:
-        """Key lifetime in Redis: twice the freshness window."""
-        return 2 * self.freshness_s
+        """Key lifetime in Redis: twice the freshness window; a sorted set's retention
+        (written on each event, it expires when its newest entry would be trimmed)."""
+        return self.retention_s or 2 * self.freshness_s
+
+    @property
+    def persisted(self) -> bool:
+        """Whether the backing stores carry it: hashes and embeddings. The sorted sets
+        are rebuilt from the transaction stream."""
+        return self.kind in (Kind.HASH, Kind.EMBEDDING)
+
+    @property
+    def dim(self) -> int:
+        """Features of the group: an embedding's dimension."""
+        return len(self.features)
 
     def key(self, entity_id: str) -> str:
         """Redis key of this group for an already validated entity id."""
         return f"{self.entity}:{{{entity_id}}}:{self.name}"
+
+
+def _check_kind(group: FeatureGroup) -> None:
+    """Refuse, at import, a group its kind cannot read."""
+    what = f"{group.entity}:{group.name}"
+    if group.kind in (Kind.RECENT_COUNT, Kind.MEMBER_SCORE):
+        if len(group.features) != 1 or group.retention_s <= 0:
+            raise ValueError(f"{what}: a sorted set holds one feature and needs retention_s")
+    elif group.retention_s:
+        raise ValueError(f"{what}: retention_s is for sorted sets")
+    if (group.kind is Kind.RECENT_COUNT) != (group.window_s > 0):
+        raise ValueError(f"{what}: window_s is for, and needed by, a recent count")
+    if (group.kind is Kind.MEMBER_SCORE) != bool(group.member):
+        raise ValueError(f"{what}: member is for, and needed by, a member score")
+    if group.kind is Kind.EMBEDDING and any(f.dtype is not Dtype.FLOAT for f in group.features):
+        raise ValueError(f"{what}: an embedding's dimensions are float32")
+
+
+def embedding_features(prefix: str, dim: int, default: float = 0.0) -> tuple[Feature, ...]:
+    """`dim` float32 dimensions, `{prefix}_0` upwards."""
+    return tuple(
+        Feature(f"{prefix}_{i}", Dtype.FLOAT, default, f"embedding dimension {i}")
+        for i in range(dim)
+    )
 
 
 def validate_entity_id(field_name: str, value: object) -> str:
@@ -146,7 +213,50 @@ MERCHANT_VELOCITY = FeatureGroup(
     features=(Feature("merchant_tx_count_24h", _I, 0, "transactions in the last 24 hours"),),
 )
 
-GROUPS: tuple[FeatureGroup, ...] = (USER_FEATURES, USER_PROFILE, MERCHANT_RISK, MERCHANT_VELOCITY)
+USER_ACTIVITY = FeatureGroup(
+    entity="user",
+    name="activity",
+    freshness_s=86400,
+    kind=Kind.RECENT_COUNT,
+    window_s=600,
+    retention_s=86400,  # the stream trims it to a day and refreshes the TTL per event
+    features=(Feature("tx_count_10m", _I, 0, "transactions in the 10 minutes before the read"),),
+)
+
+USER_MERCHANTS = FeatureGroup(
+    entity="user",
+    name="merchants",
+    freshness_s=30 * 86400,
+    kind=Kind.MEMBER_SCORE,
+    member="merchant",
+    retention_s=30 * 86400,
+    features=(
+        Feature(
+            "merchant_last_paid_ts", _F, 0.0, "unix s this user last paid this merchant; 0 none"
+        ),
+    ),
+)
+
+MERCHANT_EMBEDDING_DIM = 8
+MERCHANT_EMBEDDING = FeatureGroup(
+    entity="merchant",
+    name="embedding",
+    freshness_s=7 * 86400,  # recomputed weekly from the payment graph
+    kind=Kind.EMBEDDING,
+    # 0.0: the training mean of every dimension (demo embeddings are centred).
+    features=embedding_features("merchant_emb", MERCHANT_EMBEDDING_DIM),
+)
+
+GROUPS: tuple[FeatureGroup, ...] = (
+    USER_FEATURES,
+    USER_PROFILE,
+    MERCHANT_RISK,
+    MERCHANT_VELOCITY,
+    USER_ACTIVITY,
+    USER_MERCHANTS,
+    MERCHANT_EMBEDDING,
+)
+HASH_GROUPS: tuple[FeatureGroup, ...] = tuple(g for g in GROUPS if g.kind is Kind.HASH)
 ENTITY_TYPES: tuple[str, ...] = tuple(dict.fromkeys(g.entity for g in GROUPS))
 
 # Values that come with the request itself.
@@ -158,10 +268,12 @@ ON_DEMAND_FEATURES: tuple[Feature, ...] = (
     Feature("hour_of_day", _I, 12, "UTC hour of the transaction"),
     Feature("is_weekend", _B, 0, "Saturday or Sunday, UTC"),
     Feature("amount_to_avg_ratio", _F, 1.0, "amount / avg_tx_90d, capped at 1000"),
+    Feature("seconds_since_paid_merchant", _F, 2_592_000.0, "this user, this merchant; cap 30 d"),
+    Feature("is_new_merchant_30d", _B, 1, "user has not paid this merchant in 30 days"),
 )
 
 # Raw timestamps are inputs to on-demand features, never to the model itself.
-_NOT_MODEL_INPUTS = frozenset({"last_login_ts"})
+_NOT_MODEL_INPUTS = frozenset({"last_login_ts", "merchant_last_paid_ts"})
 
 STORED_FEATURES: tuple[Feature, ...] = tuple(f for g in GROUPS for f in g.features)
 MODEL_FEATURES: tuple[Feature, ...] = (

@@ -6,15 +6,26 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 
-from features import GROUPS, Feature, FeatureWriter, Settings, open_redis
+from features import (
+    HASH_GROUPS,
+    MERCHANT_EMBEDDING,
+    USER_ACTIVITY,
+    USER_MERCHANTS,
+    Feature,
+    FeatureWriter,
+    Settings,
+    open_redis,
+)
 from features.connection import Client
+from features.online.structures import pack_embedding
 from tools.bento_server import BentoServer
 from tools.emulators import BigtableEmulator, Dynalite, EmulatorMissing
 from tools.redis_server import RedisServer, free_port
@@ -77,15 +88,15 @@ def clock() -> FakeClock:
 
 
 def entity_features(entity: str) -> list[Feature]:
-    """Every stored feature of `entity`, over all its groups, in GROUPS order."""
-    return [f for g in GROUPS if g.entity == entity for f in g.features]
+    """Every feature of `entity` stored in a hash, over all its hashes, in GROUPS order."""
+    return [f for g in HASH_GROUPS if g.entity == entity for f in g.features]
 
 
 async def write_entities(
     writer: FeatureWriter, entity: str, rows: list[tuple[str, dict[str, Any]]]
 ) -> None:
-    """Write flat {feature: value} rows of `entity` into each of its groups they touch."""
-    for group in GROUPS:
+    """Write flat {feature: value} rows of `entity` into each of its hashes they touch."""
+    for group in HASH_GROUPS:
         if group.entity != entity:
             continue
         fields = set(group.field_names)
@@ -93,6 +104,44 @@ async def write_entities(
         part = [(i, values) for i, values in part if values]
         if part:
             await writer.write(group, part)
+
+
+EMBEDDING = [round(0.25 * i - 1.0, 2) for i in range(MERCHANT_EMBEDDING.dim)]
+"""The embedding structure_commands stores: exact in float32."""
+PAID_AGO_S = 3600.0
+"""How long before `now` each seeded user paid each seeded merchant."""
+
+
+def structure_commands(
+    users: Sequence[str], merchants: Sequence[str], now: float | None = None
+) -> list[tuple[str | bytes | float, ...]]:
+    """Commands seeding the structures: per user, one transaction inside the last 10
+    minutes and one outside them, and every merchant paid PAID_AGO_S ago; per merchant,
+    EMBEDDING. Each key gets its TTL."""
+    now = time.time() if now is None else now
+    commands: list[tuple[str | bytes | float, ...]] = []
+    for user in users:
+        activity, paid = USER_ACTIVITY.key(user), USER_MERCHANTS.key(user)
+        commands.append(("ZADD", activity, now - 30, f"{user}-t1", now - 1200, f"{user}-t0"))
+        commands.append(("EXPIRE", activity, USER_ACTIVITY.ttl_s))
+        if merchants:
+            pairs = [part for m in merchants for part in (now - PAID_AGO_S, m)]
+            commands.append(("ZADD", paid, *pairs))
+            commands.append(("EXPIRE", paid, USER_MERCHANTS.ttl_s))
+    for merchant in merchants:
+        key = MERCHANT_EMBEDDING.key(merchant)
+        commands.append(("SET", key, pack_embedding(EMBEDDING), "EX", MERCHANT_EMBEDDING.ttl_s))
+    return commands
+
+
+async def write_structures(
+    client: Client, users: Sequence[str], merchants: Sequence[str], now: float | None = None
+) -> None:
+    """structure_commands() in one pipeline."""
+    async with client.pipeline(transaction=False) as pipe:
+        for command in structure_commands(users, merchants, now):
+            pipe.execute_command(*command)
+        await pipe.execute()
 
 
 def command_calls(client: redis.Redis, command: str) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +15,12 @@ import pytest
 import redis
 
 from features import (
+    GROUPS,
     MERCHANT_RISK,
-    STORED_FEATURES,
     USER_FEATURES,
     BackingStore,
     CircuitBreaker,
+    FeatureGroup,
     FeatureStore,
     FeatureWriteError,
     FeatureWriter,
@@ -33,16 +34,13 @@ from features.backing.bigtable import BigtableStore
 from features.backing.dynamo import DynamoStore
 from features.connection import Client
 from features.offline.warm import warm
-from tests.conftest import FakeClock, Service, entity_features, write_entities
+from tests.conftest import FakeClock, Service
 from tools.emulators import BigtableEmulator, Dynalite
 from tools.redis_server import RedisServer, free_port
 
-USER = {f.name: float(i + 1) for i, f in enumerate(entity_features("user"))}
-USER["is_premium"] = 1.0
-VELOCITY = {k: v for k, v in USER.items() if k in USER_FEATURES.field_names}
-MERCHANT = {"mcc_risk_score": 0.25, "chargeback_rate_90d": 0.01, "merchant_tx_count_24h": 7}
-RISK = {k: v for k, v in MERCHANT.items() if k in MERCHANT_RISK.field_names}
-COLUMN = {f.name: i for i, f in enumerate(STORED_FEATURES)}
+USER = {f.name: float(i + 1) for i, f in enumerate(USER_FEATURES.features)}
+MERCHANT = {"mcc_risk_score": 0.25, "chargeback_rate_90d": 0.01}
+PERSISTED = {g.qualified_name: g.persisted for g in GROUPS}
 CREDENTIALS = ("test", "test")  # dynalite checks that requests are signed, not by whom
 SLOW_OK_S = 2.0  # the emulators' latency on a busy 2-core VM: not the production deadline
 
@@ -89,14 +87,24 @@ def settings_for(url: str) -> Settings:
     return Settings(redis_url=url, redis_socket_timeout_s=1.0, redis_pool_timeout_s=1.0)
 
 
+WRITTEN = (USER_FEATURES, MERCHANT_RISK)
+"""The groups these tests write: their stores read those."""
+COLUMN = {f.name: i for i, f in enumerate(f for g in WRITTEN for f in g.features)}
+
+
 def store_with(
     client: Client,
     backing: BackingStore,
     timeout_s: float = SLOW_OK_S,
     breaker: CircuitBreaker | None = None,
+    groups: Sequence[FeatureGroup] = WRITTEN,
 ) -> FeatureStore:
     return FeatureStore(
-        client, backing=backing, backing_timeout_s=timeout_s, backing_breaker=breaker
+        client,
+        groups=groups,
+        backing=backing,
+        backing_timeout_s=timeout_s,
+        backing_breaker=breaker,
     )
 
 
@@ -106,17 +114,17 @@ def tx(user: str, merchant: str) -> dict[str, str]:
 
 async def test_write_through_then_read_back(backing, client, sync_redis) -> None:
     writer = FeatureWriter(client, backing)
-    await writer.write(USER_FEATURES, [("u1", VELOCITY), ("u2", VELOCITY)], event_ts=1.7e9)
+    await writer.write(USER_FEATURES, [("u1", USER), ("u2", USER)], event_ts=1.7e9)
     # Two partial writes of one group: the second keeps what the first set.
     await writer.write(MERCHANT_RISK, [("m1", {"mcc_risk_score": 0.5})], event_ts=1.7e9)
-    await writer.write(MERCHANT_RISK, [("m1", RISK)], event_ts=1.7e9 + 5)
+    await writer.write(MERCHANT_RISK, [("m1", MERCHANT)], event_ts=1.7e9 + 5)
     records = await backing.read(
         [(USER_FEATURES, "u1"), (MERCHANT_RISK, "m1"), (USER_FEATURES, "nobody")]
     )
     user, merchant, nobody = records
     assert nobody is None
     assert user is not None and merchant is not None
-    assert [float(v) for v in user.fields if v is not None] == list(VELOCITY.values())
+    assert [float(v) for v in user.fields if v is not None] == list(USER.values())
     assert user.event_ts == 1.7e9
     by_name = dict(zip(MERCHANT_RISK.field_names, merchant.fields, strict=True))
     assert float(by_name["mcc_risk_score"] or b"nan") == 0.25
@@ -133,8 +141,8 @@ async def test_cold_start_is_served_from_backing_then_repaired(backing, own_redi
     client = open_redis(settings)
     try:
         writer = FeatureWriter(client, backing)
-        await write_entities(writer, "user", [(u, USER) for u in users])
-        await write_entities(writer, "merchant", [(m, MERCHANT) for m in merchants])
+        await writer.write(USER_FEATURES, [(u, USER) for u in users])
+        await writer.write(MERCHANT_RISK, [(m, MERCHANT) for m in merchants])
     finally:
         await client.aclose()
     restart_empty(own_redis)
@@ -152,7 +160,7 @@ async def test_cold_start_is_served_from_backing_then_repaired(backing, own_redi
         assert rows.values[0, COLUMN["tx_sum_24h"]] == USER["tx_sum_24h"]
         assert rows.values[3, COLUMN["mcc_risk_score"]] == pytest.approx(0.25)
         await store.wait_repairs()
-        assert check.dbsize() == 2 * 150 + 2 * 5  # each entity's two groups
+        assert check.dbsize() == 155
         assert USER_FEATURES.ttl_s - 5 <= check.ttl("user:{u7}:features") <= USER_FEATURES.ttl_s
         assert check.hget("user:{u7}:features", "tx_count_1h") == b"1"
         # A new worker (empty cache) now reads Redis.
@@ -166,7 +174,7 @@ async def test_cold_start_is_served_from_backing_then_repaired(backing, own_redi
 
 async def test_repair_never_overwrites_a_newer_write(backing, client, sync_redis) -> None:
     writer = FeatureWriter(client, backing)
-    await write_entities(writer, "user", [("u1", USER)])
+    await writer.write(USER_FEATURES, [("u1", USER)])
     sync_redis.flushall()
     store = store_with(client, backing)
     rows = await store.read([tx("u1", "m1")])
@@ -181,25 +189,20 @@ async def test_warm_refills_redis_completely_and_idempotently(backing, own_redis
     client = open_redis(settings_for(own_redis.url))
     try:
         writer = FeatureWriter(client, backing)
-        await write_entities(writer, "user", [(f"u{i}", USER) for i in range(120)])
-        await write_entities(writer, "merchant", [(f"m{i}", MERCHANT) for i in range(30)])
+        await writer.write(USER_FEATURES, [(f"u{i}", USER) for i in range(120)])
+        await writer.write(MERCHANT_RISK, [(f"m{i}", MERCHANT) for i in range(30)])
     finally:
         await client.aclose()
     restart_empty(own_redis)
     client = open_redis(settings_for(own_redis.url))
     try:
         report = await warm(backing, client, batch_size=40, concurrency=3)
-        assert report.scanned == {
-            "user:features": 120,
-            "user:profile": 120,
-            "merchant:risk": 30,
-            "merchant:velocity": 30,
-        }
-        assert report.counts.written == 300
-        assert await client.dbsize() == report.total == 300
+        assert report.scanned == {"user:features": 120, "merchant:risk": 30}
+        assert report.counts.written == 150
+        assert await client.dbsize() == report.total == 150
         assert 0 < await client.ttl("merchant:{m29}:risk") <= MERCHANT_RISK.ttl_s
         again = await warm(backing, client, batch_size=40, concurrency=3)
-        assert (again.counts.written, again.counts.present) == (0, 300)
+        assert (again.counts.written, again.counts.present) == (0, 150)
     finally:
         await client.aclose()
 
@@ -213,9 +216,7 @@ def test_warm_command_reports_counts(dynalite, own_redis, monkeypatch, capsys) -
     async def arrange() -> None:
         await store.create_layout()
         client = open_redis(settings)
-        await FeatureWriter(client, store).write(
-            USER_FEATURES, [("u1", VELOCITY), ("u2", VELOCITY)]
-        )
+        await FeatureWriter(client, store).write(USER_FEATURES, [("u1", USER), ("u2", USER)])
         await client.flushall()
         await client.aclose()
         await store.aclose()
@@ -288,7 +289,13 @@ def test_loader_writes_through_in_batches(dynalite, own_redis, monkeypatch) -> N
     dynamo_env(monkeypatch, table, dynalite.url)
     demo = ["--demo", "--users", "2100", "--merchants", "20", "--create"]  # 2 user batches
     assert main([*demo, "--redis-url", own_redis.url]) == 0
-    assert redis.Redis.from_url(own_redis.url).dbsize() == 2 * 2120  # two groups each
+    # Per user its hashes (persisted) and merchants paid (not); per merchant its hashes and
+    # embedding (all persisted).
+    user_items = sum(g.entity == "user" and g.persisted for g in GROUPS)
+    merchant_items = sum(g.entity == "merchant" and g.persisted for g in GROUPS)
+    assert redis.Redis.from_url(own_redis.url).dbsize() == 2100 * (user_items + 1) + 20 * (
+        merchant_items
+    )
 
     async def count() -> int:
         store = dynamo_store(dynalite.url)
@@ -298,7 +305,7 @@ def test_loader_writes_through_in_batches(dynalite, own_redis, monkeypatch) -> N
         finally:
             await store.aclose()
 
-    assert asyncio.run(count()) == 2 * 2120
+    assert asyncio.run(count()) == 2100 * user_items + 20 * merchant_items
 
 
 def test_warm_command_fails_cleanly_when_the_store_is_down(own_redis, monkeypatch, capsys) -> None:
@@ -317,6 +324,7 @@ async def test_slow_backing_opens_its_breaker_and_defaults_come_in_time(
         backing,
         timeout_s=0.05,
         breaker=CircuitBreaker(name=backing.name, failure_threshold=2, reset_s=60.0),
+        groups=GROUPS,
     )
     await store.read([tx("warmup", "warmup")])  # connections open before the fault
     skipped = metrics.BACKING_READS.labels(backing.name, "skipped")
@@ -327,8 +335,10 @@ async def test_slow_backing_opens_its_breaker_and_defaults_come_in_time(
             started = time.perf_counter()
             rows = await store.read([tx(f"slow{i}", "m1")])
             assert time.perf_counter() - started < 0.5  # the 50 ms deadline, plus slack
-            for read in rows.reads[0].values():
-                assert (read.source, read.reason) == (Source.DEFAULT, Reason.UNAVAILABLE)
+            for name, read in rows.reads[0].items():
+                # The sorted sets are not persisted: Redis's answer (no such key) stands.
+                reason = Reason.UNAVAILABLE if PERSISTED[name] else Reason.MISSING
+                assert (read.source, read.reason) == (Source.DEFAULT, reason), name
         started = time.perf_counter()
         rows = await store.read([tx("slow9", "m9")])  # breaker open: no backing call
         assert time.perf_counter() - started < 0.5
@@ -360,12 +370,12 @@ async def test_failed_backing_write_is_reported_and_not_half_applied(
     backing, emulator, client, sync_redis
 ) -> None:
     writer = FeatureWriter(client, backing)
-    await write_entities(writer, "user", [("u0", USER)])  # connections open before the fault
+    await writer.write(USER_FEATURES, [("u0", USER)])  # connections open before the fault
     sync_redis.flushall()
     emulator.pause()
     try:
         with pytest.raises(FeatureWriteError, match=r"backing store .*Redis untouched"):
-            await write_entities(writer, "user", [("u1", USER), ("u2", USER)])
+            await writer.write(USER_FEATURES, [("u1", USER), ("u2", USER)])
     finally:
         emulator.resume()
     assert sync_redis.dbsize() == 0
@@ -376,8 +386,8 @@ async def test_stale_values_are_reported_from_redis_and_backing(
 ) -> None:
     old = time.time() - USER_FEATURES.freshness_s - 60
     writer = FeatureWriter(client, backing)
-    await writer.write(USER_FEATURES, [("u1", VELOCITY)], event_ts=old)
-    await write_entities(writer, "merchant", [("m1", MERCHANT)])
+    await writer.write(USER_FEATURES, [("u1", USER)], event_ts=old)
+    await writer.write(MERCHANT_RISK, [("m1", MERCHANT)])
     stale = metrics.STALE.labels("user:features", "redis")
     before = stale._value.get()
     rows = await store_with(client, backing).read([tx("u1", "m1")])
@@ -431,8 +441,8 @@ def test_service_survives_a_redis_restart_on_the_backing_store(
         await store.create_layout()
         client = open_redis(settings_for(own_redis.url))
         writer = FeatureWriter(client, store)
-        await write_entities(writer, "user", [(f"u{i}", USER) for i in range(20)])
-        await write_entities(writer, "merchant", [(f"m{i}", MERCHANT) for i in range(20)])
+        await writer.write(USER_FEATURES, [(f"u{i}", USER) for i in range(20)])
+        await writer.write(MERCHANT_RISK, [(f"m{i}", MERCHANT) for i in range(20)])
         await client.aclose()
         await store.aclose()
 
@@ -459,7 +469,8 @@ def test_service_survives_a_redis_restart_on_the_backing_store(
             r = httpx.post(f"{service.url}/predict", json=body, timeout=10)
             assert r.status_code == 200, r.text
             sources = r.json()["sources"]
-            assert {s["source"] for s in sources.values()} == {"backing"}, sources
+            written = {sources[g.qualified_name]["source"] for g in WRITTEN}
+            assert written == {"backing"}, sources
             assert not sources["user:features"]["stale"]
         # Read repair runs in the background: Redis fills up under traffic. The first
         # request after the restart may have met a dead connection (no repair for it).

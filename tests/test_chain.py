@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from features import MERCHANT_RISK, USER_FEATURES, FeatureStore, Key, Reason, Source
+from features import MERCHANT_RISK, USER_FEATURES, FeatureGroup, FeatureStore, Key, Reason, Source
 from features.online.codec import codec_for
 from features.online.tier import Answer
 from tests.conftest import FakeClock
@@ -54,6 +54,9 @@ class MemoryTier:
 
     async def open(self) -> None:
         pass
+
+    def carries(self, group: FeatureGroup) -> bool:
+        return True
 
     async def read(self, keys: Sequence[Key], deadline: float) -> list[Answer]:
         self.calls.append([key.id for key in keys])

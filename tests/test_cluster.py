@@ -24,6 +24,7 @@ from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.cluster import RedisCluster as SyncRedisCluster
 
 from features import (
+    HASH_GROUPS,
     MERCHANT_RISK,
     STORED_FEATURES,
     USER_FEATURES,
@@ -38,7 +39,8 @@ from features import (
 )
 from features.backing import restore_to_redis
 from features.connection import SLOT_MAP_REFRESH_INTERVAL_S, Client
-from tests.conftest import Service, command_calls
+from features.online.structures import pack_embedding
+from tests.conftest import EMBEDDING, Service, command_calls
 from tools.redis_cluster import LocalCluster, LocalSentinel
 from tools.redis_server import RedisServer, free_port
 
@@ -129,9 +131,36 @@ def test_loader_writes_the_demo_population_to_a_cluster(admin, cluster, monkeypa
     monkeypatch.setenv("FEATURES_REDIS_MODE", "cluster")
     monkeypatch.setenv("FEATURES_REDIS_NODES", cluster.nodes)
     assert main(["--demo", "--users", "3000", "--merchants", "20", "--redis-url", cluster.url]) == 0
-    # Summed over masters: two groups per user and per merchant.
-    assert admin.dbsize(target_nodes=SyncRedisCluster.PRIMARIES) == 2 * 3020
+    # Summed over masters: each user's hashes and merchants paid, each merchant's hashes
+    # and embedding.
+    user_keys = sum(g.entity == "user" for g in HASH_GROUPS) + 1
+    merchant_keys = len(HASH_GROUPS) - user_keys + 2
+    assert admin.dbsize(target_nodes=SyncRedisCluster.PRIMARIES) == (
+        3000 * user_keys + 20 * merchant_keys
+    )
     assert 0 < admin.ttl("user:{u003000}:features") <= USER_FEATURES.ttl_s
+
+
+async def test_sorted_sets_and_embeddings_are_read_on_every_master(client, admin, cluster) -> None:
+    now = time.time()
+    for i in range(30):
+        admin.zadd(f"user:{{u{i}}}:activity", {"t0": now - 5, "t1": now - 700})
+        admin.zadd(f"user:{{u{i}}}:merchants", {f"m{i}": now - 3600})
+        admin.set(f"merchant:{{m{i}}}:embedding", pack_embedding(EMBEDDING))
+    owners = {cluster.master_of(f"user:{{u{i}}}:merchants").port for i in range(30)}
+    assert len(owners) == 3
+    admin.set("user:{u3}:activity", "not a sorted set")
+    rows = await FeatureStore(client).read([tx(i) for i in range(30)])
+    start = COLUMN["merchant_emb_0"]
+    for i in range(30):
+        reads = rows.reads[i]
+        assert reads["user:merchants"].source is Source.REDIS
+        assert reads["merchant:embedding"].source is Source.REDIS
+        assert now - rows.values[i, COLUMN["merchant_last_paid_ts"]] == pytest.approx(3600, abs=1)
+        assert rows.values[i, start : start + len(EMBEDDING)].tolist() == EMBEDDING
+        if i != 3:
+            assert rows.values[i, COLUMN["tx_count_10m"]] == 1
+    assert rows.reads[3]["user:activity"].reason is Reason.INVALID
 
 
 async def test_unknown_and_wrong_type_keys_in_a_cluster(client, admin) -> None:

@@ -17,6 +17,7 @@ from prometheus_client import REGISTRY
 
 from features import GROUPS as ALL_GROUPS
 from features import (
+    HASH_GROUPS,
     USER_FEATURES,
     CircuitBreaker,
     FeatureRows,
@@ -32,7 +33,15 @@ from features import (
 from features.backing.dynamo import DynamoStore
 from features.breaker import State
 from features.connection import Client
-from tests.conftest import FakeClock, Service, command_calls, entity_features, write_entities
+from tests.conftest import (
+    FakeClock,
+    Service,
+    command_calls,
+    entity_features,
+    structure_commands,
+    write_entities,
+    write_structures,
+)
 from tools.delay_proxy import DelayProxy
 from tools.emulators import Dynalite
 from tools.redis_server import RedisServer
@@ -127,6 +136,7 @@ async def seed(client: Client, users: list[str], merchants: list[str]) -> None:
     writer = FeatureWriter(client)
     await write_entities(writer, "user", [(u, USER) for u in users])
     await write_entities(writer, "merchant", [(m, MERCHANT) for m in merchants])
+    await write_structures(client, users, merchants)
 
 
 async def test_a_slow_reply_is_cut_at_the_deadline(proxy, slow_client, make_store) -> None:
@@ -315,12 +325,14 @@ def post_predict(url: str, user: str, merchant: str) -> tuple[httpx.Response, fl
 def test_g_serve_answers_at_the_deadline_through_a_slow_network(
     bentoml_home: Path, proxy: DelayProxy, sync_redis: redis.Redis
 ) -> None:
-    for group in ALL_GROUPS:
+    users = [f"g{i}" for i in range(40)]
+    for group in HASH_GROUPS:
         values = {k: v for k, v in {**USER, **MERCHANT}.items() if k in group.field_names}
-        ids = [f"g{i}" for i in range(40)] if group.entity == "user" else ["gm"]
-        for entity_id in ids:
+        for entity_id in users if group.entity == "user" else ["gm"]:
             sync_redis.hset(group.key(entity_id), mapping=values)  # type: ignore[arg-type]
             sync_redis.expire(group.key(entity_id), group.ttl_s)
+    for command in structure_commands(users, ["gm"]):
+        sync_redis.execute_command(*command)  # type: ignore[no-untyped-call]
     svc = Service(
         bentoml_home,
         proxy.url(),

@@ -34,7 +34,7 @@ from features.breaker import State
 from features.connection import Client
 from tools.redis_server import RedisServer
 
-USER = {"tx_count_1h": 3, "tx_sum_1h": 120.5, "tx_count_24h": 4}
+USER = {"tx_count_1h": 3, "tx_sum_1h": 120.5, "tx_sum_24h": 40.0}
 FAILED = {Reason.UNAVAILABLE, Reason.CIRCUIT_OPEN}
 # Generous bounds for a busy 2-core VM; the figures themselves are in the load scenario.
 SLOW_READ_S = 0.5  # a read that waits for a timeout (socket timeout 0.1 s)

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis.generation.modes import GenerationMode
 
-from features import GROUPS, USER_FEATURES, FeatureStore, Reason, Settings, Source, open_redis
+from features import HASH_GROUPS, USER_FEATURES, FeatureStore, Reason, Settings, Source, open_redis
 from features.online.codec import GroupCodec
 from tests.conftest import Service
 
@@ -40,7 +40,7 @@ def check_row(values: np.ndarray[Any, Any], reply: list[bytes | None], defaults:
 @settings(max_examples=300, deadline=None)
 @given(st.data())
 def test_any_stored_bytes_decode_to_a_float_or_the_default(data: st.DataObject) -> None:
-    spec = data.draw(st.sampled_from(GROUPS))
+    spec = data.draw(st.sampled_from(HASH_GROUPS))
     n = len(spec.features)
     # The fields, then the event time: any bytes there too.
     reply = data.draw(st.lists(FIELD_BYTES, min_size=n + 1, max_size=n + 1))
@@ -81,7 +81,7 @@ def test_any_bytes_in_redis_read_back_safely(
     read_ = rows.reads[0]["user:features"]
     assert read_.source in (Source.REDIS, Source.DEFAULT)
     assert read_.reason in (None, Reason.INVALID, Reason.MISSING)
-    check_row(rows.values[0, : len(USER_FEATURES.features)], values, USER_FEATURES.defaults)
+    check_row(rows.values[0, : len(values)], values, USER_FEATURES.defaults)
 
 
 JSON = st.recursive(

@@ -17,11 +17,12 @@ from features import GROUPS, MERCHANT_RISK, USER_PROFILE, FeatureStore, FeatureW
 from features.backing import BackingStore
 from features.connection import Client
 from features.online.cache import EntryCache
-from features.online.codec import codec_for
+from features.online.codec import GroupCodec, codec_for
 from features.online.entry import Reason, Source
 from features.online.health import HealthTally
 from features.online.keys import Key
 from features.online.tier import Answer
+from features.spec import FeatureGroup
 from tests.conftest import FakeClock
 from tests.test_backing import backing, emulator  # noqa: F401 (the emulators' fixtures)
 
@@ -235,6 +236,9 @@ class HeldTier:
         self.event_ts = event_ts
         self.held: asyncio.Event | None = None
 
+    def carries(self, group: FeatureGroup) -> bool:
+        return True
+
     async def open(self) -> None:
         pass
 
@@ -280,6 +284,7 @@ async def test_the_deadline_fallback_is_aged_from_the_cached_event_time(clock: F
 
 def test_entries_with_their_event_time_stay_untracked_by_the_collector() -> None:
     codec = codec_for(USER_PROFILE)
+    assert isinstance(codec, GroupCodec)
     reply: list[bytes | None] = [*([b"1"] * len(USER_PROFILE.features)), b"1700000000.5"]
     entry = codec.decode(reply, 1.7e9)
     assert entry[2] == 1700000000.5

@@ -72,13 +72,13 @@ def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TLSRedis]:
     with RedisServer(extra_args=args, quiet=True, binary=find_tls_binary()) as server:
         admin = redis.Redis(port=server.port, password=PASSWORD)
         assert admin.info("server")["redis_version"].startswith("7.")
-        # A read-only ACL user: HMGET on feature keys, nothing else.
+        # A read-only ACL user: the read path's commands on feature keys, nothing else.
         admin.acl_setuser(
             READER,
             enabled=True,
             passwords=[f"+{READER_PASSWORD}"],
             keys=["user:*", "merchant:*"],
-            commands=["-@all", "+hmget", "+ping"],
+            commands=["-@all", "+hmget", "+get", "+zcard", "+zcount", "+zscore", "+ping"],
         )
         admin.hset("user:{u1}:features", mapping={"tx_count_1h": 7, "tx_sum_1h": 12.5})
         admin.close()
@@ -115,6 +115,14 @@ async def test_acl_user_in_the_url_may_read_but_not_write(tls_redis: TLSRedis) -
 async def test_acl_user_from_settings(tls_redis: TLSRedis) -> None:
     settings = tls_redis.settings(redis_username=READER, redis_password=READER_PASSWORD)
     assert (await read_user(settings))[:2] == (Source.REDIS, Reason.INVALID)
+    client = open_redis(settings)
+    try:
+        rows = await FeatureStore(client).read([{"user": "u1", "merchant": "m1"}])
+    finally:
+        await client.aclose()
+    # The sorted-set and embedding reads are allowed too: absent, not refused (invalid).
+    for group in ("user:activity", "user:merchants", "merchant:embedding"):
+        assert rows.reads[0][group].reason is Reason.MISSING, group
 
 
 @pytest.mark.parametrize(

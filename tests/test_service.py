@@ -5,20 +5,21 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import time
 from pathlib import Path
 
 import httpx
 import pytest
 import redis
 
-from features import USER_FEATURES
-from tests.conftest import Service, command_calls
+from features import HASH_GROUPS, USER_FEATURES
+from features.online.structures import pack_embedding
+from tests.conftest import EMBEDDING, Service, command_calls
 from tools.redis_server import free_port
 
 pytestmark = pytest.mark.e2e
 
-USER = {"tx_count_1h": 9, "tx_sum_1h": 4200.0}
-PROFILE = {"avg_tx_90d": 35.0, "account_age_days": 12}
+USER = {"tx_count_1h": 9, "tx_sum_1h": 4200.0, "avg_tx_90d": 35.0, "account_age_days": 12}
 MERCHANT = {"mcc_risk_score": 0.8, "chargeback_rate_90d": 0.05, "is_high_risk_category": 1}
 
 
@@ -27,7 +28,6 @@ def seeded(sync_redis: redis.Redis) -> redis.Redis:
     for i in range(5):
         sync_redis.hset(f"user:{{e2e{i}}}:features", mapping=USER)  # type: ignore[arg-type]
         sync_redis.expire(f"user:{{e2e{i}}}:features", USER_FEATURES.ttl_s)
-        sync_redis.hset(f"user:{{e2e{i}}}:profile", mapping=PROFILE)  # type: ignore[arg-type]
         sync_redis.hset(f"merchant:{{shop{i}}}:risk", mapping=MERCHANT)  # type: ignore[arg-type]
     return sync_redis
 
@@ -55,6 +55,32 @@ def test_predict_scores_with_stored_features(service: Service, seeded: redis.Red
     assert again["fraud_probability"] == pytest.approx(body["fraud_probability"])
 
 
+def test_sorted_sets_and_embeddings_reach_the_model(service: Service, seeded: redis.Redis) -> None:
+    now = time.time()
+    # A burst: 6 transactions in the last 10 minutes; the merchant paid an hour ago.
+    seeded.zadd("user:{burst}:activity", {f"t{i}": now - 60 * i for i in range(6)})
+    seeded.zadd("user:{burst}:merchants", {"emb-shop": now - 3600})
+    seeded.set("merchant:{emb-shop}:embedding", pack_embedding(EMBEDDING))
+    tx = {"user_id": "burst", "merchant_id": "emb-shop", "amount": 30.0, "timestamp": now}
+    r = post(service, "/predict", tx)
+    assert r.status_code == 200, r.text
+    sources = r.json()["sources"]
+    for group in ("user:activity", "user:merchants", "merchant:embedding"):
+        assert sources[group] == {
+            "source": "redis", "defaulted": [], "reason": None, "stale": False
+        }, group  # fmt: skip
+    # Another merchant of the same user: its own ZSCORE; the set holds no score for it.
+    other = post(service, "/predict", {**tx, "merchant_id": "elsewhere"}).json()
+    assert other["sources"]["user:merchants"]["reason"] is None
+    assert other["sources"]["merchant:embedding"]["reason"] == "missing"
+    # A user and merchant with no history at all: the same request on defaults.
+    stranger = post(service, "/predict", {**tx, "user_id": "quiet", "merchant_id": "plain"})
+    quiet = stranger.json()
+    for group in ("user:activity", "user:merchants", "merchant:embedding"):
+        assert quiet["sources"][group]["reason"] == "missing", group
+    assert quiet["fraud_probability"] != pytest.approx(r.json()["fraud_probability"])
+
+
 def test_unknown_entities_are_scored_on_defaults(service: Service, seeded: redis.Redis) -> None:
     r = post(service, "/predict", {"user_id": "stranger", "merchant_id": "nowhere", "amount": 5})
     assert r.status_code == 200, r.text
@@ -75,9 +101,16 @@ def test_predict_batch_reads_redis_once_per_key(service: Service, seeded: redis.
     predictions = r.json()["predictions"]
     assert len(predictions) == 60
     assert predictions[0]["fraud_probability"] == pytest.approx(predictions[5]["fraud_probability"])
-    # Two groups each of 20 new users and 1 new merchant; the e2e users and shops may be
-    # cached by earlier tests.
-    assert 2 * 21 <= command_calls(seeded, "hmget") <= 2 * 31
+    # 20 new users + 1 new merchant, a HMGET per hash; the 5 e2e users and merchants may
+    # be cached by earlier tests. The structures: a ZCOUNT per user, a ZSCORE per (user,
+    # merchant) pair, a GET per merchant.
+    user_hashes = sum(g.entity == "user" for g in HASH_GROUPS)
+    merchant_hashes = len(HASH_GROUPS) - user_hashes
+    fewest = 20 * user_hashes + merchant_hashes
+    assert fewest <= command_calls(seeded, "hmget") <= fewest + 5 * (user_hashes + merchant_hashes)
+    assert 20 <= command_calls(seeded, "zcount") <= 25
+    assert 20 <= command_calls(seeded, "zscore") <= 25
+    assert 1 <= command_calls(seeded, "get") <= 6
     assert command_calls(seeded, "exec") == 0
 
 

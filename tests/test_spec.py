@@ -32,6 +32,7 @@ def test_public_names_are_pinned() -> None:
             "validate_entity_id",
             "BackingStore", "BackingStoreError", "Record", "open_backing",
             "ENTITY_TYPES", "open_store", "TRACING",
+            "HASH_GROUPS", "MERCHANT_EMBEDDING", "USER_ACTIVITY", "USER_MERCHANTS", "Kind",
         ]
     )  # fmt: skip
 
@@ -40,9 +41,50 @@ def test_keys_and_ttls_follow_the_groups() -> None:
     assert spec.USER_FEATURES.key("u12345") == "user:{u12345}:features"
     assert spec.MERCHANT_RISK.key("m1") == "merchant:{m1}:risk"
     for group in spec.GROUPS:
-        assert group.ttl_s == 2 * group.freshness_s
+        # A sorted set lives as long as its history: it expires when its newest entry
+        # would be trimmed.
+        expected = group.retention_s if group.retention_s else 2 * group.freshness_s
+        assert group.ttl_s == expected
         assert group.defaults.dtype == np.float64
         assert not group.defaults.flags.writeable
+    assert spec.USER_ACTIVITY.key("u1") == "user:{u1}:activity"
+    assert spec.USER_MERCHANTS.key("u1") == "user:{u1}:merchants"
+    assert spec.MERCHANT_EMBEDDING.key("m1") == "merchant:{m1}:embedding"
+    assert spec.USER_ACTIVITY.ttl_s == 86400 and spec.USER_MERCHANTS.ttl_s == 30 * 86400
+
+
+def test_structures_are_groups_with_a_kind() -> None:
+    kinds = {g.qualified_name: g.kind for g in spec.GROUPS}
+    assert kinds["user:activity"] is spec.Kind.RECENT_COUNT
+    assert kinds["user:merchants"] is spec.Kind.MEMBER_SCORE
+    assert kinds["merchant:embedding"] is spec.Kind.EMBEDDING
+    assert spec.USER_MERCHANTS.member == "merchant" and spec.USER_ACTIVITY.window_s == 600
+    assert spec.MERCHANT_EMBEDDING.dim == spec.MERCHANT_EMBEDDING_DIM == 8
+    assert spec.MERCHANT_EMBEDDING.field_names == tuple(f"merchant_emb_{i}" for i in range(8))
+    assert [g.persisted for g in spec.GROUPS] == [
+        g.kind in ("hash", "embedding") for g in spec.GROUPS
+    ]
+    assert tuple(g for g in spec.GROUPS if g.kind is spec.Kind.HASH) == spec.HASH_GROUPS
+    names = [f.name for f in spec.MODEL_FEATURES]
+    new = ["tx_count_10m", "seconds_since_paid_merchant", "is_new_merchant_30d"]
+    assert set(new) | set(spec.MERCHANT_EMBEDDING.field_names) <= set(names)
+    assert "merchant_last_paid_ts" not in names  # a raw time, like last_login_ts
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"kind": spec.Kind.RECENT_COUNT, "retention_s": 60},  # no window
+        {"kind": spec.Kind.MEMBER_SCORE, "retention_s": 60},  # no member
+        {"kind": spec.Kind.RECENT_COUNT, "window_s": 60},  # no retention
+        {"window_s": 60},  # a hash with a window
+        {"kind": spec.Kind.EMBEDDING, "retention_s": 60},
+    ],
+)
+def test_a_group_its_kind_cannot_read_is_refused(bad: dict[str, object]) -> None:
+    feature = spec.Feature("x", spec.Dtype.INT, 0)
+    with pytest.raises(ValueError, match="x:y"):
+        spec.FeatureGroup("x", "y", 60, (feature,), **bad)  # type: ignore[arg-type]
 
 
 def test_user_groups_hold_the_seed_features() -> None:
@@ -120,18 +162,42 @@ def test_on_demand_features_from_request_and_stored_values() -> None:
     saturday_1430_utc = 1_764_945_000.0  # 2025-12-05 is a Friday; +1 day below
     ts = np.array([saturday_1430_utc + 86400])
     stored = _stored(last_login_ts=saturday_1430_utc, avg_tx_90d=40.0)
-    since, hour, weekend, ratio = on_demand(stored, np.array([100.0]), ts)[0]
+    since, hour, weekend, ratio, since_paid, new = on_demand(stored, np.array([100.0]), ts)[0]
     assert since == 86400
     assert hour == time.gmtime(ts[0]).tm_hour
     assert weekend == (time.gmtime(ts[0]).tm_wday >= 5) == 1
     assert ratio == pytest.approx(2.5)
+    assert (since_paid, new) == (2_592_000.0, 1.0)  # never paid this merchant: new
+
+
+@pytest.mark.parametrize(
+    ("ago_s", "since", "new"),
+    [(3600.0, 3600.0, 0.0), (29 * 86400.0, 29 * 86400.0, 0.0), (40 * 86400.0, 2_592_000.0, 1.0),
+     (-60.0, 0.0, 0.0)],  # a score ahead of the request's time: clock skew, just paid
+)  # fmt: skip
+def test_seconds_since_paid_merchant_and_new_merchant(
+    ago_s: float, since: float, new: float
+) -> None:
+    ts = 1_764_945_000.0
+    stored = _stored(merchant_last_paid_ts=ts - ago_s)
+    names = [f.name for f in spec.MODEL_FEATURES]
+    for x in (
+        model_inputs(stored, np.array([10.0]), np.array([ts])),  # the one-row path
+        model_inputs(np.vstack([stored, stored]), np.array([10.0, 10.0]), np.array([ts, ts])),
+    ):
+        assert x[0, names.index("seconds_since_paid_merchant")] == since
+        assert x[0, names.index("is_new_merchant_30d")] == new
 
 
 def test_on_demand_defaults_when_stored_inputs_are_defaults() -> None:
-    since, _, _, ratio = on_demand(_stored(), np.array([100.0]), np.array([1.7e9]))[0]
+    since, _, _, ratio, since_paid, new = on_demand(
+        _stored(), np.array([100.0]), np.array([1.7e9])
+    )[0]
     defaults = {f.name: f.default for f in spec.ON_DEMAND_FEATURES}
     assert since == defaults["seconds_since_last_login"]
     assert ratio == defaults["amount_to_avg_ratio"]
+    assert since_paid == defaults["seconds_since_paid_merchant"]
+    assert new == defaults["is_new_merchant_30d"]
 
 
 def test_model_inputs_follow_model_order() -> None:

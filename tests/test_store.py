@@ -12,9 +12,12 @@ from redis.asyncio.connection import Connection
 
 from features import (
     GROUPS,
+    HASH_GROUPS,
+    MERCHANT_EMBEDDING,
     MERCHANT_RISK,
     STORED_FEATURES,
     USER_FEATURES,
+    USER_MERCHANTS,
     USER_PROFILE,
     FeatureStore,
     FeatureWriteError,
@@ -27,13 +30,20 @@ from features import (
     open_redis,
 )
 from features.connection import Client
-from tests.conftest import FakeClock, command_calls, entity_features, write_entities
+from tests.conftest import (
+    FakeClock,
+    command_calls,
+    entity_features,
+    write_entities,
+    write_structures,
+)
 from tools.redis_server import free_port
 
 USER = {f.name: float(i + 1) for i, f in enumerate(entity_features("user"))}
 USER["is_premium"] = 1.0
 MERCHANT = {"mcc_risk_score": 0.25, "chargeback_rate_90d": 0.01, "merchant_tx_count_24h": 7}
-USER_GROUPS = sum(g.entity == "user" for g in GROUPS)
+USER_GROUPS = sum(g.entity == "user" for g in HASH_GROUPS)  # hashes: one HMGET each
+MERCHANT_GROUPS = len(HASH_GROUPS) - USER_GROUPS
 PROFILE = {k: v for k, v in USER.items() if k in USER_PROFILE.field_names}
 COLUMN = {f.name: i for i, f in enumerate(STORED_FEATURES)}
 
@@ -46,10 +56,14 @@ def store_for(
     )
 
 
-async def seed(client: aioredis.Redis, users: list[str], merchants: list[str]) -> None:
+async def seed(
+    client: aioredis.Redis, users: list[str], merchants: list[str], structures: bool = True
+) -> None:
     writer = FeatureWriter(client)
     await write_entities(writer, "user", [(u, USER) for u in users])
     await write_entities(writer, "merchant", [(m, MERCHANT) for m in merchants])
+    if structures:
+        await write_structures(client, users, merchants)
 
 
 def tx(user: str, merchant: str) -> dict[str, str]:
@@ -96,8 +110,8 @@ async def test_one_round_trip_for_a_whole_batch(client, sync_redis, monkeypatch)
     batch = [tx(users[i], merchants[i % 10]) for i in range(40)] + [tx("u0", "m0")]  # dup
     rows = await store_for(client).read(batch)
     assert sends == 1  # every key in ONE write to the socket: one round trip
-    # One HMGET per unique key: each user's groups and each merchant's.
-    assert command_calls(sync_redis, "hmget") == 40 * USER_GROUPS + 10 * (len(GROUPS) - USER_GROUPS)
+    # One HMGET per unique key: each user's hashes and each merchant's.
+    assert command_calls(sync_redis, "hmget") == 40 * USER_GROUPS + 10 * MERCHANT_GROUPS
     assert command_calls(sync_redis, "multi") == 0  # non-transactional
     np.testing.assert_array_equal(rows.values[0], rows.values[-1])
 
@@ -114,8 +128,8 @@ async def test_cache_serves_within_ttl_then_expires(client, sync_redis, clock) -
     assert cached.source is Source.CACHE
     clock.tick(0.2)
     again = await store.read([tx("u1", "m1")])
-    assert command_calls(sync_redis, "hmget") == len(GROUPS)
-    assert {r.source for r in again.reads[0].values()} == {Source.REDIS}
+    assert command_calls(sync_redis, "hmget") == len(HASH_GROUPS)
+    assert {r.source for r in again.reads[0].values()} >= {Source.REDIS}
 
 
 async def test_missing_keys_are_cached_too(client, sync_redis) -> None:
@@ -144,7 +158,7 @@ async def test_concurrent_misses_share_one_read(client, sync_redis) -> None:
     sync_redis.config_resetstat()
     shared_before = metrics.SHARED_READS._value.get()
     results = await asyncio.gather(*(store.read([tx("u1", "m1")]) for _ in range(20)))
-    assert command_calls(sync_redis, "hmget") == len(GROUPS)
+    assert command_calls(sync_redis, "hmget") == len(HASH_GROUPS)
     assert metrics.SHARED_READS._value.get() - shared_before == 19 * len(GROUPS)
     for rows in results:
         np.testing.assert_array_equal(rows.values, results[0].values)
@@ -271,9 +285,9 @@ async def test_writer_runs_its_script_by_sha_and_resends_it_after_a_flush(
     client, sync_redis
 ) -> None:
     sync_redis.script_flush()  # as after a restart: the server knows no script
-    await seed(client, ["u1", "u2"], ["m1"])  # NOSCRIPT: these rows are sent again whole
+    await seed(client, ["u1", "u2"], ["m1"], structures=False)  # NOSCRIPT: sent again whole
     sync_redis.config_resetstat()
-    await seed(client, ["u3", "u4"], ["m2"])
+    await seed(client, ["u3", "u4"], ["m2"], structures=False)
     assert command_calls(sync_redis, "eval") == 0
     # One per row and group: two users and a merchant, each in its two groups.
     assert command_calls(sync_redis, "evalsha") == 6
@@ -316,7 +330,12 @@ def test_loader_writes_demo_csv_and_parquet(redis_url, sync_redis, tmp_path) -> 
     from features.offline.load import main
 
     assert main(["--demo", "--users", "300", "--merchants", "20", "--redis-url", redis_url]) == 0
-    assert sync_redis.dbsize() == 300 * USER_GROUPS + 20 * (len(GROUPS) - USER_GROUPS)
+    # Each user's hashes and merchants paid; each merchant's hashes and embedding.
+    assert sync_redis.dbsize() == 300 * (USER_GROUPS + 1) + 20 * (MERCHANT_GROUPS + 1)
+    assert sync_redis.strlen("merchant:{m00020}:embedding") == 4 * MERCHANT_EMBEDDING.dim
+    paid = sync_redis.zscore("user:{u000001}:merchants", "m00001")
+    assert paid is not None and 0 < time.time() - paid < 6 * 3600 + 60
+    assert 0 < sync_redis.ttl("user:{u000001}:merchants") <= USER_MERCHANTS.ttl_s
     assert 0 < sync_redis.ttl("user:{u000300}:features") <= USER_FEATURES.ttl_s
     assert sync_redis.hlen("merchant:{m00020}:risk") == len(MERCHANT_RISK.features) + 1  # _ts
 

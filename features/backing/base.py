@@ -1,8 +1,10 @@
 """The interface every persistent store behind Redis meets, and the record it returns.
 
 Two implementations: dynamo.py (DynamoDB) and bigtable.py (Bigtable), beside this file.
-Values travel as the same strings Redis holds (`repr(float)`, `str(int)`), with the group's
-event time, so what one tier serves the next can store unchanged.
+Values travel as the same strings Redis holds (`repr(float)`, `str(int)`; an embedding's
+packed float32 bytes), with the group's event time, so what one tier serves the next can
+store unchanged. Only hashes and embeddings are persisted (FeatureGroup.persisted): the
+sorted sets are rebuilt from the transaction stream.
 """
 
 from __future__ import annotations
@@ -13,13 +15,15 @@ from typing import Protocol
 
 from features.spec import FeatureGroup
 
-EncodedRow = tuple[str, Mapping[str, str]]
-"""(entity id, {feature: value as Redis stores it})"""
+EncodedRow = tuple[str, Mapping[str, str | bytes]]
+"""(entity id, {feature: value as Redis stores it}); an embedding's one value is
+{EMBEDDING_FIELD: its packed bytes}"""
 
 
 @dataclass(frozen=True, slots=True)
 class Record:
-    """One group of one entity as persisted: raw values in field order, and its event time."""
+    """One group of one entity as persisted: raw values in field order (an embedding: its
+    one packed value), and its event time."""
 
     fields: tuple[bytes | None, ...]
     event_ts: float | None

@@ -2,7 +2,9 @@
 
 Row key `{entity}#{id}` (`user#u1`); one column family per feature group (named after the
 group, `features`, `risk`) with a max-age GC policy; one column per feature plus `_ts`
-(event time). Cells carry the event time as their timestamp; reads take the latest cell.
+(event time); an embedding's family holds one cell `vec`, its packed float32 vector.
+Cells carry the event time as their timestamp; reads take the latest cell. Only the
+groups that are persisted (hashes, embeddings) have a family.
 """
 
 from __future__ import annotations
@@ -24,10 +26,11 @@ from google.cloud.bigtable.data.row_filters import CellsColumnLimitFilter
 
 from features.backing.base import EncodedRow, Record
 from features.errors import BackingStoreError
-from features.spec import EVENT_TS_FIELD, GROUPS, FeatureGroup
+from features.spec import EMBEDDING_FIELD, EVENT_TS_FIELD, GROUPS, FeatureGroup, Kind
 
 _ERRORS = (GoogleAPICallError, RetryError, MutationsExceptionGroup, OSError)
 _TS = EVENT_TS_FIELD.encode()
+_VEC = EMBEDDING_FIELD.encode()
 
 
 class BigtableStore:
@@ -46,7 +49,7 @@ class BigtableStore:
         timeout_s: float = 5.0,
     ) -> None:
         self.project, self.instance, self.table_id = project, instance, table
-        self._groups = tuple(groups)
+        self._groups = tuple(g for g in groups if g.persisted)
         self._by_entity: dict[str, list[FeatureGroup]] = {}
         for g in self._groups:
             self._by_entity.setdefault(g.entity, []).append(g)
@@ -101,7 +104,7 @@ class BigtableStore:
             RowMutationEntry(
                 _row_key(group, entity_id),
                 [
-                    SetCell(family, name.encode(), value.encode(), timestamp_micros=micros)
+                    SetCell(family, name.encode(), _raw(value), timestamp_micros=micros)
                     for name, value in (*values.items(), (EVENT_TS_FIELD, repr(event_ts)))
                 ],
             )
@@ -167,6 +170,10 @@ class BigtableStore:
         self._client = self._table = None
 
 
+def _raw(value: str | bytes) -> bytes:
+    return value if isinstance(value, bytes) else value.encode()
+
+
 def _row_key(group: FeatureGroup, entity_id: str) -> bytes:
     return f"{group.entity}#{entity_id}".encode()
 
@@ -176,7 +183,10 @@ def _record(group: FeatureGroup, cells: Sequence[Any]) -> Record:
     for cell in cells:
         if cell.family == group.name:
             latest.setdefault(cell.qualifier, cell.value)  # newest first within a column
-    fields = tuple(latest.get(name.encode()) for name in group.field_names)
+    if group.kind is Kind.EMBEDDING:
+        fields: tuple[bytes | None, ...] = (latest.get(_VEC),)
+    else:
+        fields = tuple(latest.get(name.encode()) for name in group.field_names)
     try:
         ts = float(latest[_TS])
     except (KeyError, ValueError):

@@ -2,7 +2,8 @@
 
 One item per group of an entity. Partition key `pk` (string) = the group's Redis key,
 `user:{u1}:features`; attributes: every feature (number), `_ts` (event time, number),
-`grp` (`user:features`) and `eid` (the entity id), so a scan can refill Redis.
+`grp` (`user:features`) and `eid` (the entity id), so a scan can refill Redis. An
+embedding's item holds its packed float32 vector as one binary attribute, `vec`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from features.backing.base import EncodedRow, Record
 from features.errors import BackingStoreError
-from features.spec import EVENT_TS_FIELD, GROUPS, FeatureGroup
+from features.spec import EMBEDDING_FIELD, EVENT_TS_FIELD, GROUPS, FeatureGroup, Kind
 
 BATCH_GET_MAX = 100  # BatchGetItem's limit per call
 BATCH_WRITE_MAX = 25  # BatchWriteItem's limit per call
@@ -123,8 +124,11 @@ class DynamoStore:
         return found
 
     async def write(self, group: FeatureGroup, rows: Sequence[EncodedRow], event_ts: float) -> None:
-        full = [r for r in rows if len(r[1]) == len(group.features)]
-        partial = [r for r in rows if len(r[1]) != len(group.features)]
+        whole = len(group.features)
+        if group.kind is Kind.EMBEDDING:  # always written whole, as one value
+            whole = 1
+        full = [r for r in rows if len(r[1]) == whole]
+        partial = [r for r in rows if len(r[1]) != whole]
         slots = asyncio.Semaphore(self._write_slots)
 
         async def bounded(call: Any) -> None:
@@ -228,7 +232,7 @@ class DynamoStore:
 
 
 def _item(
-    group: FeatureGroup, entity_id: str, values: Mapping[str, str], event_ts: float
+    group: FeatureGroup, entity_id: str, values: Mapping[str, str | bytes], event_ts: float
 ) -> dict[str, Any]:
     item: dict[str, Any] = {
         "pk": {"S": group.key(entity_id)},
@@ -236,14 +240,22 @@ def _item(
         "eid": {"S": entity_id},
         EVENT_TS_FIELD: {"N": repr(event_ts)},
     }
-    item |= {name: {"N": value} for name, value in values.items()}
+    item |= {
+        name: {"B": value} if isinstance(value, bytes) else {"N": value}
+        for name, value in values.items()
+    }
     return item
 
 
 def _record(group: FeatureGroup, item: Mapping[str, Any]) -> Record:
-    fields = tuple(
-        a["N"].encode() if (a := item.get(name)) is not None and "N" in a else None
-        for name in group.field_names
-    )
+    fields: tuple[bytes | None, ...]
+    if group.kind is Kind.EMBEDDING:
+        vec = item.get(EMBEDDING_FIELD)
+        fields = (bytes(vec["B"]) if vec is not None and "B" in vec else None,)
+    else:
+        fields = tuple(
+            a["N"].encode() if (a := item.get(name)) is not None and "N" in a else None
+            for name in group.field_names
+        )
     ts = item.get(EVENT_TS_FIELD)
     return Record(fields, float(ts["N"]) if ts is not None and "N" in ts else None)

@@ -10,7 +10,7 @@ from typing import Any
 from features._script import Call, Script
 from features.backing.base import Record
 from features.connection import Client
-from features.spec import EVENT_TS_FIELD, FeatureGroup
+from features.spec import EVENT_TS_FIELD, FeatureGroup, Kind
 
 # Write only where the key is absent: a writer that got there first holds newer values,
 # and running the same refill twice changes nothing.
@@ -18,6 +18,13 @@ _RESTORE = Script("""
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], unpack(ARGV, 2))
 redis.call('EXPIRE', KEYS[1], ARGV[1])
+return 1
+""")
+# An embedding: the same rule for a string (SET NX would do, but a script keeps the
+# replies 1 or 0, as above).
+_RESTORE_STRING = Script("""
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[1])
 return 1
 """)
 
@@ -63,10 +70,18 @@ async def restore_to_redis(
     """
     counts = RestoreCounts()
     calls: list[Call] = []
+    strings: list[Call] = []
     for group, entity_id, record in items:
         ttl = remaining_ttl_s(group, record.event_ts, now)
         if ttl <= 0:
             counts.expired += 1
+            continue
+        if group.kind is Kind.EMBEDDING:
+            (raw,) = record.fields
+            if raw is None:
+                counts.empty += 1
+            else:
+                strings.append((group.key(entity_id), [ttl, raw]))
             continue
         args: list[Any] = [ttl]
         for name, raw in zip(group.field_names, record.fields, strict=True):
@@ -79,6 +94,8 @@ async def restore_to_redis(
             args += [EVENT_TS_FIELD, repr(record.event_ts)]
         calls.append((group.key(entity_id), args))
     replies = await _RESTORE.run(client, calls) if calls else []
+    if strings:
+        replies += await _RESTORE_STRING.run(client, strings)
     for reply in replies:
         if isinstance(reply, Exception):
             counts.failed += 1

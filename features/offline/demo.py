@@ -1,6 +1,8 @@
 """Synthetic feature values for the demo population and for training.
 
-Plausible, correlated values per group; ids like `u000001` and `m00001`.
+Plausible, correlated values per group; ids like `u000001` and `m00001`. A group may
+draw on the values of an earlier group of the same entity (`DEPENDS`): a merchant's
+embedding carries part of its risk, and part of a risk no other feature shows.
 """
 
 from __future__ import annotations
@@ -11,9 +13,12 @@ import numpy as np
 import numpy.typing as npt
 
 from features.spec import (
+    MERCHANT_EMBEDDING,
     MERCHANT_RISK,
     MERCHANT_VELOCITY,
+    USER_ACTIVITY,
     USER_FEATURES,
+    USER_MERCHANTS,
     USER_PROFILE,
     FeatureGroup,
 )
@@ -70,22 +75,81 @@ def _merchant_velocity(rng: np.random.Generator, n: int, now: float) -> Columns:
     return {"merchant_tx_count_24h": rng.poisson(200.0, n).astype(np.float64)}
 
 
-_GENERATORS: dict[str, Callable[[np.random.Generator, int, float], Columns]] = {
+def _user_activity(rng: np.random.Generator, n: int, now: float) -> Columns:
+    # Mostly none in the last 10 minutes; now and then a burst.
+    burst = rng.random(n) < 0.04
+    count = rng.poisson(0.2, n) + burst * rng.poisson(5.0, n)
+    return {"tx_count_10m": count.astype(np.float64)}
+
+
+def _user_merchants(rng: np.random.Generator, n: int, now: float) -> Columns:
+    # When this user last paid the transaction's merchant: 0 for none in the set's 30
+    # days (the set is trimmed to them), else mostly days ago.
+    ago = rng.exponential(6 * 86400.0, n)
+    paid = (rng.random(n) < 0.65) & (ago < USER_MERCHANTS.retention_s)
+    return {"merchant_last_paid_ts": np.where(paid, np.floor(now - ago), 0.0)}
+
+
+# Directions of the merchant embedding, fixed: what the category risk moves, and what a
+# risk no other feature shows moves. Both unit vectors; dimensions are centred at 0.
+_EMB_RISK = np.array([0.6, -0.3, 0.2, 0.5, -0.2, 0.3, 0.1, -0.35])
+_EMB_RISK /= np.linalg.norm(_EMB_RISK)
+_EMB_HIDDEN = np.array([-0.2, 0.5, 0.4, -0.1, 0.5, 0.1, -0.5, 0.2])
+_EMB_HIDDEN -= _EMB_HIDDEN @ _EMB_RISK * _EMB_RISK  # orthogonal to the risk direction
+_EMB_HIDDEN /= np.linalg.norm(_EMB_HIDDEN)
+EMBEDDING_RISK_DIRECTION = _EMB_HIDDEN + 0.5 * _EMB_RISK
+"""What the training data's hidden rule reads of a merchant's embedding."""
+
+
+def _merchant_embedding(rng: np.random.Generator, n: int, now: float, risk: Columns) -> Columns:
+    category = (risk["mcc_risk_score"] - 0.17) / 0.12  # about centred and scaled
+    hidden = rng.normal(0.0, 1.0, n)  # this merchant's own risk, shown nowhere else
+    noise = rng.normal(0.0, 0.35, (n, len(_EMB_RISK)))
+    emb = np.outer(category, _EMB_RISK) + np.outer(hidden, _EMB_HIDDEN) + noise
+    # As stored: float32, so training sees what serving decodes.
+    emb = emb.astype(np.float32).astype(np.float64)
+    return {name: emb[:, i] for i, name in enumerate(MERCHANT_EMBEDDING.field_names)}
+
+
+_Generator = Callable[[np.random.Generator, int, float], Columns]
+_GENERATORS: dict[str, _Generator] = {
     USER_FEATURES.qualified_name: _user_velocity,
     USER_PROFILE.qualified_name: _user_profile,
     MERCHANT_RISK.qualified_name: _merchant_risk,
     MERCHANT_VELOCITY.qualified_name: _merchant_velocity,
+    USER_ACTIVITY.qualified_name: _user_activity,
+    USER_MERCHANTS.qualified_name: _user_merchants,
 }
+_DEPENDENT: dict[str, Callable[[np.random.Generator, int, float, Columns], Columns]] = {
+    MERCHANT_EMBEDDING.qualified_name: _merchant_embedding,
+}
+DEPENDS: dict[str, FeatureGroup] = {MERCHANT_EMBEDDING.qualified_name: MERCHANT_RISK}
+"""Groups generated from another group's rows of the same entities."""
 
 
 def generate(
-    group: FeatureGroup, n: int, rng: np.random.Generator, now: float
+    group: FeatureGroup,
+    n: int,
+    rng: np.random.Generator,
+    now: float,
+    given: npt.NDArray[np.float64] | None = None,
 ) -> npt.NDArray[np.float64]:
-    """`n` rows of plausible values for `group`, columns in the group's field order."""
-    generator = _GENERATORS.get(group.qualified_name)
-    if generator is None:
-        raise ValueError(f"no demo generator for {group.qualified_name}: add one to {__name__}")
-    columns = generator(rng, n, now)
+    """`n` rows of plausible values for `group`, columns in the group's field order.
+
+    A group in DEPENDS needs `given`: the same entities' rows of the group it depends on.
+    """
+    name = group.qualified_name
+    dependent = _DEPENDENT.get(name)
+    if dependent is not None:
+        if given is None or len(given) != n:
+            raise ValueError(f"{name} is generated from {n} rows of {DEPENDS[name].qualified_name}")
+        base = DEPENDS[name]
+        columns = dependent(rng, n, now, dict(zip(base.field_names, given.T, strict=True)))
+    else:
+        generator = _GENERATORS.get(name)
+        if generator is None:
+            raise ValueError(f"no demo generator for {name}: add one to {__name__}")
+        columns = generator(rng, n, now)
     if set(columns) != set(group.field_names):
-        raise RuntimeError(f"demo generator for {group.qualified_name} is out of date")
+        raise RuntimeError(f"demo generator for {name} is out of date")
     return np.column_stack([columns[name] for name in group.field_names])

@@ -1,9 +1,11 @@
 """Size Redis for this feature store:
 `python -m features.offline.sizing --entities 10000000 --rps 20000`.
 
-Measures MEMORY USAGE of real stored keys of every group (existing keys if there are
-enough, else a few probe entities it writes with demo values and deletes), and the
-latency of the read one /predict makes; then applies the sizing rules:
+Measures MEMORY USAGE of real stored keys of every group the writer writes (hashes and
+embeddings: existing keys if there are enough, else a few probe entities it writes with
+demo values and deletes), and the latency of reading them as one /predict does; then
+applies the sizing rules. The transaction stream's sorted sets are not measured: their
+size follows the traffic (entries per user within their retention).
 
 - memory = bytes per entity (all its groups) x active entities x 1.3 (Redis overhead),
   provisioned so that it fills only 60-70% of the nodes' memory;
@@ -21,10 +23,13 @@ import statistics
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 from features.connection import Client, open_redis
 from features.offline.load import demo_rows
 from features.offline.writer import FeatureWriter
+from features.online.codec import codec_for
+from features.online.keys import Key
 from features.settings import Settings
 from features.spec import GROUPS, FeatureGroup
 
@@ -87,15 +92,16 @@ async def measure_group(client: Client, group: FeatureGroup, sample: Sample) -> 
 
 
 async def measure_latency_s(
-    client: Client, keys: Sequence[tuple[str, Sequence[str]]], reads: int
+    client: Client, commands: Sequence[tuple[Any, ...]], reads: int
 ) -> float:
-    """Mean time of the read one /predict makes: one HMGET per (key, fields), one pipeline."""
+    """Mean time of the read one /predict makes: `commands` (a key's HMGET or GET each)
+    in one pipeline."""
     timings = []
     for _ in range(reads):
         started = time.perf_counter()
         async with client.pipeline(transaction=False) as pipe:
-            for key, fields in keys:
-                pipe.hmget(key, fields)
+            for command in commands:
+                pipe.execute_command(*command)
             await pipe.execute()
         timings.append(time.perf_counter() - started)
     return statistics.fmean(timings[reads // 10 :])  # the first reads open connections
@@ -129,10 +135,12 @@ def report(
         f"(data fills {FILL_LOW:.0%}-{FILL_HIGH:.0%}); replicas double it.",
     ]
     shards = max(1, math.ceil(high / (node_gb * 1e9)))
-    ops = rps * len(sizes) * (1 - hit_rate)
+    per_miss = sum(codec_for(g).n_replies for g in GROUPS)
+    ops = rps * per_miss * (1 - hit_rate)
     lines.append(
         f"Redis commands at {rps:,.0f} RPS, cache hit rate {hit_rate:.0%}: {ops:,.0f}/s "
-        f"(one HMGET per group per miss)."
+        f"({per_miss} per uncached request: an HMGET per hash, a GET per embedding, "
+        "ZCARD and ZCOUNT or ZSCORE per sorted set)."
     )
     if ops > CLUSTER_OPS or shards > 1:
         by_ops = math.ceil(ops / COMFORTABLE_OPS)
@@ -163,9 +171,15 @@ async def run(args: argparse.Namespace, settings: Settings) -> str:
             samples = {
                 g: await probes.enter_async_context(sample_keys(client, g, args.sample))
                 for g in GROUPS
+                if g.persisted
             }
             sizes = [await measure_group(client, g, sample) for g, sample in samples.items()]
-            read = [(sample.keys[0], g.field_names) for g, sample in samples.items()]
+            now = time.time()
+            read = [
+                command
+                for g, sample in samples.items()
+                for command in codec_for(g).commands(Key(g, "", sample.keys[0]), now)
+            ]
             latency_s = (
                 args.latency_ms / 1e3
                 if args.latency_ms is not None

@@ -17,9 +17,9 @@ from features.backing import BackingStore, Record, restore_to_redis
 from features.breaker import CircuitBreaker
 from features.connection import Client
 from features.errors import BackingStoreError
-from features.online.codec import GroupCodec
 from features.online.entry import Reason, Source
 from features.online.keys import Key
+from features.online.reads import Codec
 from features.online.tier import Answer
 from features.spec import FeatureGroup
 from features.tracing import TRACING
@@ -33,7 +33,7 @@ class BackingTier:
     def __init__(
         self,
         store: BackingStore,
-        codecs: Mapping[str, GroupCodec],
+        codecs: Mapping[str, Codec],
         *,
         repair_client: Client,
         repair_when: Callable[[], bool] = lambda: True,
@@ -62,6 +62,10 @@ class BackingTier:
     async def open(self) -> None:
         """Build the store's client (the AWS SDK takes ~130 ms): never inside a deadline."""
         await self.store.open()
+
+    def carries(self, group: FeatureGroup) -> bool:
+        """Hashes and embeddings; the sorted sets are rebuilt from the stream, not kept."""
+        return group.persisted
 
     async def read(self, keys: Sequence[Key], deadline: float) -> list[Answer]:
         """Each key's entry, MISSING where the store has none, UNAVAILABLE on failure."""

@@ -1,4 +1,7 @@
-"""Decoding one group's stored strings into checked values, and the GroupReads they carry."""
+"""Hashes: the HMGET that reads one, and its stored strings decoded into checked values.
+
+`codec_for` gives any group its codec: this one for hashes, structures.py's for the rest.
+"""
 
 from __future__ import annotations
 
@@ -7,37 +10,36 @@ import math
 import operator
 import struct
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from features import metrics
-from features.online.entry import Entry, GroupRead, Reason, Source
-from features.spec import EVENT_TS_FIELD, Dtype, FeatureGroup
+from features.online.entry import NO_EVENT_TS, Entry, GroupRead, Reason, Source
+from features.online.keys import Key
+from features.online.multiplex import hmget_packer
+from features.online.reads import Codec
+from features.online.structures import EmbeddingCodec, MemberScoreCodec, RecentCountCodec
+from features.online.tier import Answer
+from features.spec import EVENT_TS_FIELD, Dtype, FeatureGroup, Kind
 
 # The smallest magnitude that becomes inf as float32 (FLT_MAX plus half an ulp):
 # values must stay finite as float32, because the model reads float32.
 _FLOAT32_OVERFLOW = 3.4028235677973366e38
 _ZERO_ONE = frozenset((0.0, 1.0))
-NO_EVENT_TS = math.nan
-"""The event time of an Entry that has none (defaults; a value stored without one)."""
 # From this many replies of one group, decode_found parses them as one array: fewer
 # cost more in numpy calls than they save.
 _BATCH_MIN = 8
 
 
-class GroupCodec:
-    """Decoding state of one group, computed once per store.
-
-    GroupReads are interned: an Entry carries the index of its (as read, as served from
-    the cache) pair in `reads`, so cached entries hold no tracked objects.
-    """
+class GroupCodec(Codec):
+    """One hash per entity: HMGET of its fields and event time."""
 
     def __init__(self, group: FeatureGroup) -> None:
-        self.spec = group
-        self.name = group.qualified_name
-        names = group.field_names
-        self.fields = (*names, EVENT_TS_FIELD)  # what one HMGET asks for
+        super().__init__(group)
+        self.fields = (*group.field_names, EVENT_TS_FIELD)  # what one HMGET asks for
+        self._hmget = hmget_packer(self.fields)
         # Per field: (must be a whole number, must be 0 or 1, default).
         self.checks = tuple(
             (f.dtype != Dtype.FLOAT, f.dtype == Dtype.BOOL, float(f.default))
@@ -48,45 +50,32 @@ class GroupCodec:
         self.whole, self.flags = _picker(whole), _picker(flags)
         self._whole_columns, self._flag_columns = np.array(whole), np.array(flags)
         self._pack = struct.Struct(f"={len(group.features)}d").pack
-        self.reads: list[tuple[GroupRead, GroupRead]] = []
-        self._ids: dict[GroupRead, int] = {}
-        # The reads of a clean decode, by (source, stale): looked up, not built, per read.
-        self.clean = {
-            (source, stale): self.intern(GroupRead(source, (), None, stale))
-            for source in (Source.REDIS, Source.BACKING)
-            for stale in (False, True)
-        }
-        self.defaults = {
-            reason: (
-                group.defaults,
-                self.intern(GroupRead(Source.DEFAULT, names, reason)),
-                NO_EVENT_TS,
-            )
-            for reason in Reason
-        }
-        self.missing = self.defaults[Reason.MISSING]
-        self.wrongtype = self.defaults[Reason.INVALID]
         # Bound once, so a series exists per field from the start and a count costs no
         # .labels() call.
-        self._corrupt = tuple(metrics.CORRUPT_VALUES.labels(self.name, n) for n in names)
+        self._corrupt = tuple(
+            metrics.CORRUPT_VALUES.labels(self.name, n) for n in group.field_names
+        )
 
-    def intern(self, read: GroupRead) -> int:
-        """The index of `read` (and its as-cached twin) in `reads`."""
-        index = self._ids.get(read)
-        if index is None:
-            cached = read
-            if read.source in (Source.REDIS, Source.BACKING):
-                cached = GroupRead(Source.CACHE, read.defaulted, read.reason, read.stale)
-            index = self._ids[read] = len(self.reads)
-            self.reads.append((read, cached))
-        return index
+    def pack(self, key: Key, now: float) -> bytes:
+        return self._hmget(key.id)
 
-    def on_deadline(self, values: npt.NDArray[np.float64], read_id: int, event_ts: float) -> Entry:
-        """The last value read, served at the deadline: from the cache, stale, reason
-        deadline."""
-        read = self.reads[read_id][0]
-        stale = GroupRead(Source.CACHE, read.defaulted, Reason.DEADLINE, True)
-        return values, self.intern(stale), event_ts
+    def commands(self, key: Key, now: float) -> Sequence[tuple[Any, ...]]:
+        return (("HMGET", key.id, *self.fields),)
+
+    def answer(self, replies: Sequence[Any], now: float) -> list[Answer]:
+        """Found replies are decoded all at once; a wrong-type key gets the defaults."""
+        answers: list[Answer] = [Reason.MISSING] * len(replies)  # the backing store may have it
+        found: list[int] = []
+        for i, reply in enumerate(replies):
+            if isinstance(reply, Exception):
+                answers[i] = self.wrongtype
+            elif reply.count(None) != len(reply):
+                found.append(i)
+        if found:
+            decoded = self.decode_found([replies[i] for i in found], now)
+            for i, entry in zip(found, decoded, strict=True):
+                answers[i] = entry
+        return answers
 
     def decode(self, reply: list[bytes | None], now: float) -> Entry:
         """Turn one HMGET reply (fields, then event time) into values; bad or absent
@@ -189,11 +178,19 @@ class GroupCodec:
         return np.frombuffer(self._pack(*values), dtype=np.float64)
 
 
+_CODECS: dict[Kind, Callable[[FeatureGroup], Codec]] = {
+    Kind.HASH: GroupCodec,
+    Kind.EMBEDDING: EmbeddingCodec,
+    Kind.RECENT_COUNT: RecentCountCodec,
+    Kind.MEMBER_SCORE: MemberScoreCodec,
+}
+
+
 @functools.cache
-def codec_for(group: FeatureGroup) -> GroupCodec:
+def codec_for(group: FeatureGroup) -> Codec:
     """The one codec of `group` in this process. Entries carry indices into its tables,
     so the store and every tier must use the same instance: build yours with this."""
-    return GroupCodec(group)
+    return _CODECS[group.kind](group)
 
 
 def _picker(indices: list[int]) -> Callable[[list[float]], Sequence[float]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -43,6 +44,9 @@ class GroupRead:
     reason: Reason | None = None
     stale: bool = False
 
+
+NO_EVENT_TS = math.nan
+"""The event time of an Entry that has none (defaults; a value stored without one)."""
 
 Entry = tuple[npt.NDArray[np.float64], int, float]
 """One group of one entity as a tier answers it: its values (read-only), the index of its

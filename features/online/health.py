@@ -16,8 +16,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from features import metrics
-from features.online.codec import GroupCodec
 from features.online.entry import Reason, Source
+from features.online.reads import Codec
 
 MAX_PENDING = 65_536
 """Served groups logged before a flush is due whatever the interval: bounds the lists."""
@@ -34,7 +34,7 @@ class HealthTally:
     worked out in `flush`, once per read and interval.
     """
 
-    def __init__(self, codecs: Sequence[GroupCodec]) -> None:
+    def __init__(self, codecs: Sequence[Codec]) -> None:
         self.slots: list[int] = []
         self.ages: list[float] = []
         self._codecs = tuple(codecs)

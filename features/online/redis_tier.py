@@ -1,6 +1,9 @@
-"""The Redis tier: one pipelined round trip of HMGETs, behind a circuit breaker.
+"""The Redis tier: one pipelined round trip for every key of a read, behind a circuit
+breaker.
 
-The HMGETs go out through redis-py's pipeline, or (`multiplex=True`, standalone and
+Each group's codec gives the commands for its keys (HMGET for a hash, GET for an
+embedding, ZCARD and ZCOUNT or ZSCORE for a sorted set) and decodes their replies; all
+of them go out through redis-py's pipeline, or (`multiplex=True`, standalone and
 Sentinel) through the tier's own multiplexed connection (features/online/multiplex.py),
 which needs no pool checkout and shares writes between concurrent requests. Cluster
 clients always use the cluster pipeline. Everything after the round trip is the same."""
@@ -23,11 +26,12 @@ from features import metrics
 from features._log import RateLimitedLog
 from features.breaker import CircuitBreaker
 from features.connection import Client
-from features.online.codec import GroupCodec
 from features.online.entry import Reason
 from features.online.keys import Key
-from features.online.multiplex import Multiplexed, hmget_packer
+from features.online.multiplex import Multiplexed
+from features.online.reads import Codec
 from features.online.tier import Answer
+from features.spec import FeatureGroup
 from features.tracing import TRACING
 
 logger = logging.getLogger(__name__)
@@ -36,7 +40,7 @@ _FAILURES = (TimeoutError, RedisError, OSError)
 
 
 class RedisTier:
-    """ONE non-transactional pipeline of HMGETs per read; failures become reasons.
+    """ONE non-transactional pipeline per read; failures become reasons.
 
     While the breaker is open a read answers at once without touching the network, and
     one PING at a time, off the request path, asks whether Redis is back (and fast),
@@ -49,7 +53,7 @@ class RedisTier:
     def __init__(
         self,
         client: Client,
-        codecs: Mapping[str, GroupCodec],
+        codecs: Mapping[str, Codec],
         *,
         breaker: CircuitBreaker | None = None,
         multiplex: bool = False,
@@ -63,7 +67,6 @@ class RedisTier:
         self._mux: Multiplexed | None = None
         if multiplex and isinstance(client, aioredis.Redis):
             self._mux = Multiplexed.for_client(client)
-        self._packers = {name: hmget_packer(codec.fields) for name, codec in codecs.items()}
         self.breaker = breaker or CircuitBreaker(timer=timer)
         self._probe_slow_s = probe_slow_s
         self._clock = clock  # wall time, for event-time freshness
@@ -99,7 +102,7 @@ class RedisTier:
         tracer = TRACING.active()
         span = None if tracer is None else self._start_span(tracer, len(keys))
         try:
-            replies = await self._round_trip(keys)
+            replies = await self._round_trip(keys, self._clock())
         except _FAILURES as exc:
             if not _pool_exhausted(exc):  # our own backlog is no sign that Redis is down
                 breaker.failure()
@@ -117,20 +120,23 @@ class RedisTier:
             breaker.success()
         metrics.REDIS_UP.set(1)
         now = self._clock()
-        # Found replies are decoded per group, all at once; the rest answer at once.
-        answers: list[Answer] = [Reason.MISSING] * len(keys)  # the backing store may have it
-        found: dict[str, list[int]] = {}
-        for i, (key, reply) in enumerate(zip(keys, replies, strict=True)):
-            name = key.group.qualified_name
-            if isinstance(reply, Exception):
-                answers[i] = codecs[name].wrongtype
-            elif reply.count(None) != len(reply):
-                found.setdefault(name, []).append(i)
-        for name, positions in found.items():
-            decoded = codecs[name].decode_found([replies[i] for i in positions], now)
-            for i, entry in zip(positions, decoded, strict=True):
-                answers[i] = entry
+        # Per group, all its keys at once: a hash's found replies are parsed together.
+        positions: dict[str, list[int]] = {}
+        for i, key in enumerate(keys):
+            positions.setdefault(key.group.qualified_name, []).append(i)
+        if len(positions) == 1:
+            ((name, _),) = positions.items()
+            return codecs[name].answer(replies, now)
+        answers: list[Answer] = [Reason.MISSING] * len(keys)
+        for name, where in positions.items():
+            group_answers = codecs[name].answer([replies[i] for i in where], now)
+            for i, answer in zip(where, group_answers, strict=True):
+                answers[i] = answer
         return answers
+
+    def carries(self, group: FeatureGroup) -> bool:
+        """Every group: Redis holds them all."""
+        return True
 
     async def aclose(self) -> None:
         """Stop every probe in flight and start no more, so none outlives the client,
@@ -155,18 +161,33 @@ class RedisTier:
             },
         )
 
-    async def _round_trip(self, keys: Sequence[Key]) -> list[Any]:
-        """One HMGET per key, all in one round trip; error replies come back as values."""
+    async def _round_trip(self, keys: Sequence[Key], now: float) -> list[Any]:
+        """Each key's commands, all in one round trip; per key its reply, or the list of
+        its replies for a group of several commands; error replies come back as values.
+        `now` (wall time) bounds time windows, e.g. ZCOUNT's."""
+        codecs = self._codecs
+        per_key = [codecs[key.group.qualified_name] for key in keys]
         mux = self._mux
         if mux is not None:
-            packers = self._packers
-            payload = b"".join([packers[key.group.qualified_name](key.id) for key in keys])
-            return await mux.request(payload, len(keys))
-        codecs = self._codecs
-        async with self.client.pipeline(transaction=False) as pipe:
-            for key in keys:
-                pipe.hmget(key.id, codecs[key.group.qualified_name].fields)
-            replies: list[Any] = await pipe.execute(raise_on_error=False)
+            payload = b"".join(
+                [codec.pack(key, now) for codec, key in zip(per_key, keys, strict=True)]
+            )
+            n_replies = sum([codec.n_replies for codec in per_key])
+            flat = await mux.request(payload, n_replies)
+        else:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for codec, key in zip(per_key, keys, strict=True):
+                    for args in codec.commands(key, now):
+                        pipe.execute_command(*args)
+                flat = await pipe.execute(raise_on_error=False)
+        if len(flat) == len(keys):
+            return flat
+        replies: list[Any] = []
+        at = 0
+        for codec in per_key:
+            n = codec.n_replies
+            replies.append(flat[at] if n == 1 else flat[at : at + n])
+            at += n
         return replies
 
     async def _probe(self) -> None:

@@ -20,10 +20,11 @@ from features.connection import Client
 from features.errors import InvalidEntityId
 from features.online.backing_tier import BackingTier
 from features.online.cache import EntryCache
-from features.online.codec import GroupCodec, codec_for
+from features.online.codec import codec_for
 from features.online.entry import NOT_CACHED, Entry, FeatureRows, GroupRead, Reason, Source
 from features.online.health import MAX_PENDING, HealthTally
-from features.online.keys import Key
+from features.online.keys import Key, key_of
+from features.online.reads import Codec
 from features.online.redis_tier import RedisTier
 from features.online.tier import Tier
 from features.spec import GROUPS, FeatureGroup, validate_entity_id
@@ -38,7 +39,8 @@ the cache) and its event time."""
 
 class FeatureStore:
     """Feature rows by entity ids: the in-process cache, then one pipelined Redis read,
-    then (if configured) one backing-store read for what Redis lacked, then defaults.
+    then (if configured) one backing-store read for what Redis lacked (of the groups it
+    persists), then defaults.
 
     `deadline_s` bounds the whole step for the caller: joins of reads in flight and every
     tier. At the deadline each group still unanswered gets the last value this worker read
@@ -78,8 +80,11 @@ class FeatureStore:
         if deadline_s is not None and not deadline_s > 0:
             raise ValueError("deadline_s must be positive")
         self._groups = [codec_for(group) for group in groups]
-        # Per group: its codec, its entity type and that id's request field name.
-        self._entities = [(c, c.spec.entity, f"{c.spec.entity}_id") for c in self._groups]
+        # Every entity type a key needs (a member-score group's member too), with its
+        # request field name, and per group: its codec, its entity type and its member's.
+        needed = [e for g in groups for e in (g.entity, g.member) if e]
+        self._entities = [(e, f"{e}_id") for e in dict.fromkeys(needed)]
+        self._keyed = [(c, c.spec.entity, c.spec.member) for c in self._groups]
         self._codecs = {codec.name: codec for codec in self._groups}
         self._width = sum(len(group.features) for group in groups)
         self._deadline_s = deadline_s
@@ -109,6 +114,11 @@ class FeatureStore:
                 clock=clock,
             )
         self._tiers = tuple(tiers)
+        # Per tier: the groups it carries, None for all of them (asked once, here).
+        self._carried: list[frozenset[str] | None] = []
+        for tier in self._tiers:
+            carried = frozenset(c.name for c in self._groups if tier.carries(c.spec))
+            self._carried.append(None if len(carried) == len(self._groups) else carried)
         # One event loop per worker owns the store: no lock around the cache or these.
         self._inflight: dict[str, _Flight] = {}
         self._reads: set[asyncio.Task[None]] = set()  # referenced, so none is collected
@@ -183,7 +193,7 @@ class FeatureStore:
         now = self._timer()
         cache = self._cache
         served: dict[str, _Served] = {}
-        misses: dict[str, tuple[Key, GroupCodec]] = {}
+        misses: dict[str, tuple[Key, Codec]] = {}
         for key, codec in keyed:
             key_id = key.id
             if key_id in served or key_id in misses:
@@ -254,21 +264,27 @@ class FeatureStore:
         except Exception as exc:  # a metrics write must never fail a read
             self._health_log.failed("feature health metrics write", exc)
 
-    def _keys(self, row: Mapping[str, str]) -> list[tuple[Key, GroupCodec]]:
-        keys = []
-        for codec, entity, field in self._entities:
+    def _keys(self, row: Mapping[str, str]) -> list[tuple[Key, Codec]]:
+        ids: dict[str, str] = {}
+        for entity, field in self._entities:
             try:
                 entity_id = row[entity]
             except KeyError:
                 raise InvalidEntityId(field, "is required") from None
-            entity_id = validate_entity_id(field, entity_id)
+            ids[entity] = validate_entity_id(field, entity_id)
+        keys = []
+        for codec, entity, member in self._keyed:
             group = codec.spec
-            keys.append((Key(group, entity_id, group.key(entity_id)), codec))
+            if member:
+                keys.append((key_of(group, ids[entity], ids[member]), codec))
+            else:
+                entity_id = ids[entity]
+                keys.append((Key(group, entity_id, group.key(entity_id)), codec))
         return keys
 
     async def _read_misses(
         self,
-        misses: dict[str, tuple[Key, GroupCodec]],
+        misses: dict[str, tuple[Key, Codec]],
         served: dict[str, _Served],
         now: float,
         late: list[str] | None,
@@ -343,17 +359,28 @@ class FeatureStore:
         result: dict[str, Entry] = {}
         try:
             pending, reasons = keys, [Reason.UNAVAILABLE] * len(keys)
-            for tier in self._tiers:
-                answers = await tier.read(pending, deadline)
+            for tier, carried in zip(self._tiers, self._carried, strict=True):
                 left: list[Key] = []
-                reasons = []
-                for key, answer in zip(pending, answers, strict=True):
+                kept: list[Reason] = []
+                asked = pending
+                if carried is not None:  # the others keep the reason they had
+                    asked = []
+                    for key, reason in zip(pending, reasons, strict=True):
+                        if key.group.qualified_name in carried:
+                            asked.append(key)
+                        else:
+                            left.append(key)
+                            kept.append(reason)
+                    if not asked:
+                        continue
+                answers = await tier.read(asked, deadline)
+                for key, answer in zip(asked, answers, strict=True):
                     if isinstance(answer, Reason):
                         left.append(key)
-                        reasons.append(answer)
+                        kept.append(answer)
                     else:
                         result[key.id] = answer
-                pending = left
+                pending, reasons = left, kept
                 if not pending:
                     break
             codecs = self._codecs

@@ -1,8 +1,9 @@
 """The interface of a store tier on the read path (Redis, the backing store, test tiers).
 
-The orchestrator (store.py) hands a tier the keys no earlier tier answered and the
-request's deadline; the tier answers each key with an Entry, or with a Reason to ask the
-next tier (missing, unavailable, circuit open). It never raises for a store failure.
+The orchestrator (store.py) hands a tier the keys no earlier tier answered, of the groups
+it carries, and the request's deadline; the tier answers each key with an Entry, or with
+a Reason to ask the next tier (missing, unavailable, circuit open). It never raises for
+a store failure.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Protocol
 
 from features.online.entry import Entry, Reason
 from features.online.keys import Key
+from features.spec import FeatureGroup
 
 Answer = Entry | Reason
 """A tier's answer for one key: its values, or why the next tier should be asked."""
@@ -24,6 +26,11 @@ class Tier(Protocol):
 
     async def open(self) -> None:
         """Build clients and warm connections; called once, outside any deadline."""
+        ...
+
+    def carries(self, group: FeatureGroup) -> bool:
+        """Whether this tier stores `group` at all; asked once, when the store is built.
+        A key of a group it does not carry keeps the reason the tier before gave."""
         ...
 
     async def read(self, keys: Sequence[Key], deadline: float) -> list[Answer]:
