@@ -170,6 +170,22 @@ class Settings(BaseSettings):
         default=5.0,
         description="How long a value read from Redis is served from the in-process cache.",
     )
+    cache_invalidation: bool = Field(
+        default=True,
+        description=(
+            "Redis pushes an invalidation when a key this worker read changes (CLIENT TRACKING"
+            " over RESP3, standalone and Sentinel): the key leaves the cache at once. Off, or"
+            " where unsupported (cluster mode, a server or proxy without RESP3), entries last"
+            " FEATURES_CACHE_TTL_S (docs/cache-invalidation.md)."
+        ),
+    )
+    cache_tracked_ttl_s: PositiveFloat = Field(
+        default=60.0,
+        description=(
+            "How long a cached value is served while invalidation is live; when its connection"
+            " is lost, FEATURES_CACHE_TTL_S again until the values are read anew."
+        ),
+    )
     cache_maxsize: PositiveInt = Field(
         default=100_000,
         description="Most (entity, group) entries the in-process cache holds per worker (LRU).",
@@ -279,6 +295,8 @@ class Settings(BaseSettings):
                 f"{PREFIX}BREAKER_SLOW_CALLS must be at most {PREFIX}BREAKER_WINDOW"
                 f" ({self.breaker_window}), got {self.breaker_slow_calls}"
             )
+        if self.cache_tracked_ttl_s < self.cache_ttl_s:
+            raise ValueError(f"{PREFIX}CACHE_TRACKED_TTL_S must be at least {PREFIX}CACHE_TTL_S")
         if self.stale_max_age_s < self.cache_ttl_s:
             raise ValueError(f"{PREFIX}STALE_MAX_AGE_S must be at least {PREFIX}CACHE_TTL_S")
         url = urlsplit(self.redis_url)

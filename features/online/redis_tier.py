@@ -3,7 +3,9 @@
 The HMGETs go out through redis-py's pipeline, or (`multiplex=True`, standalone and
 Sentinel) through the tier's own multiplexed connection (features/online/multiplex.py),
 which needs no pool checkout and shares writes between concurrent requests. Cluster
-clients always use the cluster pipeline. Everything after the round trip is the same."""
+clients always use the cluster pipeline. Everything after the round trip is the same.
+With `tracking`, the multiplexed connection is also the cache's invalidation session
+(features/online/tracking.py); the tier starts its keeper and stops it."""
 
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from features.online.entry import Reason
 from features.online.keys import Key
 from features.online.multiplex import Multiplexed, hmget_packer
 from features.online.tier import Answer
+from features.online.tracking import Tracking
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +54,7 @@ class RedisTier:
         *,
         breaker: CircuitBreaker | None = None,
         multiplex: bool = False,
+        tracking: Tracking | None = None,
         probe_slow_s: float | None = None,
         error_log_interval_s: float = 10.0,
         timer: Callable[[], float] = time.monotonic,
@@ -59,8 +63,10 @@ class RedisTier:
         self.client = client
         self._codecs = codecs
         self._mux: Multiplexed | None = None
+        self._tracking: Tracking | None = None
         if multiplex and isinstance(client, aioredis.Redis):
-            self._mux = Multiplexed.for_client(client)
+            self._mux = Multiplexed.for_client(client, listener=tracking)
+            self._tracking = tracking
         self._packers = {name: hmget_packer(codec.fields) for name, codec in codecs.items()}
         self.breaker = breaker or CircuitBreaker(timer=timer)
         self._probe_slow_s = probe_slow_s
@@ -80,6 +86,8 @@ class RedisTier:
                 logger.warning(
                     "Redis connection not opened at start (%s: %s)", type(exc).__name__, exc
                 )
+            if self._tracking is not None:
+                self._tracking.start(self._mux)  # and reconnects, if that failed
 
     async def read(self, keys: Sequence[Key], deadline: float) -> list[Answer]:
         """Each key's entry (missing keys decode to their defaults: final), or a Reason."""
@@ -129,6 +137,8 @@ class RedisTier:
         for task in self._probes:
             task.cancel()
         await asyncio.gather(*self._probes, return_exceptions=True)
+        if self._tracking is not None:
+            await self._tracking.aclose()
         if self._mux is not None:
             await self._mux.aclose()
 
