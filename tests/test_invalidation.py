@@ -29,7 +29,7 @@ from features.breaker import CircuitBreaker
 from features.connection import Client
 from features.online.tracking import LIVE, LOST, OFF
 from features.spec import FeatureGroup
-from tests.conftest import FakeClock
+from tests.conftest import FakeClock, command_calls
 from tests.test_security import PASSWORD, READER, READER_PASSWORD, TLSRedis, tls_redis
 from tools.delay_proxy import DelayProxy
 from tools.redis_server import RedisServer
@@ -199,8 +199,7 @@ async def test_a_reply_delayed_past_a_write_is_not_served_after_it(
         sync_redis.hset(U1, "tx_count_1h", 1)
         proxy.set_delay(0.2)
         read = asyncio.create_task(store.read([TX]))
-        await wait_until(lambda: U1 in store._inflight, "the read is in flight")
-        await asyncio.sleep(0.05)  # the server has answered; the reply is in the proxy
+        await wait_until(lambda: command_calls(sync_redis, "hmget") >= 2, "the server read it")
         sync_redis.hset(U1, "tx_count_1h", 4)
         assert user_value(await read) == 1.0
         await wait_until(lambda: U1 not in store._cache, "the late invalidation dropped it")
@@ -220,7 +219,8 @@ async def test_a_killed_session_falls_back_to_the_short_ttl_then_comes_back(
     await write_user(client, 1.0)
     await store.read([TX])
     lost = counter(metrics.TRACKING_SESSIONS, "lost")
-    assert kill_tracked(sync_redis) == 2  # both workers' read connections
+    # Both workers' read connections (and any other tracked one: a session's bentoml serve).
+    assert kill_tracked(sync_redis) >= 2
     await wait_until(lambda: tracking.sessions == 2, "a new session after the kill")
     assert counter(metrics.TRACKING_SESSIONS, "lost") >= lost + 2
     # Read under the lost session: the short TTL again, though tracking is back.
