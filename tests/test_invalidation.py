@@ -295,6 +295,24 @@ async def test_open_store_tracks_by_default(settings: Settings, client: Client) 
     assert off.tracking is None
 
 
+async def test_reads_over_resp3_answer_as_over_resp2(
+    client: Client, stores: list[FeatureStore], sync_redis: redis.Redis
+) -> None:
+    # The tracked connection speaks RESP3: values, missing keys and wrong types read alike.
+    await write_user(client, 9.0)
+    sync_redis.set(MERCHANT_RISK.key("bad"), "not a hash")
+    rows = await stores[0].read([TX, {"user": "ghost", "merchant": "bad"}])
+    resp2 = FeatureStore(client, multiplex=True)
+    try:
+        plain = await resp2.read([TX, {"user": "ghost", "merchant": "bad"}])
+    finally:
+        await resp2.aclose()
+    assert (rows.values == plain.values).all() and rows.reads == plain.reads
+    assert user_value(rows) == 9.0
+    assert rows.reads[1]["user:features"].reason is Reason.MISSING
+    assert rows.reads[1]["merchant:risk"].reason is Reason.INVALID
+
+
 def test_the_tracked_ttl_is_at_least_the_short_one() -> None:
     with pytest.raises(ValueError, match="FEATURES_CACHE_TRACKED_TTL_S must be at least"):
         Settings.from_env({"FEATURES_CACHE_TTL_S": "10", "FEATURES_CACHE_TRACKED_TTL_S": "5"})
