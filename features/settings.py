@@ -182,8 +182,9 @@ class Settings(BaseSettings):
     cache_tracked_ttl_s: PositiveFloat = Field(
         default=60.0,
         description=(
-            "How long a cached value is served while invalidation is live; when its connection"
-            " is lost, FEATURES_CACHE_TTL_S again until the values are read anew."
+            "How long a cached value is served while invalidation is live (never less than"
+            " FEATURES_CACHE_TTL_S); when its connection is lost, FEATURES_CACHE_TTL_S again until"
+            " the values are read anew."
         ),
     )
     cache_maxsize: PositiveInt = Field(
@@ -295,8 +296,6 @@ class Settings(BaseSettings):
                 f"{PREFIX}BREAKER_SLOW_CALLS must be at most {PREFIX}BREAKER_WINDOW"
                 f" ({self.breaker_window}), got {self.breaker_slow_calls}"
             )
-        if self.cache_tracked_ttl_s < self.cache_ttl_s:
-            raise ValueError(f"{PREFIX}CACHE_TRACKED_TTL_S must be at least {PREFIX}CACHE_TTL_S")
         if self.stale_max_age_s < self.cache_ttl_s:
             raise ValueError(f"{PREFIX}STALE_MAX_AGE_S must be at least {PREFIX}CACHE_TTL_S")
         url = urlsplit(self.redis_url)

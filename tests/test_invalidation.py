@@ -313,11 +313,18 @@ async def test_reads_over_resp3_answer_as_over_resp2(
     assert rows.reads[1]["merchant:risk"].reason is Reason.INVALID
 
 
-def test_the_tracked_ttl_is_at_least_the_short_one() -> None:
-    with pytest.raises(ValueError, match="FEATURES_CACHE_TRACKED_TTL_S must be at least"):
-        Settings.from_env({"FEATURES_CACHE_TTL_S": "10", "FEATURES_CACHE_TRACKED_TTL_S": "5"})
+def test_the_tracked_ttl_is_never_below_the_short_one(client: Client) -> None:
+    # A deployment that set only FEATURES_CACHE_TTL_S, longer than the tracked default,
+    # keeps its TTL: no start-up error, no shorter lifetime.
+    settings = Settings.from_env(
+        {"FEATURES_CACHE_TTL_S": "3600", "FEATURES_STALE_MAX_AGE_S": "3600"}
+    )
+    assert settings.cache_tracked_ttl_s == 60.0
+    assert open_store(settings, client)._cache.tracked_ttl_s == 3600.0
     with pytest.raises(ValueError, match="FEATURES_CACHE_INVALIDATION"):
         Settings.from_env({"FEATURES_CACHE_INVALIDATION": "maybe"})
+    with pytest.raises(ValueError, match="FEATURES_CACHE_TRACKED_TTL_S"):
+        Settings.from_env({"FEATURES_CACHE_TRACKED_TTL_S": "0"})
 
 
 async def test_sentinel_mode_tracks_the_master(clock: FakeClock) -> None:

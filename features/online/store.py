@@ -45,7 +45,8 @@ class FeatureStore:
     `invalidation` (with `multiplex`, outside cluster mode) has Redis track the keys the
     connection reads and push an invalidation when one changes (features/online/
     tracking.py): an invalidated key leaves the cache at once, and while tracking is live
-    entries stay fresh for `cache_tracked_ttl_s` instead of `cache_ttl_s`.
+    entries stay fresh for `cache_tracked_ttl_s` (if longer) instead of `cache_ttl_s`.
+    `tracking` is that session's state (features/online/tracking.py), None without it.
     """
 
     def __init__(
@@ -79,7 +80,9 @@ class FeatureStore:
         self._width = sum(len(group.features) for group in groups)
         self._deadline_s = deadline_s
         self._timer = timer  # cache freshness
-        tracked_ttl_s = cache_ttl_s if cache_tracked_ttl_s is None else cache_tracked_ttl_s
+        # Never shorter than the short TTL: a setting of the short one alone (say an hour)
+        # keeps meaning what it meant.
+        tracked_ttl_s = max(cache_ttl_s, cache_tracked_ttl_s or 0.0)
         self._cache = EntryCache(
             cache_maxsize,
             cache_ttl_s,
