@@ -138,3 +138,26 @@ SERVED_LOG_FILES = Counter(
     "features_served_log_files_total",
     "Served-feature log files closed and renamed into place",
 )
+INVALIDATIONS = Counter(
+    "features_cache_invalidations_total",
+    "Invalidation messages Redis pushed to this worker: keys changed, or the server flushed",
+    ["kind"],  # keys / flush
+)
+INVALIDATED_KEYS = Counter(
+    "features_cache_invalidated_keys_total",
+    "Keys named by invalidations, by their effect on the cache",
+    # dropped / absent (of every key named); in_flight (of those, also): a read of it was
+    # in flight, so its reply is not cached
+    ["result"],
+)
+TRACKING_STATE = Gauge(
+    "features_cache_tracking",
+    "Cache invalidation: 0 off (not asked, cluster mode or not supported), 1 lost (short"
+    " TTL, reconnecting), 2 live (tracked TTL)",
+    multiprocess_mode="liveall",
+)
+TRACKING_SESSIONS = Counter(
+    "features_cache_tracking_sessions_total",
+    "Invalidation sessions started and lost, and background reconnects that failed",
+    ["event"],  # started / lost / reconnect_failed
+)

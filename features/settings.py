@@ -170,6 +170,23 @@ class Settings(BaseSettings):
         default=5.0,
         description="How long a value read from Redis is served from the in-process cache.",
     )
+    cache_invalidation: bool = Field(
+        default=True,
+        description=(
+            "Redis pushes an invalidation when a key this worker read changes (CLIENT TRACKING"
+            " over RESP3, standalone and Sentinel): the key leaves the cache at once. Off, or"
+            " where unsupported (cluster mode, a server or proxy without RESP3), entries last"
+            " FEATURES_CACHE_TTL_S (docs/cache-invalidation.md)."
+        ),
+    )
+    cache_tracked_ttl_s: PositiveFloat = Field(
+        default=60.0,
+        description=(
+            "How long a cached value is served while invalidation is live (never less than"
+            " FEATURES_CACHE_TTL_S); when its connection is lost, FEATURES_CACHE_TTL_S again until"
+            " the values are read anew."
+        ),
+    )
     cache_maxsize: PositiveInt = Field(
         default=100_000,
         description="Most (entity, group) entries the in-process cache holds per worker (LRU).",

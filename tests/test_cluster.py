@@ -35,12 +35,14 @@ from features import (
     Record,
     Settings,
     Source,
+    metrics,
     open_redis,
+    open_store,
 )
 from features.backing import restore_to_redis
 from features.connection import SLOT_MAP_REFRESH_INTERVAL_S, Client
 from features.online.structures import pack_embedding
-from tests.conftest import EMBEDDING, Service, command_calls
+from tests.conftest import EMBEDDING, FakeClock, Service, command_calls
 from tools.redis_cluster import LocalCluster, LocalSentinel
 from tools.redis_server import RedisServer, free_port
 
@@ -168,6 +170,30 @@ async def test_unknown_and_wrong_type_keys_in_a_cluster(client, admin) -> None:
     rows = await FeatureStore(client).read([tx(1), tx(2)])
     assert rows.reads[0]["user:features"].reason is Reason.INVALID
     assert rows.reads[1]["user:features"].reason is Reason.MISSING
+
+
+async def test_cluster_mode_has_no_invalidation_only_the_short_ttl(client, cluster) -> None:
+    # docs/cache-invalidation.md: tracking is off in a cluster; reads work, entries last
+    # the short TTL, and the state gauge says off.
+    await seed(client, 1)
+    settings = cluster_settings(cluster)
+    assert settings.cache_invalidation  # asked for, as by default
+    store = open_store(settings, client)
+    assert store.tracking is None
+    await store.open()
+    try:
+        assert (await store.read([tx(0)])).source is Source.REDIS
+        assert (await store.read([tx(0)])).source is Source.CACHE
+        assert metrics.TRACKING_STATE._value.get() == 0
+    finally:
+        await store.aclose()
+    clock = FakeClock()
+    short = FeatureStore(
+        client, multiplex=True, invalidation=True, cache_tracked_ttl_s=60, timer=clock
+    )
+    await short.read([tx(0)])
+    clock.tick(10)  # past the 5 s TTL, within the tracked one it never gets
+    assert (await short.read([tx(0)])).source is Source.REDIS
 
 
 async def test_write_refused_by_one_master_names_its_rows_only(client, admin, cluster) -> None:

@@ -26,7 +26,7 @@ from features.breaker import State
 from features.connection import Client
 from features.errors import BackingStoreError
 from features.online.backing_tier import BackingTier
-from features.online.cache import EntryCache
+from features.online.cache import NO_SESSION, UNTRACKED, EntryCache
 from features.online.codec import codec_for
 from features.online.keys import key_of
 from features.online.redis_tier import RedisTier
@@ -57,6 +57,26 @@ def test_cache_is_fresh_for_its_ttl_and_kept_for_the_fallback() -> None:
     assert len(cache) == 2
     with pytest.raises(ValueError):
         EntryCache(maxsize=1, ttl_s=5.0, keep_s=1.0)
+
+
+def test_cache_gives_the_tracked_ttl_only_under_the_live_session() -> None:
+    cache = EntryCache(maxsize=10, ttl_s=5.0, keep_s=300.0, tracked_ttl_s=60.0)
+    entry = codec_for(USER_FEATURES).missing
+    cache.session = 1
+    cache.put("tracked", entry, now=100.0, session=1)
+    cache.put("untracked", entry, now=100.0, session=UNTRACKED)
+    assert cache.fresh("tracked", 159.9) is not None and cache.fresh("tracked", 160.0) is None
+    assert cache.fresh("untracked", 104.9) is not None and cache.fresh("untracked", 105.0) is None
+    cache.session = NO_SESSION  # the session is lost: the short TTL for every entry
+    assert cache.fresh("tracked", 104.9) is not None and cache.fresh("tracked", 105.0) is None
+    cache.session = 2  # a new one does not track what the old one read
+    assert cache.fresh("tracked", 105.0) is None
+    assert cache.last("tracked", 105.0) is not None  # still the deadline's fallback
+    assert cache.drop("tracked") and not cache.drop("tracked") and "tracked" not in cache
+    cache.clear()
+    assert len(cache) == 0
+    with pytest.raises(ValueError):
+        EntryCache(maxsize=1, ttl_s=5.0, keep_s=30.0, tracked_ttl_s=60.0)
 
 
 async def test_redis_tier_answers_values_missing_and_wrong_types(

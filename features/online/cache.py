@@ -1,4 +1,5 @@
-"""The in-process tier: recent entries by key, LRU-bounded, fresh for a TTL."""
+"""The in-process tier: recent entries by key, LRU-bounded, fresh for a TTL (a longer one
+while Redis tracks what this worker read and says when it changes)."""
 
 from __future__ import annotations
 
@@ -9,47 +10,84 @@ import numpy.typing as npt
 
 from features.online.entry import Entry
 
-Cached = tuple[npt.NDArray[np.float64], int, float, float]
-"""An Entry and the timer reading when it was stored; plain tuples, untracked by the GC."""
+Cached = tuple[npt.NDArray[np.float64], int, float, float, int]
+"""An Entry (values, read index, event time), the timer reading when it was stored and
+the tracking session it was read under; plain tuples, untracked by the GC."""
+
+UNTRACKED = 0
+"""The session of an entry read while no invalidation session was live."""
+
+NO_SESSION = -1
+"""`EntryCache.session` while no session is live: no entry carries it."""
 
 
 class EntryCache:
-    """Entries served fresh for `ttl_s`; kept up to `keep_s` as the last value read, for
-    the deadline's fallback; at most `maxsize` of them, least recently used out first.
+    """Entries served fresh for `ttl_s`, or for `tracked_ttl_s` if read under the live
+    invalidation session; kept up to `keep_s` as the last value read, for the deadline's
+    fallback; at most `maxsize` of them, least recently used out first.
+
+    Sessions (features/online/tracking.py): while Redis tracks the keys this worker reads
+    and pushes an invalidation when one changes, `session` is that session's number and
+    entries read under it stay fresh for the longer TTL. When the session ends every entry
+    loses the longer TTL at once, in O(1): `session` moves on and no entry matches it. An
+    invalidated key is dropped (`drop`), a flushed server empties the cache (`clear`).
 
     One event loop owns it, so it needs no lock. Times come from the caller (`now`, one
     timer reading per request), not from a clock read per key. The LRU order is an
     OrderedDict's (C calls only: cachetools' LRUCache spent ~1 us of Python per lookup).
     """
 
-    def __init__(self, maxsize: int, ttl_s: float, keep_s: float) -> None:
-        if maxsize < 1 or ttl_s <= 0 or keep_s < ttl_s:
-            raise ValueError("need maxsize >= 1, ttl_s > 0 and keep_s >= ttl_s")
+    def __init__(
+        self, maxsize: int, ttl_s: float, keep_s: float, tracked_ttl_s: float | None = None
+    ) -> None:
+        tracked_ttl_s = ttl_s if tracked_ttl_s is None else tracked_ttl_s
+        if maxsize < 1 or ttl_s <= 0 or tracked_ttl_s < ttl_s or keep_s < tracked_ttl_s:
+            raise ValueError("need maxsize >= 1, ttl_s > 0 and ttl_s <= tracked_ttl_s <= keep_s")
         self._entries: OrderedDict[str, Cached] = OrderedDict()
         self._maxsize = maxsize
         self.ttl_s = ttl_s
+        self.tracked_ttl_s = tracked_ttl_s
         self.keep_s = keep_s
+        self.session = NO_SESSION  # set by the invalidation session, if any
 
     def fresh(self, key_id: str, now: float) -> Cached | None:
-        """The entry stored under `key_id` less than `ttl_s` ago, else None."""
+        """The entry under `key_id` stored less than `ttl_s` ago, or less than
+        `tracked_ttl_s` ago under the live session; else None."""
         cached = self._touch(key_id)
-        return cached if cached is not None and now - cached[3] < self.ttl_s else None
+        if cached is None:
+            return None
+        age = now - cached[3]
+        if age < self.ttl_s or (age < self.tracked_ttl_s and cached[4] == self.session):
+            return cached
+        return None
 
     def last(self, key_id: str, now: float) -> Cached | None:
         """The entry stored under `key_id` less than `keep_s` ago, fresh or not."""
         cached = self._touch(key_id)
         return cached if cached is not None and now - cached[3] < self.keep_s else None
 
-    def put(self, key_id: str, entry: Entry, now: float) -> None:
-        """Store `entry` as read at `now`."""
+    def put(self, key_id: str, entry: Entry, now: float, session: int = UNTRACKED) -> None:
+        """Store `entry` as read at `now` under `session` (the session live when its read
+        was sent)."""
         entries = self._entries
-        entries[key_id] = (entry[0], entry[1], entry[2], now)
+        entries[key_id] = (entry[0], entry[1], entry[2], now, session)
         entries.move_to_end(key_id)
         if len(entries) > self._maxsize:
             entries.popitem(last=False)
 
+    def drop(self, key_id: str) -> bool:
+        """Forget `key_id`; True if it was held."""
+        return self._entries.pop(key_id, None) is not None
+
+    def clear(self) -> None:
+        """Forget every entry."""
+        self._entries.clear()
+
     def __len__(self) -> int:
         return len(self._entries)
+
+    def __contains__(self, key_id: object) -> bool:
+        return key_id in self._entries
 
     def _touch(self, key_id: str) -> Cached | None:
         """The entry under `key_id`, now the most recently used; None if absent."""

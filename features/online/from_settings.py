@@ -20,6 +20,8 @@ def open_store(settings: Settings, client: Client) -> FeatureStore:
         stale_max_age_s=settings.stale_max_age_s,
         cache_ttl_s=settings.cache_ttl_s,
         cache_maxsize=settings.cache_maxsize,
+        invalidation=settings.cache_invalidation,
+        cache_tracked_ttl_s=settings.cache_tracked_ttl_s,
         error_log_interval_s=settings.error_log_interval_s,
         backing=backing,
         backing_timeout_s=settings.backing_timeout_s,

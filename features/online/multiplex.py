@@ -26,7 +26,14 @@ protocol-per-connection design, features/online/ in STYLE.md).
   SSLContext builder, over the same options), timeouts. In Sentinel mode every connect
   asks redis-py's Sentinel pool for the master's address, so after a failover the
   reconnect that follows the old master's failure finds the new one.
-- RESP2: HMGET and PING need nothing RESP3 adds.
+- RESP2, unless a `listener` asks for invalidations: then the handshake also sends
+  `HELLO 3` and, if the server speaks RESP3, `CLIENT TRACKING ON`, so the server
+  remembers the keys this connection reads and pushes an invalidation when one changes
+  (features/online/tracking.py). Pushes arrive in line with the replies and go to the
+  listener as they are parsed, never into the FIFO. A server or proxy without RESP3 or
+  CLIENT TRACKING (or an ACL user denied them) gets an untracked RESP2 or RESP3
+  connection that reads the same; the listener hears which. HMGET, PING, AUTH and
+  SELECT reply alike in both protocols.
 
 Redis Cluster keeps redis-py's cluster pipeline (features/connection.py): a cluster read
 splits its keys by slot over several nodes, follows MOVED and ASK redirects, and reloads
@@ -41,7 +48,7 @@ import asyncio
 import math
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import hiredis
 import redis.asyncio as aioredis
@@ -57,6 +64,22 @@ Replies = list[Any]
 """One read's replies in command order: bytes, lists, None, or ResponseError values."""
 
 PING = b"*1\r\n$4\r\nPING\r\n"
+HELLO_3 = b"*2\r\n$5\r\nHELLO\r\n$1\r\n3\r\n"
+TRACKING_ON = b"*3\r\n$6\r\nCLIENT\r\n$8\r\nTRACKING\r\n$2\r\nON\r\n"
+
+
+class Listener(Protocol):
+    """Who hears a tracked connection's session: opened, its pushes, lost."""
+
+    def opened(self, tracked: bool, why: str) -> None:
+        """A connection opened, with tracking on (`tracked`) or not (`why` says why)."""
+
+    def pushed(self, message: list[Any]) -> None:
+        """A RESP3 push arrived (e.g. `[b"invalidate", [key, ...]]`)."""
+
+    def lost(self) -> None:
+        """The tracked connection failed or was closed: its session is over."""
+
 
 _MORE = object()  # hiredis: no whole reply buffered yet
 _SSL_OPTIONS = frozenset(RedisSSLContext.__slots__) - {"context"}
@@ -104,9 +127,12 @@ class _Connection(asyncio.Protocol):
         timeout_s: float | None,
         handshake: bytes = b"",
         n_handshake: int = 0,
+        listener: Listener | None = None,
     ) -> None:
         self.peer = "?"  # host:port, for error messages; known once resolved
         self.error: RedisError | None = None
+        self.listener = listener
+        self.tracked = False  # CLIENT TRACKING is on: its loss ends the session
         self._loop = loop
         self._timeout_s = timeout_s
         self._transport: asyncio.Transport | None = None
@@ -143,6 +169,18 @@ class _Connection(asyncio.Protocol):
         """Connected, handshake done, not failed."""
         return self._open and self.error is None
 
+    def exchange(self, payload: bytes, n_replies: int) -> asyncio.Future[Replies]:
+        """Write `payload` at once, ahead of the reads queued (a later handshake step)."""
+        future: asyncio.Future[Replies] = self._loop.create_future()
+        future.add_done_callback(_retrieve)  # its connect may be gone when it fails
+        transport = self._transport
+        if self.error is not None or transport is None:
+            future.set_exception(self.error or RedisConnectionError("not connected"))
+            return future
+        transport.write(payload)
+        self._sent([_Read(future, n_replies)])
+        return future
+
     def open(self) -> None:
         """The handshake succeeded: send what has queued, and everything after it."""
         self._open = True
@@ -169,6 +207,10 @@ class _Connection(asyncio.Protocol):
                 self.handshake.exception()  # ours: retrieved, even if the connect is gone
         if self._transport is not None:
             self._transport.abort()
+        if self.tracked:
+            self.tracked = False
+            assert self.listener is not None
+            self.listener.lost()
 
     # --- asyncio.Protocol ------------------------------------------------------------
 
@@ -186,10 +228,16 @@ class _Connection(asyncio.Protocol):
         try:
             reply = reader.gets()
             while reply is not _MORE:
+                if reply.__class__ is not list:  # HMGET replies skip both checks
+                    if reply.__class__ is hiredis.PushNotification:
+                        if self.listener is not None:
+                            self.listener.pushed(reply)
+                        reply = reader.gets()
+                        continue
+                    if isinstance(reply, RedisConnectionError):
+                        raise reply  # e.g. NOAUTH, LOADING: the connection, not the key
                 if not pending:
                     raise InvalidResponse("a reply to no command in flight")
-                if reply.__class__ is not list and isinstance(reply, RedisConnectionError):
-                    raise reply  # e.g. NOAUTH, LOADING: the connection, not the key
                 read = pending[0]
                 read.replies.append(reply)
                 read.left -= 1
@@ -259,8 +307,10 @@ class Multiplexed:
         db: int = 0,
         socket_timeout_s: float | None,
         connect_timeout_s: float | None,
+        listener: Listener | None = None,
     ) -> None:
         self._host, self._port, self._path = host, port, path
+        self._listener = listener  # asks for CLIENT TRACKING at every connect
         self._resolve = resolve  # Sentinel: the master's address, asked at each connect
         self._tls = tls
         self._timeout_s = socket_timeout_s
@@ -271,6 +321,8 @@ class Multiplexed:
             handshake.append(pack("AUTH", *auth))
         if db:
             handshake.append(pack("SELECT", db))
+        if listener is not None:
+            handshake.append(HELLO_3)  # last: its reply decides whether to track
         self._handshake = b"".join(handshake)
         self._checks: tuple[Callable[[Any], None], ...] = (
             *([_auth_ok] if username or password else []),
@@ -281,9 +333,10 @@ class Multiplexed:
         self._closed = False
 
     @classmethod
-    def for_client(cls, client: aioredis.Redis) -> Multiplexed:
+    def for_client(cls, client: aioredis.Redis, listener: Listener | None = None) -> Multiplexed:
         """A connection with every option of `client`'s pool (open_redis, standalone or
-        sentinel); nothing connects until the first read."""
+        sentinel), tracked for `listener` if one is given; nothing connects until the
+        first read."""
         pool = client.connection_pool
         kwargs = pool.connection_kwargs
         tls = None
@@ -302,6 +355,7 @@ class Multiplexed:
             db=int(kwargs.get("db") or 0),
             socket_timeout_s=kwargs.get("socket_timeout"),
             connect_timeout_s=kwargs.get("socket_connect_timeout"),
+            listener=listener,
         )
 
     def request(self, payload: bytes, n_replies: int) -> asyncio.Future[Replies]:
@@ -315,6 +369,10 @@ class Multiplexed:
                 return future
             conn = self._reconnect()
         return conn.send(payload, n_replies)
+
+    def connected(self) -> bool:
+        """Connected, handshake done, not failed."""
+        return self._conn is not None and self._conn.is_open
 
     async def ping(self) -> None:
         """PING through the same connection (and its timeouts)."""
@@ -343,7 +401,8 @@ class Multiplexed:
 
     def _reconnect(self) -> _Connection:
         loop = asyncio.get_running_loop()
-        conn = _Connection(loop, self._timeout_s, self._handshake, len(self._checks))
+        n_handshake = len(self._checks) + (self._listener is not None)
+        conn = _Connection(loop, self._timeout_s, self._handshake, n_handshake, self._listener)
         self._conn = conn  # later reads queue here: one connect at a time
         self._connecting = loop.create_task(self._connect(conn))
         self._connecting.add_done_callback(self._connected)
@@ -375,8 +434,12 @@ class Multiplexed:
             except OSError as exc:  # refused, reset, TLS (ssl.SSLError), a missing CA file
                 raise RedisConnectionError(format_error_message(conn.peer, exc)) from exc
             if conn.handshake is not None:
-                for check, reply in zip(self._checks, await conn.handshake, strict=True):
+                replies = await conn.handshake
+                n_checks = len(self._checks)
+                for check, reply in zip(self._checks, replies[:n_checks], strict=True):
                     check(reply)
+                if self._listener is not None:
+                    await self._track(conn, replies[-1])
             conn.open()
         except RedisError as exc:
             error = exc
@@ -385,6 +448,31 @@ class Multiplexed:
         finally:
             if not conn.is_open:
                 conn.close(error)
+
+    async def _track(self, conn: _Connection, hello: Any) -> None:
+        """Turn CLIENT TRACKING on if the server answered HELLO 3; tell the listener."""
+        assert self._listener is not None
+        if not isinstance(hello, dict) or hello.get(b"proto") != 3:
+            self._listener.opened(False, f"HELLO 3 answered {_shown(hello)}")
+            return
+        (reply,) = await conn.exchange(TRACKING_ON, 1)
+        if isinstance(reply, RedisConnectionError):
+            raise reply
+        if reply != b"OK":
+            self._listener.opened(False, f"CLIENT TRACKING ON answered {_shown(reply)}")
+            return
+        # Before the queued reads go out: every read on this connection is tracked.
+        conn.tracked = True
+        self._listener.opened(True, "")
+
+
+def _shown(reply: Any) -> str:
+    return f"{type(reply).__name__}: {reply}" if isinstance(reply, Exception) else repr(reply)
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _auth_ok(reply: Any) -> None:

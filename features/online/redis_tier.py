@@ -6,7 +6,9 @@ embedding, ZCARD and ZCOUNT or ZSCORE for a sorted set) and decodes their replie
 of them go out through redis-py's pipeline, or (`multiplex=True`, standalone and
 Sentinel) through the tier's own multiplexed connection (features/online/multiplex.py),
 which needs no pool checkout and shares writes between concurrent requests. Cluster
-clients always use the cluster pipeline. Everything after the round trip is the same."""
+clients always use the cluster pipeline. Everything after the round trip is the same.
+With `tracking`, the multiplexed connection is also the cache's invalidation session
+(features/online/tracking.py); the tier starts its keeper and stops it."""
 
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from features.online.keys import Key
 from features.online.multiplex import Multiplexed
 from features.online.reads import Codec
 from features.online.tier import Answer
+from features.online.tracking import Tracking
 from features.spec import FeatureGroup
 from features.tracing import TRACING
 
@@ -57,6 +60,7 @@ class RedisTier:
         *,
         breaker: CircuitBreaker | None = None,
         multiplex: bool = False,
+        tracking: Tracking | None = None,
         probe_slow_s: float | None = None,
         error_log_interval_s: float = 10.0,
         timer: Callable[[], float] = time.monotonic,
@@ -65,8 +69,10 @@ class RedisTier:
         self.client = client
         self._codecs = codecs
         self._mux: Multiplexed | None = None
+        self._tracking: Tracking | None = None
         if multiplex and isinstance(client, aioredis.Redis):
-            self._mux = Multiplexed.for_client(client)
+            self._mux = Multiplexed.for_client(client, listener=tracking)
+            self._tracking = tracking
         self.breaker = breaker or CircuitBreaker(timer=timer)
         self._probe_slow_s = probe_slow_s
         self._clock = clock  # wall time, for event-time freshness
@@ -85,6 +91,8 @@ class RedisTier:
                 logger.warning(
                     "Redis connection not opened at start (%s: %s)", type(exc).__name__, exc
                 )
+            if self._tracking is not None:
+                self._tracking.start(self._mux)  # and reconnects, if that failed
 
     async def read(self, keys: Sequence[Key], deadline: float) -> list[Answer]:
         """Each key's entry (missing keys decode to their defaults: final), or a Reason."""
@@ -145,6 +153,8 @@ class RedisTier:
         for task in self._probes:
             task.cancel()
         await asyncio.gather(*self._probes, return_exceptions=True)
+        if self._tracking is not None:
+            await self._tracking.aclose()
         if self._mux is not None:
             await self._mux.aclose()
 

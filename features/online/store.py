@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import numpy.typing as npt
+import redis.asyncio as aioredis
 from opentelemetry.trace import Span
 
 from features import metrics
@@ -19,7 +20,7 @@ from features.breaker import CircuitBreaker
 from features.connection import Client
 from features.errors import InvalidEntityId
 from features.online.backing_tier import BackingTier
-from features.online.cache import EntryCache
+from features.online.cache import UNTRACKED, EntryCache
 from features.online.codec import codec_for
 from features.online.entry import NOT_CACHED, Entry, FeatureRows, GroupRead, Reason, Source
 from features.online.health import MAX_PENDING, HealthTally
@@ -27,6 +28,7 @@ from features.online.keys import Key, key_of
 from features.online.reads import Codec
 from features.online.redis_tier import RedisTier
 from features.online.tier import Tier
+from features.online.tracking import Tracking
 from features.spec import GROUPS, FeatureGroup, validate_entity_id
 from features.tracing import TRACING
 
@@ -54,6 +56,12 @@ class FeatureStore:
     defaults, the age of served values from their event time on `clock`) is logged per
     read and written to its metrics once `health_flush_s` has passed on `clock`, when the
     log holds MAX_PENDING groups, and when the store closes.
+
+    `invalidation` (with `multiplex`, outside cluster mode) has Redis track the keys the
+    connection reads and push an invalidation when one changes (features/online/
+    tracking.py): an invalidated key leaves the cache at once, and while tracking is live
+    entries stay fresh for `cache_tracked_ttl_s` (if longer) instead of `cache_ttl_s`.
+    `tracking` is that session's state (features/online/tracking.py), None without it.
     """
 
     def __init__(
@@ -65,6 +73,8 @@ class FeatureStore:
         stale_max_age_s: float = 300.0,
         cache_ttl_s: float = 5.0,
         cache_maxsize: int = 100_000,
+        invalidation: bool = False,
+        cache_tracked_ttl_s: float | None = None,
         error_log_interval_s: float = 10.0,
         backing: BackingStore | None = None,
         backing_timeout_s: float = 0.01,
@@ -96,11 +106,28 @@ class FeatureStore:
         self._health_log = RateLimitedLog(
             logger, error_log_interval_s, level=logging.ERROR, exc_info=True
         )
-        self._cache = EntryCache(cache_maxsize, cache_ttl_s, max(cache_ttl_s, stale_max_age_s))
+        # Never shorter than the short TTL: a setting of the short one alone (say an hour)
+        # keeps meaning what it meant.
+        tracked_ttl_s = max(cache_ttl_s, cache_tracked_ttl_s or 0.0)
+        self._cache = EntryCache(
+            cache_maxsize,
+            cache_ttl_s,
+            max(cache_ttl_s, tracked_ttl_s, stale_max_age_s),  # a fresh entry is a last one
+            tracked_ttl_s,
+        )
         self._backing: BackingTier | None = None
+        # One event loop per worker owns the store: no lock around the cache or these.
+        self._inflight: dict[str, _Flight] = {}
+        self.tracking: Tracking | None = None
         if tiers is None:
             if client is None:
                 raise ValueError("FeatureStore needs a Redis client or its tiers")
+            if invalidation and multiplex and isinstance(client, aioredis.Redis):
+                self.tracking = Tracking(
+                    self._cache, self._invalidate, error_log_interval_s=error_log_interval_s
+                )
+            elif invalidation:
+                logger.info("cache invalidation is off: it needs the multiplexed reader")
             tiers = self._standard_tiers(
                 client,
                 breaker=breaker,
@@ -119,13 +146,14 @@ class FeatureStore:
         for tier in self._tiers:
             carried = frozenset(c.name for c in self._groups if tier.carries(c.spec))
             self._carried.append(None if len(carried) == len(self._groups) else carried)
-        # One event loop per worker owns the store: no lock around the cache or these.
-        self._inflight: dict[str, _Flight] = {}
         self._reads: set[asyncio.Task[None]] = set()  # referenced, so none is collected
         # Label children bound once: .labels() costs about a microsecond per call.
         self._hits = metrics.CACHE_LOOKUPS.labels("hit")
         self._misses = metrics.CACHE_LOOKUPS.labels("miss")
         self._retrieval = {s: metrics.RETRIEVAL_SECONDS.labels(s) for s in Source}
+        self._invalidated = {
+            r: metrics.INVALIDATED_KEYS.labels(r) for r in ("dropped", "absent", "in_flight")
+        }
 
     def _standard_tiers(
         self,
@@ -146,6 +174,7 @@ class FeatureStore:
             self._codecs,
             breaker=breaker,
             multiplex=multiplex,
+            tracking=self.tracking,
             probe_slow_s=self._deadline_s,
             error_log_interval_s=error_log_interval_s,
             timer=timer,
@@ -310,7 +339,7 @@ class FeatureStore:
             span.set_attribute("features.joined", len(waits))
         if own:
             # One flight per read, not per key: joiners look their keys up in its result.
-            flight = _Flight()
+            flight = _Flight(self._cache.session)
             for key in own:
                 inflight[key.id] = flight
                 waits[key.id] = flight
@@ -401,10 +430,36 @@ class FeatureStore:
         now = self._timer()
         cache = self._cache
         codecs = self._codecs
+        session, dropped = flight.session, flight.dropped
         for key in keys:
             entry = result[key.id]
+            if dropped is not None and key.id in dropped:
+                continue  # invalidated while in flight: this reply may predate the write
             if codecs[key.group.qualified_name].reads[entry[1]][0].reason not in NOT_CACHED:
-                cache.put(key.id, entry, now)
+                # A member read's id is not its Redis key, so an invalidation of the key
+                # cannot find it: it keeps the short TTL.
+                cache.put(key.id, entry, now, UNTRACKED if key.member else session)
+
+    def _invalidate(self, key_ids: list[str] | None) -> None:
+        """Redis says these keys changed (None: all of them, a flush): drop them from the
+        cache, and keep the reads in flight for them from caching their replies."""
+        cache, inflight = self._cache, self._inflight
+        if key_ids is None:
+            self._invalidated["dropped"].inc(len(cache))
+            cache.clear()
+            for key_id, joined in inflight.items():
+                joined.drop(key_id)
+            return
+        dropped = in_flight = 0
+        for key_id in key_ids:
+            dropped += cache.drop(key_id)
+            flight = inflight.get(key_id)
+            if flight is not None:
+                flight.drop(key_id)
+                in_flight += 1
+        self._invalidated["dropped"].inc(dropped)
+        self._invalidated["in_flight"].inc(in_flight)
+        self._invalidated["absent"].inc(len(key_ids) - dropped)
 
     def _read_done(self, task: asyncio.Task[None]) -> None:
         self._reads.discard(task)
@@ -431,11 +486,20 @@ class _Flight:
     """One read in flight, shared by every request that wants its keys (single-flight):
     its result once it lands, and the requests waiting for it."""
 
-    __slots__ = ("result", "waiters")
+    __slots__ = ("dropped", "result", "session", "waiters")
 
-    def __init__(self) -> None:
+    def __init__(self, session: int) -> None:
         self.result: dict[str, Entry] | None = None
         self.waiters: list[_Waiter] = []
+        # The invalidation session live when the read was sent (UNTRACKED if none): what
+        # its entries are cached under. Keys invalidated meanwhile are not cached.
+        self.session = session if session > 0 else UNTRACKED
+        self.dropped: set[str] | None = None
+
+    def drop(self, key_id: str) -> None:
+        if self.dropped is None:
+            self.dropped = set()
+        self.dropped.add(key_id)
 
     def land(self, result: dict[str, Entry]) -> None:
         # Wakes each waiter itself: a done-callback on a shared future would cost every
