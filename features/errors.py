@@ -4,7 +4,8 @@ defaults and say why (`GroupRead.reason`).
 FeatureError
 ├── InvalidEntityId           a client-supplied id that may not become a key
 ├── FeatureWriteError         a write was not applied; nothing was reported as written
-└── BackingStoreError         the persistent store behind Redis failed or timed out
+├── BackingStoreError         the persistent store behind Redis failed or timed out
+└── MalformedEvent            a stream event that cannot be applied (it is dead-lettered)
 """
 
 from __future__ import annotations
@@ -35,3 +36,11 @@ class FeatureWriteError(FeatureError):
 
 class BackingStoreError(FeatureError):
     """The backing store (DynamoDB or Bigtable) failed, refused, or did not answer in time."""
+
+
+class MalformedEvent(FeatureError, ValueError):
+    """A transaction event with a missing or bad field; `reason` says which and why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from redis.exceptions import RedisError
 
 from features._script import Call, Script
-from features.backing import BackingStore
+from features.backing import BackingStore, EncodedRow
 from features.connection import Client
 from features.errors import BackingStoreError, FeatureWriteError
 from features.spec import EVENT_TS_FIELD, Dtype, FeatureGroup, validate_entity_id
@@ -45,12 +45,16 @@ class FeatureWriter:
         self._clock = clock
 
     async def write(
-        self, group: FeatureGroup, rows: Sequence[Row], event_ts: float | None = None
+        self,
+        group: FeatureGroup,
+        rows: Sequence[Row],
+        event_ts: float | Sequence[float] | None = None,
     ) -> int:
         """Write `(entity_id, {feature: value})` rows; returns how many were written.
 
         Fields not given keep their stored values; the group's event time (`event_ts`,
-        default now) is stored with them, and every written key gets the group's TTL.
+        default now; or one per row) is stored with them, and every written key gets the
+        group's TTL.
         A backing-store failure raises FeatureWriteError before Redis is touched. In
         Redis each row is applied whole or not at all; on FeatureWriteError, `failed`
         names the rows not written (all of them if the batch went unanswered), and
@@ -58,9 +62,7 @@ class FeatureWriter:
         """
         if not rows:
             return 0
-        ts = self._clock() if event_ts is None else float(event_ts)
-        if not math.isfinite(ts):
-            raise ValueError(f"event_ts: {event_ts!r} is not a finite number")
+        stamps = self._stamps(len(rows), event_ts)
         encoded = [
             (validate_entity_id(f"{group.entity}_id", entity_id), _encode(group, v))
             for entity_id, v in rows
@@ -68,18 +70,23 @@ class FeatureWriter:
         ids = [entity_id for entity_id, _ in rows]
         what = f"{len(rows)} {group.qualified_name} rows not written"
         if self._backing is not None:
+            by_ts: dict[float, list[EncodedRow]] = {}
+            for row, ts in zip(encoded, stamps, strict=True):
+                by_ts.setdefault(ts, []).append(row)
             try:
-                await self._backing.write(group, encoded, ts)
+                for ts, part in by_ts.items():  # one write in the common case: one stamp
+                    await self._backing.write(group, part, ts)
             except BackingStoreError as exc:
                 raise FeatureWriteError(
                     f"{what}: backing store {self._backing.name}: {exc}; Redis untouched",
                     failed=ids,
                 ) from exc
         persisted = "" if self._backing is None else "; already persisted in the backing store"
-        stamp = {EVENT_TS_FIELD: repr(ts)}
         calls: list[Call] = []
-        for entity_id, mapping in encoded:
-            pairs = [part for item in (mapping | stamp).items() for part in item]
+        for (entity_id, mapping), ts in zip(encoded, stamps, strict=True):
+            pairs = [
+                part for item in (mapping | {EVENT_TS_FIELD: repr(ts)}).items() for part in item
+            ]
             calls.append((group.key(entity_id), [group.ttl_s, *pairs]))
         try:
             replies = await SET_WITH_TTL.run(self._client, calls)
@@ -100,6 +107,21 @@ class FeatureWriter:
                 failed=[entity_id for entity_id, _ in errors],
             )
         return len(rows)
+
+    def _stamps(self, n_rows: int, event_ts: float | Sequence[float] | None) -> list[float]:
+        """One finite event time per row."""
+        if event_ts is None:
+            return [self._clock()] * n_rows
+        if isinstance(event_ts, int | float):
+            stamps = [float(event_ts)] * n_rows
+        else:
+            stamps = [float(ts) for ts in event_ts]
+        if len(stamps) != n_rows:
+            raise ValueError(f"event_ts: {len(stamps)} event times for {n_rows} rows")
+        bad = next((ts for ts in stamps if not math.isfinite(ts)), None)
+        if bad is not None:
+            raise ValueError(f"event_ts: {bad!r} is not a finite number")
+        return stamps
 
 
 def _encode(group: FeatureGroup, values: Mapping[str, float]) -> dict[str, str]:
