@@ -36,8 +36,9 @@ from models import MODEL_NAME
 from models.scorer import Scorer, check_saved_schema
 from serving import client_errors
 from serving.admission import Admission
+from serving.events import EventAppender
 from serving.limits import RequestLimits
-from serving.runtime import admission_config, service_config
+from serving.runtime import admission_config, events_config, service_config
 from serving.schemas import (
     BatchPrediction,
     GroupSource,
@@ -58,6 +59,10 @@ SETTINGS = Settings.from_env()
 Transaction = transaction_model(SETTINGS)
 TransactionBatch = batch_model(SETTINGS, Transaction)
 ID_FIELDS = {entity: entity_field(entity) for entity in ENTITY_TYPES}
+
+EVENTS = events_config()
+# Longest shutdown waits to append what is still queued.
+EVENTS_FLUSH_S = 1.0
 
 client_errors.install(SETTINGS.error_log_interval_s)
 
@@ -85,6 +90,19 @@ class FraudService:
         self.store = open_store(self.settings, self.redis)
         self.gc_pauses = collector.GcPauses()
         self._gc_flush: asyncio.Task[None] | None = None
+        # Scored transactions to the stream that recomputes velocity (features/stream/).
+        self.events = (
+            EventAppender(
+                self.redis,
+                stream=self.settings.stream_key,
+                maxlen=self.settings.stream_maxlen,
+                queue_size=EVENTS.queue_size,
+                batch=EVENTS.batch,
+                error_log_interval_s=self.settings.error_log_interval_s,
+            )
+            if EVENTS.enabled
+            else None
+        )
         logger.info(
             "model %s loaded, fingerprint %s; online store %s",
             self.model.tag,
@@ -111,6 +129,8 @@ class FraudService:
         frozen = collector.freeze()
         self.gc_pauses.install()
         self._gc_flush = asyncio.create_task(self.gc_pauses.run())
+        if self.events is not None:
+            self.events.start()
         logger.info("start-up objects frozen out of garbage collection: %d", frozen)
 
     @bentoml.on_shutdown
@@ -118,6 +138,8 @@ class FraudService:
         if self._gc_flush is not None:
             self._gc_flush.cancel()
         self.gc_pauses.uninstall()
+        if self.events is not None:
+            await self.events.aclose(EVENTS_FLUSH_S)
         await self.store.aclose()
         await self.redis.aclose()
 
@@ -154,7 +176,7 @@ class FraudService:
             np.array([t["amount"] for t in txs], dtype=np.float64),
             np.array([now if t["timestamp"] is None else t["timestamp"] for t in txs]),
         )
-        probabilities = self.scorer.predict(x)
+        probabilities = self.scorer.predict(x).tolist()
         done = time.perf_counter()
         INFERENCE_SECONDS.observe(done - fetched)
         timings = Timings.model_construct(
@@ -166,7 +188,13 @@ class FraudService:
             f"features;dur={timings.features_ms}, inference;dur={timings.inference_ms}, "
             f"total;dur={timings.total_ms}"
         )
-        return _scores(rows, probabilities.tolist()), timings
+        if self.events is not None:  # a put on a bounded queue each: never a wait
+            for t, p in zip(txs, probabilities, strict=True):
+                event_ts = now if t["timestamp"] is None else t["timestamp"]
+                self.events.offer(
+                    (t["transaction_id"], t["user_id"], t["merchant_id"], t["amount"], event_ts, p)
+                )
+        return _scores(rows, probabilities), timings
 
 
 # The decorator made FraudService a bentoml Service; its stub types it as the class.

@@ -1,5 +1,6 @@
 """The service's runtime options from FRAUD_* environment variables, read when service.py
-is imported: BentoML's (the `@bentoml.service` decorator takes them) and admission control."""
+is imported: BentoML's (the `@bentoml.service` decorator takes them), admission control and
+the appending of scored transactions to the stream."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from serving.admission import AdmissionConfig
+from serving.events import EventsConfig
 
 # Matches every URL: BentoML's OpenTelemetry middleware then makes no span at all.
 _ALL_URLS = [".*"]
@@ -30,6 +32,15 @@ def admission_config(env: Mapping[str, str] = os.environ) -> AdmissionConfig:
             f"{config.max_limit}"
         )
     return config
+
+
+def events_config(env: Mapping[str, str] = os.environ) -> EventsConfig:
+    """Whether and how serving/events.py appends scored transactions, from FRAUD_EVENTS*."""
+    return EventsConfig(
+        enabled=_flag(env, "FRAUD_EVENTS", "1"),
+        queue_size=_number(env, "FRAUD_EVENTS_QUEUE", "10000", int),
+        batch=_number(env, "FRAUD_EVENTS_BATCH", "256", int),
+    )
 
 
 class RuntimeConfigError(ValueError):
