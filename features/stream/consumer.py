@@ -141,11 +141,14 @@ class VelocityConsumer:
     async def run(self, stop: asyncio.Event, report_interval_s: float) -> None:
         """Handle batches until `stop` is set, backing off after failures; log the counts
         once per `report_interval_s`."""
-        await self.ensure_group()
         failures = 0
+        joined = False
         next_report = self._timer() + report_interval_s
         while not stop.is_set():
             try:
+                if not joined:
+                    await self.ensure_group()
+                    joined = True
                 await self.step()
                 failures = 0
             except _FAILURES as exc:
@@ -228,7 +231,7 @@ class VelocityConsumer:
             valid, user_replies, merchant_replies, strict=True
         ):
             error = next((r for r in (u_reply, m_reply) if isinstance(r, Exception)), None)
-            if isinstance(error, ResponseError) and str(error).startswith("WRONGTYPE"):
+            if isinstance(error, ResponseError) and "WRONGTYPE" in str(error):
                 dead.append((entry_id, event.fields(), f"script: {error}"))
                 continue
             if error is not None:  # e.g. OOM: the event stays pending and is tried again
