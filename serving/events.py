@@ -61,6 +61,7 @@ class EventAppender:
         self._queue: asyncio.Queue[Pending] = asyncio.Queue(queue_size)
         self._log = RateLimitedLog(logger, error_log_interval_s)
         self._task: asyncio.Task[None] | None = None
+        self._in_flight = 0
         self._closed = False
         for reason in ("queue_full", "redis", "shutdown"):
             DROPPED.labels(reason)  # exported at 0, for rates and alerts
@@ -88,10 +89,10 @@ class EventAppender:
             return
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._queue.join(), timeout_s)
+        left = self._queue.qsize() + self._in_flight  # what the cancel below abandons
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
-        left = self._queue.qsize()
         if left:
             DROPPED.labels("shutdown").inc(left)
             logger.warning("%d scored transactions not appended at shutdown", left)
@@ -101,9 +102,11 @@ class EventAppender:
             batch = [await self._queue.get()]
             while len(batch) < self._batch and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
+            self._in_flight = len(batch)
             try:
                 await self._send(batch)
             finally:
+                self._in_flight = 0
                 for _ in batch:
                     self._queue.task_done()
 
