@@ -379,3 +379,15 @@ def test_end_to_end_scored_transactions_become_velocity(
     assert values["tx_count_24h"] == 3 and values["distinct_merchants_7d"] == 1
     ids = {f[b"tx_id"] for _, f in sync_redis.xrange(STREAM) if f[b"user_id"] == user.encode()}
     assert {f"{user}-0".encode(), f"{user}-1".encode()} < ids and len(ids) == 3
+
+
+async def test_the_writer_takes_one_event_time_per_row(client, sync_redis) -> None:
+    writer = FeatureWriter(client)
+    rows = [("a", {"merchant_tx_count_24h": 1}), ("b", {"merchant_tx_count_24h": 2})]
+    assert await writer.write(MERCHANT_VELOCITY, rows, event_ts=[NOW - 5, NOW]) == 2
+    assert stored(sync_redis, MERCHANT_VELOCITY.key("a"))[EVENT_TS_FIELD] == NOW - 5
+    assert stored(sync_redis, MERCHANT_VELOCITY.key("b"))[EVENT_TS_FIELD] == NOW
+    with pytest.raises(ValueError, match="1 event times for 2 rows"):
+        await writer.write(MERCHANT_VELOCITY, rows, event_ts=[NOW])
+    with pytest.raises(ValueError, match="not a finite number"):
+        await writer.write(MERCHANT_VELOCITY, rows, event_ts=[NOW, float("nan")])

@@ -8,6 +8,7 @@ refused: its keys span slots.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -21,6 +22,9 @@ from features.errors import BackingStoreError, FeatureWriteError
 from features.spec import EVENT_TS_FIELD, Dtype, FeatureGroup, validate_entity_id
 
 Row = tuple[str, Mapping[str, float]]
+
+BACKING_WRITES_AT_ONCE = 8
+"""Backing-store writes in flight at once for rows of different event times."""
 
 # KEYS[1] the group's key; ARGV[1] its TTL in seconds, then field, value, field, value...
 # Under maxmemory the HSET is refused before anything is written, so nothing half-applies.
@@ -70,12 +74,8 @@ class FeatureWriter:
         ids = [entity_id for entity_id, _ in rows]
         what = f"{len(rows)} {group.qualified_name} rows not written"
         if self._backing is not None:
-            by_ts: dict[float, list[EncodedRow]] = {}
-            for row, ts in zip(encoded, stamps, strict=True):
-                by_ts.setdefault(ts, []).append(row)
             try:
-                for ts, part in by_ts.items():  # one write in the common case: one stamp
-                    await self._backing.write(group, part, ts)
+                await self._write_backing(self._backing, group, encoded, stamps)
             except BackingStoreError as exc:
                 raise FeatureWriteError(
                     f"{what}: backing store {self._backing.name}: {exc}; Redis untouched",
@@ -107,6 +107,31 @@ class FeatureWriter:
                 failed=[entity_id for entity_id, _ in errors],
             )
         return len(rows)
+
+    async def _write_backing(
+        self,
+        backing: BackingStore,
+        group: FeatureGroup,
+        encoded: Sequence[EncodedRow],
+        stamps: Sequence[float],
+    ) -> None:
+        """One backing write per distinct event time (one in the common case), at most
+        BACKING_WRITES_AT_ONCE at a time; raises the first BackingStoreError."""
+        by_ts: dict[float, list[EncodedRow]] = {}
+        for row, ts in zip(encoded, stamps, strict=True):
+            by_ts.setdefault(ts, []).append(row)
+        slots = asyncio.Semaphore(BACKING_WRITES_AT_ONCE)
+
+        async def bounded(ts: float, part: list[EncodedRow]) -> None:
+            async with slots:
+                await backing.write(group, part, ts)
+
+        results = await asyncio.gather(
+            *(bounded(ts, part) for ts, part in by_ts.items()), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
 
     def _stamps(self, n_rows: int, event_ts: float | Sequence[float] | None) -> list[float]:
         """One finite event time per row."""
