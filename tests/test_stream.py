@@ -11,10 +11,12 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import redis
+from redis.cluster import RedisCluster as SyncRedisCluster
 
 import features.stream as stream
 from features import (
@@ -32,6 +34,7 @@ from features.stream.velocity import ACTIVITY_TTL_S, DAY_S, HOUR_S, MERCHANTS_TT
 from tests.conftest import Service
 from tests.test_backing import dynamo_store
 from tools.emulators import Dynalite
+from tools.redis_cluster import LocalCluster
 from tools.redis_server import free_port
 from tools.stream_consumer import StreamConsumer
 
@@ -74,6 +77,11 @@ def tx(tx_id: str, user: str = "u1", merchant: str = "m1", amount: float = 10.0,
 def publish(sync_redis: redis.Redis, *events: TransactionEvent | dict[str, object]) -> None:
     for e in events:
         sync_redis.xadd(STREAM, e.fields() if isinstance(e, TransactionEvent) else e)  # type: ignore[arg-type]
+
+
+def entry(event: TransactionEvent, **changes: str) -> dict[Any, Any]:
+    """A stream entry's fields, some changed."""
+    return event.fields() | changes
 
 
 def stored(sync_redis: redis.Redis, key: str) -> dict[str, float]:
@@ -391,3 +399,36 @@ async def test_the_writer_takes_one_event_time_per_row(client, sync_redis) -> No
         await writer.write(MERCHANT_VELOCITY, rows, event_ts=[NOW])
     with pytest.raises(ValueError, match="not a finite number"):
         await writer.write(MERCHANT_VELOCITY, rows, event_ts=[NOW, float("nan")])
+
+
+async def test_the_consumer_runs_on_a_cluster() -> None:
+    # Every key of one script call shares its entity's slot; the stream has a slot of its own.
+    with LocalCluster(masters=3) as cluster:
+        settings = Settings(
+            redis_url=cluster.url,
+            redis_mode="cluster",
+            redis_nodes=cluster.nodes,
+            redis_socket_timeout_s=2.0,
+            redis_cluster_deadline_s=5.0,
+        )
+        client = open_redis(settings)
+        admin = SyncRedisCluster(host="127.0.0.1", port=cluster.servers[0].port)
+        try:
+            users = [f"cu{i}" for i in range(8)]
+            for n in range(3):
+                for u in users:
+                    event = tx(f"{u}-{n}", user=u, merchant=f"m-{u}", amount=n + 1)
+                    admin.xadd(STREAM, entry(event))
+            admin.xadd(STREAM, entry(tx("cu0-0", user="cu0")))
+            admin.xadd(STREAM, entry(tx("bad"), amount="nan"))
+            c = consumer(client, batch=10)
+            await drain(c)
+            for u in users:
+                values = admin.hgetall(USER_FEATURES.key(u))
+                assert (values[b"tx_count_1h"], values[b"tx_sum_1h"]) == (b"3", b"6.0")
+                assert admin.hget(MERCHANT_VELOCITY.key(f"m-{u}"), "merchant_tx_count_24h") == b"3"
+            assert (c.totals.new, c.totals.duplicate, c.totals.dead) == (24, 1, 1)
+            assert admin.xlen(DEAD) == 1 and admin.xpending(STREAM, GROUP)["pending"] == 0
+        finally:
+            admin.close()
+            await client.aclose()
