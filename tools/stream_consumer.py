@@ -32,11 +32,13 @@ class StreamConsumer(Started):
 
     @property
     def process(self) -> subprocess.Popen[bytes]:
+        """The consumer's process."""
         if self._process is None:
             raise RuntimeError("stream consumer not started")
         return self._process
 
     def start(self) -> Self:
+        """Spawn the consumer (it joins the group on its own; nothing is awaited here)."""
         out = None if self.log is None else self.log.open("ab")
         try:
             self._process = subprocess.Popen(

@@ -67,6 +67,7 @@ class Counts:
     failed: int = 0
 
     def line(self) -> str:
+        """`read 3, new 2, ...`: the counts as one log line."""
         return ", ".join(f"{f.name} {getattr(self, f.name)}" for f in fields(self))
 
 
