@@ -39,7 +39,10 @@ class StreamConsumer(Started):
 
     def start(self) -> Self:
         """Spawn the consumer (it joins the group on its own; nothing is awaited here)."""
-        out = None if self.log is None else self.log.open("ab")
+        out = None
+        if self.log is not None:
+            self.log.parent.mkdir(parents=True, exist_ok=True)
+            out = self.log.open("ab")
         try:
             self._process = subprocess.Popen(
                 [sys.executable, "-m", "features.stream", *self._args],
