@@ -98,6 +98,7 @@ class FraudService:
                 maxlen=self.settings.stream_maxlen,
                 queue_size=EVENTS.queue_size,
                 batch=EVENTS.batch,
+                interval_s=EVENTS.interval_s,
                 error_log_interval_s=self.settings.error_log_interval_s,
             )
             if EVENTS.enabled

@@ -1,7 +1,7 @@
 """What appending scored transactions costs a request: `python -m load_tests.bench_events`.
 
-One redis-server with demo features, one velocity consumer, and two one-worker services
-on it: FRAUD_EVENTS=1 (each scored transaction appended to the stream) and FRAUD_EVENTS=0
+One redis-server with demo features, one velocity consumer (unless `--no-consumer`), and
+two one-worker services on it: FRAUD_EVENTS=1 (each scored transaction appended to the stream) and FRAUD_EVENTS=0
 (the same-run baseline). In interleaved rounds, each gets `--n` sequential /predict calls
 (concurrency 1: latency) and `--seconds` of closed-loop load at `--concurrency` (max RPS).
 """
@@ -72,6 +72,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument(
+        "--no-consumer", action="store_true", help="no velocity consumer: the appender alone"
+    )
     args = parser.parse_args(argv)
     env = {
         **os.environ,
@@ -84,7 +87,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         demo = ["--demo", "--users", str(USERS), "--merchants", str(MERCHANTS)]
         for command in (["features.offline.load", *demo], ["models.train", "--if-missing"]):
             subprocess.run([sys.executable, "-m", *command], cwd=ROOT, env=env, check=True)
-        stack.enter_context(StreamConsumer(env, ["--name", "bench"], log=RESULTS / "consumer.log"))
+        if not args.no_consumer:  # on the same vCPUs: its work competes with the service's
+            log = RESULTS / "consumer.log"
+            stack.enter_context(StreamConsumer(env, ["--name", "bench"], log=log))
         ports = {}
         for name, flag in (("events on", "1"), ("events off", "0")):
             port = free_port()

@@ -40,6 +40,7 @@ def events_config(env: Mapping[str, str] = os.environ) -> EventsConfig:
         enabled=_flag(env, "FRAUD_EVENTS", "1"),
         queue_size=_number(env, "FRAUD_EVENTS_QUEUE", "10000", int),
         batch=_number(env, "FRAUD_EVENTS_BATCH", "256", int),
+        interval_s=_number(env, "FRAUD_EVENTS_INTERVAL_MS", "50", float) / 1e3,
     )
 
 

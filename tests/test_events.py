@@ -97,10 +97,14 @@ async def test_close_is_bounded_when_redis_does_not_answer() -> None:
 
 
 def test_events_settings_and_bad_values_name_the_variable() -> None:
-    assert events_config({}) == EventsConfig(enabled=True, queue_size=10_000, batch=256)
+    assert events_config({}) == EventsConfig(
+        enabled=True, queue_size=10_000, batch=256, interval_s=0.05
+    )
+    assert events_config({"FRAUD_EVENTS_INTERVAL_MS": "5"}).interval_s == 0.005
     assert events_config({"FRAUD_EVENTS": "0", "FRAUD_EVENTS_QUEUE": "5"}).enabled is False
-    for name, raw in [("FRAUD_EVENTS", "yes"), ("FRAUD_EVENTS_QUEUE", "0"),
-                      ("FRAUD_EVENTS_BATCH", "many")]:  # fmt: skip
+    bad = [("FRAUD_EVENTS", "yes"), ("FRAUD_EVENTS_QUEUE", "0"), ("FRAUD_EVENTS_BATCH", "many"),
+           ("FRAUD_EVENTS_INTERVAL_MS", "-1")]  # fmt: skip
+    for name, raw in bad:
         with pytest.raises(RuntimeConfigError, match=name):
             events_config({name: raw})
 
