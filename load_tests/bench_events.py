@@ -1,9 +1,10 @@
 """What appending scored transactions costs a request: `python -m load_tests.bench_events`.
 
 One redis-server with demo features, one velocity consumer (unless `--no-consumer`), and
-two one-worker services on it: FRAUD_EVENTS=1 (each scored transaction appended to the stream) and FRAUD_EVENTS=0
-(the same-run baseline). In interleaved rounds, each gets `--n` sequential /predict calls
-(concurrency 1: latency) and `--seconds` of closed-loop load at `--concurrency` (max RPS).
+two one-worker services on it: FRAUD_EVENTS=1 (each scored transaction appended to the
+stream) and FRAUD_EVENTS=0 (the same-run baseline). In interleaved rounds, each gets `--n`
+sequential /predict calls (concurrency 1: latency) and `--seconds` of closed-loop load at
+`--concurrency` (max RPS).
 """
 
 from __future__ import annotations

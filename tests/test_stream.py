@@ -92,6 +92,22 @@ def pending(sync_redis: redis.Redis) -> int:
     return int(sync_redis.xpending(STREAM, GROUP)["pending"])
 
 
+def test_public_names_are_pinned() -> None:
+    assert stream.__all__ == [
+        "Applied",
+        "Counts",
+        "TransactionEvent",
+        "Velocity",
+        "VelocityConsumer",
+        "dead_letter_key",
+        "merchant_activity_key",
+        "user_activity_key",
+        "user_merchants_key",
+    ]
+    assert stream.dead_letter_key(STREAM) == DEAD
+    assert stream.user_activity_key("u1") == "user:{u1}:activity"  # the layout the reads use
+
+
 # A user's day: two events in the last hour, one 2 h ago, one 3 days ago at another merchant.
 DAY = [
     tx("t-old", merchant="m3", amount=99.0, ago_s=3 * DAY_S),
