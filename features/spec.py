@@ -26,6 +26,9 @@ ENTITY_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
 _ENTITY_ID_RE = re.compile(ENTITY_ID_PATTERN)
 # Reserved hash field (and backing-store attribute) holding the group's event time, unix s.
 EVENT_TS_FIELD = "_ts"
+# Reserved hash field of groups written with a version (the stream's): a write whose version
+# is not above the stored one is skipped, so a slower writer cannot put older values back.
+VERSION_FIELD = "_v"
 
 
 class Dtype(StrEnum):

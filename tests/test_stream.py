@@ -28,7 +28,7 @@ from features import (
 )
 from features.backing import BackingStore
 from features.connection import Client
-from features.spec import EVENT_TS_FIELD
+from features.spec import EVENT_TS_FIELD, VERSION_FIELD
 from features.stream import TransactionEvent, VelocityConsumer
 from features.stream.velocity import ACTIVITY_TTL_S, DAY_S, HOUR_S, MERCHANTS_TTL_S
 from tests.conftest import Service
@@ -129,14 +129,17 @@ async def test_velocity_over_each_window_with_ttls_and_event_time(client, sync_r
         "tx_sum_24h": 39.75,
         "distinct_merchants_7d": 3,  # m1, m2, and m3 three days ago
         EVENT_TS_FIELD: NOW - 10,  # the newest event time used
+        VERSION_FIELD: 4,  # script calls on the user's logs
     }
     assert stored(sync_redis, MERCHANT_VELOCITY.key("m1")) == {
         "merchant_tx_count_24h": 2,
         EVENT_TS_FIELD: NOW - 10,
+        VERSION_FIELD: 2,
     }
     assert stored(sync_redis, MERCHANT_VELOCITY.key("m3")) == {
         "merchant_tx_count_24h": 1,
         EVENT_TS_FIELD: NOW - 3 * DAY_S,
+        VERSION_FIELD: 1,
     }
     for key, ttl_s in [
         (USER_FEATURES.key("u1"), USER_FEATURES.ttl_s),
@@ -186,7 +189,7 @@ async def test_late_events_count_only_as_merchants_paid_within_7_days(client, sy
     publish(sync_redis, tx("late-10d", merchant="m9", amount=60.0, ago_s=10 * DAY_S))
     await drain(c)
     after = stored(sync_redis, USER_FEATURES.key("u1"))
-    assert after == before | {"distinct_merchants_7d": 3}  # m1, m2 and m8; not m9
+    assert after == before | {"distinct_merchants_7d": 3, VERSION_FIELD: 4}  # m1, m2, m8; not m9
     assert sync_redis.zcard(stream.user_activity_key("u1")) == 2
     assert c.totals.late == 2 and pending(sync_redis) == 0
     # A merchant with no other events takes the late event as its newest.
@@ -448,3 +451,45 @@ async def test_the_consumer_runs_on_a_cluster() -> None:
         finally:
             admin.close()
             await client.aclose()
+
+
+async def test_of_two_consumers_racing_on_one_user_the_last_applied_stays(
+    client, sync_redis
+) -> None:
+    # A applies t1 to the logs; before A writes, B applies t2 and writes; then A writes
+    # its older aggregates, which the version keeps out.
+    publish(sync_redis, tx("r1", amount=1.0, ago_s=5))
+    b = consumer(client, "b")
+
+    async def b_overtakes() -> None:
+        publish(sync_redis, tx("r2", amount=2.0))
+        await b.step(block=False)
+
+    a = consumer(client, "a", after_append=b_overtakes)
+    await a.ensure_group()
+    await a.step(block=False)
+    user = stored(sync_redis, USER_FEATURES.key("u1"))
+    assert (user["tx_count_1h"], user["tx_sum_1h"], user[VERSION_FIELD]) == (2, 3.0, 2)
+    assert user[EVENT_TS_FIELD] == NOW
+    assert stored(sync_redis, MERCHANT_VELOCITY.key("m1"))["merchant_tx_count_24h"] == 2
+    assert pending(sync_redis) == 0
+
+
+async def test_a_versioned_write_never_puts_an_older_version_back(client, sync_redis) -> None:
+    writer = FeatureWriter(client)
+    key = MERCHANT_VELOCITY.key("v")
+
+    async def write(count: int, version: int) -> int:
+        rows = [("v", {"merchant_tx_count_24h": count})]
+        return await writer.write(MERCHANT_VELOCITY, rows, event_ts=NOW, versions=[version])
+
+    assert await write(5, 5) == 1
+    assert await write(4, 4) == 0 and await write(9, 5) == 0  # not above the stored one
+    assert stored(sync_redis, key)["merchant_tx_count_24h"] == 5
+    assert await write(6, 6) == 1
+    assert stored(sync_redis, key) == {
+        "merchant_tx_count_24h": 6,
+        EVENT_TS_FIELD: NOW,
+        VERSION_FIELD: 6,
+    }
+    assert MERCHANT_VELOCITY.ttl_s - 60 < sync_redis.ttl(key) <= MERCHANT_VELOCITY.ttl_s

@@ -19,7 +19,13 @@ from features._script import Call, Script
 from features.backing import BackingStore, EncodedRow
 from features.connection import Client
 from features.errors import BackingStoreError, FeatureWriteError
-from features.spec import EVENT_TS_FIELD, Dtype, FeatureGroup, validate_entity_id
+from features.spec import (
+    EVENT_TS_FIELD,
+    VERSION_FIELD,
+    Dtype,
+    FeatureGroup,
+    validate_entity_id,
+)
 
 Row = tuple[str, Mapping[str, float]]
 
@@ -31,6 +37,16 @@ BACKING_WRITES_AT_ONCE = 8
 SET_WITH_TTL = Script("""
 redis.call('HSET', KEYS[1], unpack(ARGV, 2))
 return redis.call('EXPIRE', KEYS[1], ARGV[1])
+""")
+
+
+# The same, only if ARGV[2] (a version) is above the stored one; 0 if skipped.
+SET_IF_NEWER = Script("""
+local stored = tonumber(redis.call('HGET', KEYS[1], ARGV[2]))
+if stored and stored >= tonumber(ARGV[3]) then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return 1
 """)
 
 
@@ -53,12 +69,15 @@ class FeatureWriter:
         group: FeatureGroup,
         rows: Sequence[Row],
         event_ts: float | Sequence[float] | None = None,
+        versions: Sequence[int] | None = None,
     ) -> int:
         """Write `(entity_id, {feature: value})` rows; returns how many were written.
 
         Fields not given keep their stored values; the group's event time (`event_ts`,
         default now; or one per row) is stored with them, and every written key gets the
-        group's TTL.
+        group's TTL. With `versions` (one per row), a row reaches Redis only if its version
+        is above the one stored with the key (a row skipped is not counted as written);
+        the backing store takes every row.
         A backing-store failure raises FeatureWriteError before Redis is touched. In
         Redis each row is applied whole or not at all; on FeatureWriteError, `failed`
         names the rows not written (all of them if the batch went unanswered), and
@@ -82,14 +101,18 @@ class FeatureWriter:
                     failed=ids,
                 ) from exc
         persisted = "" if self._backing is None else "; already persisted in the backing store"
+        if versions is not None and len(versions) != len(rows):
+            raise ValueError(f"versions: {len(versions)} versions for {len(rows)} rows")
         calls: list[Call] = []
-        for (entity_id, mapping), ts in zip(encoded, stamps, strict=True):
-            pairs = [
-                part for item in (mapping | {EVENT_TS_FIELD: repr(ts)}).items() for part in item
-            ]
+        for i, ((entity_id, mapping), ts) in enumerate(zip(encoded, stamps, strict=True)):
+            fields = mapping | {EVENT_TS_FIELD: repr(ts)}
+            if versions is not None:  # first: the script reads its name at ARGV[2]
+                fields = {VERSION_FIELD: str(int(versions[i]))} | fields
+            pairs = [part for item in fields.items() for part in item]
             calls.append((group.key(entity_id), [group.ttl_s, *pairs]))
+        script = SET_WITH_TTL if versions is None else SET_IF_NEWER
         try:
-            replies = await SET_WITH_TTL.run(self._client, calls)
+            replies = await script.run(self._client, calls)
         except (RedisError, OSError) as exc:  # OSError: TimeoutError of a cluster deadline
             raise FeatureWriteError(
                 f"{len(rows)} {group.qualified_name} rows not confirmed by Redis: {exc}{persisted}",
@@ -106,7 +129,7 @@ class FeatureWriter:
                 f"({len(rows) - len(errors)} were): {errors[0][1]}{persisted}",
                 failed=[entity_id for entity_id, _ in errors],
             )
-        return len(rows)
+        return len(rows) if versions is None else sum(reply == 1 for reply in replies)
 
     async def _write_backing(
         self,

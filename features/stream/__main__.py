@@ -15,7 +15,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from pydantic import ValidationError
 
@@ -29,7 +29,7 @@ logger = logging.getLogger("features.stream")
 
 
 async def consume(
-    settings: Settings, name: str, after_append: Callable[[], None] | None = None
+    settings: Settings, name: str, after_append: Callable[[], Awaitable[None]] | None = None
 ) -> None:
     """Run one consumer until SIGTERM or SIGINT."""
     stop = asyncio.Event()
@@ -71,7 +71,7 @@ async def consume(
     logger.info("stream consumer %s stopped: %s", name, consumer.totals.line())
 
 
-def _die() -> None:
+async def _die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -91,10 +91,10 @@ class VelocityConsumer:
         error_log_interval_s: float = 10.0,
         clock: Callable[[], float] = time.time,
         timer: Callable[[], float] = time.monotonic,
-        after_append: Callable[[], None] | None = None,
+        after_append: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
-        """`after_append` runs after a batch was applied to the logs, before anything is
-        written or acknowledged (tests kill the process there)."""
+        """`after_append` is awaited after a batch was applied to the logs, before anything
+        is written or acknowledged (tests kill the process there, or race another consumer)."""
         self._client = client
         self._writer = writer
         self.stream = stream
@@ -223,7 +223,7 @@ class VelocityConsumer:
             ),
         )
         if self._after_append is not None:
-            self._after_append()
+            await self._after_append()
         users: dict[str, Velocity] = {}
         merchants: dict[str, Velocity] = {}
         done: list[bytes] = []
@@ -252,7 +252,12 @@ class VelocityConsumer:
     async def _write(self, group: FeatureGroup, latest: Mapping[str, Velocity]) -> None:
         if latest:
             rows = [(entity_id, v.values) for entity_id, v in latest.items()]
-            await self._writer.write(group, rows, event_ts=[v.anchor_ts for v in latest.values()])
+            await self._writer.write(
+                group,
+                rows,
+                event_ts=[v.anchor_ts for v in latest.values()],
+                versions=[v.version for v in latest.values()],  # a later one may have landed
+            )
 
     async def _dead_letter(self, dead: Sequence[DeadLetter]) -> None:
         async with self._client.pipeline(transaction=False) as pipe:

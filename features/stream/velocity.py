@@ -8,6 +8,9 @@ Keys, with the id as hash tag like every feature key:
 - `user:{u}:merchants`: member the merchant id, score the last time paid (`ZADD GT`: a
   late event never moves it back); the last 30 days, TTL 31 days.
 - `merchant:{m}:activity`: member the tx id, score the event time; 24 h, TTL 25 h.
+- `user:{u}:version`, `merchant:{m}:version`: a counter each script call increments, TTL 31
+  days. The groups are written with it as their version, so of two consumers that applied
+  events of one entity at once, the one that applied last is the one whose values stay.
 
 Windows end at the entity's newest event time (its anchor), not the wall clock: the values
 are true as of that event time, which is the group's event time, so replaying a backlog
@@ -50,6 +53,11 @@ def merchant_activity_key(merchant_id: str) -> str:
     return f"merchant:{{{merchant_id}}}:activity"
 
 
+def version_key(entity: str, entity_id: str) -> str:
+    """The counter of script calls on an entity's logs: its groups' version."""
+    return f"{entity}:{{{entity_id}}}:version"
+
+
 class Applied(StrEnum):
     """What one event did to an entity's log."""
 
@@ -58,11 +66,13 @@ class Applied(StrEnum):
     LATE = "late"  # older than the 24 h window of the entity's newest event
 
 
-# KEYS: activity log, merchants. ARGV: tx id, merchant id, amount, event time, max events,
+# KEYS: activity log, merchants, version. ARGV: tx id, merchant id, amount, event time, max events,
 # 1 h, 24 h, 7 d, 30 d (s), the two TTLs. The log is read whole (at most max events) to find
 # the tx id and to sum: in score order, so the float sums do not depend on arrival order.
 USER_SCRIPT = Script("""
 local log, merchants = KEYS[1], KEYS[2]
+local version = redis.call('INCR', KEYS[3])
+redis.call('EXPIRE', KEYS[3], ARGV[11])
 local tx, merchant, amount = ARGV[1], ARGV[2], ARGV[3]
 local ts, cap = tonumber(ARGV[4]), tonumber(ARGV[5])
 local hour, day, week, month = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]),
@@ -95,12 +105,15 @@ for i = 1, #entries, 2 do
   if tonumber(entries[i + 1]) >= anchor - hour then n1, s1 = n1 + 1, s1 + paid end
 end
 local distinct = redis.call('ZCOUNT', merchants, num(anchor - week), '+inf')
-return {status, num(anchor), n1, num(s1), n24, num(s24), distinct}
+return {status, num(anchor), version, n1, num(s1), n24, num(s24), distinct}
 """)
 
-# KEYS: the merchant's activity log. ARGV: tx id, event time, max events, 24 h, TTL.
+# KEYS: the merchant's activity log, its version. ARGV: tx id, event time, max events, 24 h,
+# the log's TTL, the version's.
 MERCHANT_SCRIPT = Script("""
 local log = KEYS[1]
+local version = redis.call('INCR', KEYS[2])
+redis.call('EXPIRE', KEYS[2], ARGV[6])
 local ts, cap, day = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local function num(x) return string.format('%.17g', x) end
 local anchor = ts
@@ -115,7 +128,7 @@ end
 redis.call('ZREMRANGEBYSCORE', log, '-inf', '(' .. num(anchor - day))
 redis.call('ZREMRANGEBYRANK', log, 0, -cap - 1)
 redis.call('EXPIRE', log, ARGV[5])
-return {status, num(anchor), redis.call('ZCARD', log)}
+return {status, num(anchor), version, redis.call('ZCARD', log)}
 """)
 
 
@@ -125,12 +138,14 @@ class Velocity:
 
     applied: Applied
     anchor_ts: float
+    version: int
     values: dict[str, float]
 
 
 def user_call(event: TransactionEvent, max_events: int) -> Call:
     """The USER_SCRIPT call that applies `event` to its user's logs."""
-    keys = (user_activity_key(event.user_id), user_merchants_key(event.user_id))
+    user = event.user_id
+    keys = (user_activity_key(user), user_merchants_key(user), version_key("user", user))
     windows = (HOUR_S, DAY_S, WEEK_S, MONTH_S)
     args = (event.tx_id, event.merchant_id, repr(event.amount), repr(event.event_ts))
     return keys, [*args, max_events, *windows, ACTIVITY_TTL_S, MERCHANTS_TTL_S]
@@ -138,14 +153,16 @@ def user_call(event: TransactionEvent, max_events: int) -> Call:
 
 def merchant_call(event: TransactionEvent, max_events: int) -> Call:
     """The MERCHANT_SCRIPT call that applies `event` to its merchant's log."""
-    key = merchant_activity_key(event.merchant_id)
-    return key, [event.tx_id, repr(event.event_ts), max_events, DAY_S, ACTIVITY_TTL_S]
+    merchant = event.merchant_id
+    keys = (merchant_activity_key(merchant), version_key("merchant", merchant))
+    args = [event.tx_id, repr(event.event_ts), max_events, DAY_S, ACTIVITY_TTL_S]
+    return keys, [*args, MERCHANTS_TTL_S]
 
 
 def user_velocity(reply: Sequence[Any]) -> Velocity:
     """USER_SCRIPT's reply as the values of `user:features` (every feature of the group:
     it is written whole); ValueError if malformed."""
-    status, anchor, n1, s1, n24, s24, distinct = reply
+    status, anchor, version, n1, s1, n24, s24, distinct = reply
     values = {
         "tx_count_1h": int(n1),
         "tx_sum_1h": float(s1),
@@ -153,13 +170,14 @@ def user_velocity(reply: Sequence[Any]) -> Velocity:
         "tx_sum_24h": float(s24),
         "distinct_merchants_7d": int(distinct),
     }
-    return Velocity(Applied(_str(status)), float(anchor), values)
+    return Velocity(Applied(_str(status)), float(anchor), int(version), values)
 
 
 def merchant_velocity(reply: Sequence[Any]) -> Velocity:
     """MERCHANT_SCRIPT's reply as the values of `merchant:velocity`; ValueError if malformed."""
-    status, anchor, count = reply
-    return Velocity(Applied(_str(status)), float(anchor), {"merchant_tx_count_24h": int(count)})
+    status, anchor, version, count = reply
+    values: dict[str, float] = {"merchant_tx_count_24h": int(count)}
+    return Velocity(Applied(_str(status)), float(anchor), int(version), values)
 
 
 def _str(raw: bytes | str) -> str:
