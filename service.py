@@ -39,8 +39,15 @@ from models import MODEL_NAME
 from models.scorer import Scorer, check_saved_schema
 from serving import client_errors
 from serving.admission import Admission
+from serving.events import EventAppender
 from serving.limits import RequestLimits
-from serving.runtime import TracingMode, admission_config, service_config, tracing_mode
+from serving.runtime import (
+    TracingMode,
+    admission_config,
+    events_config,
+    service_config,
+    tracing_mode,
+)
 from serving.schemas import (
     BatchPrediction,
     GroupSource,
@@ -63,6 +70,10 @@ SETTINGS = Settings.from_env()
 Transaction = transaction_model(SETTINGS)
 TransactionBatch = batch_model(SETTINGS, Transaction)
 ID_FIELDS = {entity: entity_field(entity) for entity in ENTITY_TYPES}
+
+EVENTS = events_config()
+# Longest shutdown waits to append what is still queued.
+EVENTS_FLUSH_S = 1.0
 
 client_errors.install(SETTINGS.error_log_interval_s)
 if SETTINGS.served_log_sample_rate > 0:  # a directory it cannot write stops start-up here
@@ -103,6 +114,20 @@ class FraudService:
         if (provider := exporting_provider(TRACING_MODE, SERVICE_NAME)) is not None:
             self.tracing.enable(provider)
             TRACING.enable(provider)
+        # Scored transactions to the stream that recomputes velocity (features/stream/).
+        self.events = (
+            EventAppender(
+                self.redis,
+                stream=self.settings.stream_key,
+                maxlen=self.settings.stream_maxlen,
+                queue_size=EVENTS.queue_size,
+                batch=EVENTS.batch,
+                interval_s=EVENTS.interval_s,
+                error_log_interval_s=self.settings.error_log_interval_s,
+            )
+            if EVENTS.enabled
+            else None
+        )
         logger.info(
             "model %s loaded, fingerprint %s; online store %s",
             self.model.tag,
@@ -129,6 +154,8 @@ class FraudService:
         frozen = collector.freeze()
         self.gc_pauses.install()
         self._gc_flush = asyncio.create_task(self.gc_pauses.run())
+        if self.events is not None:
+            self.events.start()
         logger.info("start-up objects frozen out of garbage collection: %d", frozen)
 
     @bentoml.on_shutdown
@@ -137,6 +164,8 @@ class FraudService:
             self._gc_flush.cancel()
         self.gc_pauses.uninstall()
         await asyncio.to_thread(self.served_log.close)
+        if self.events is not None:
+            await self.events.aclose(EVENTS_FLUSH_S)
         await self.store.aclose()
         await self.redis.aclose()
 
@@ -196,6 +225,11 @@ class FraudService:
             self.served_log.offer(
                 picked, _request_id(ctx), entity_ids, event_times, x, rows.reads, scores
             )
+        if self.events is not None:  # a put on a bounded queue each: never a wait
+            for t, p, event_ts in zip(txs, scores, event_times.tolist(), strict=True):
+                self.events.offer(
+                    (t["transaction_id"], t["user_id"], t["merchant_id"], t["amount"], event_ts, p)
+                )
         return _scores(rows, scores), timings
 
 

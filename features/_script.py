@@ -16,12 +16,12 @@ from redis.exceptions import NoScriptError
 
 from features.connection import Client
 
-Call = tuple[str, Sequence[Any]]
-"""(the script's one key, its arguments)"""
+Call = tuple[str | tuple[str, ...], Sequence[Any]]
+"""(the script's key, or its keys (all in one cluster slot), its arguments)"""
 
 
 class Script:
-    """A Lua script on one key, hashed once; `run` sends it by SHA."""
+    """A Lua script on one key (or a few in one slot), hashed once; `run` sends it by SHA."""
 
     def __init__(self, source: str) -> None:
         self.source = source
@@ -42,6 +42,7 @@ class Script:
 async def _pipeline(client: Client, command: str, script: str, calls: Sequence[Call]) -> list[Any]:
     async with client.pipeline(transaction=False) as pipe:
         for key, args in calls:
-            pipe.execute_command(command, script, 1, key, *args)
+            keys = (key,) if isinstance(key, str) else key
+            pipe.execute_command(command, script, len(keys), *keys, *args)
         replies: list[Any] = await pipe.execute(raise_on_error=False)
     return replies

@@ -5,7 +5,8 @@ FeatureError
 ├── InvalidEntityId           a client-supplied id that may not become a key
 ├── FeatureWriteError         a write was not applied; nothing was reported as written
 ├── BackingStoreError         the persistent store behind Redis failed or timed out
-└── SkewInputError            the skew report's log or training statistics are missing or unusable
+├── SkewInputError            the skew report's log or training statistics are missing or unusable
+└── MalformedEvent            a stream event that cannot be applied (it is dead-lettered)
 """
 
 from __future__ import annotations
@@ -41,3 +42,11 @@ class BackingStoreError(FeatureError):
 class SkewInputError(FeatureError):
     """The skew report cannot run: no served-feature log, no training statistics, or a
     log written for other features."""
+
+
+class MalformedEvent(FeatureError, ValueError):
+    """A transaction event with a missing or bad field; `reason` says which and why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason

@@ -300,6 +300,61 @@ class Settings(BaseSettings):
             "Longest a served-log file stays open: its records become readable when it closes."
         ),
     )
+    stream_key: str = Field(
+        default="stream:transactions",
+        min_length=1,
+        description=(
+            "Redis Stream of scored transactions: the service appends to it, `python -m"
+            " features.stream` consumes it; malformed events go to `<key>:dead`."
+        ),
+    )
+    stream_group: str = Field(
+        default="velocity",
+        min_length=1,
+        description="Consumer group of the velocity consumers on the stream.",
+    )
+    stream_maxlen: PositiveInt = Field(
+        default=1_000_000,
+        description=(
+            "Length the stream and its dead-letter stream are trimmed to (about: `XADD MAXLEN ~`)."
+        ),
+    )
+    stream_batch: PositiveInt = Field(
+        default=500,
+        description="Most events a consumer reads, applies and acknowledges at once.",
+    )
+    stream_block_ms: PositiveInt = Field(
+        default=1000,
+        le=5000,
+        description=(
+            "Longest a consumer's read waits for new events before it looks again (at most 5000)."
+        ),
+    )
+    stream_claim_idle_s: PositiveFloat = Field(
+        default=30.0,
+        description=(
+            "Events read but unacknowledged for this long (their consumer died) are claimed by"
+            " another consumer and applied again (idempotently)."
+        ),
+    )
+    stream_report_interval_s: PositiveFloat = Field(
+        default=10.0,
+        description="A consumer logs its counts once per this many seconds.",
+    )
+    stream_max_user_events: PositiveInt = Field(
+        default=10_000,
+        description=(
+            "Most events a user's 24 h activity log keeps (the oldest go first); its 24 h"
+            " counts stop there."
+        ),
+    )
+    stream_max_merchant_events: PositiveInt = Field(
+        default=1_000_000,
+        description=(
+            "Most events a merchant's 24 h activity log keeps (the oldest go first);"
+            " merchant_tx_count_24h stops there."
+        ),
+    )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:

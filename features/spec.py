@@ -38,6 +38,9 @@ _ENTITY_ID_RE = re.compile(ENTITY_ID_PATTERN)
 EVENT_TS_FIELD = "_ts"
 # The backing stores' one attribute (DynamoDB binary, Bigtable cell) of an embedding.
 EMBEDDING_FIELD = "vec"
+# Reserved hash field of groups written with a version (the stream's): a write whose version
+# is not above the stored one is skipped, so a slower writer cannot put older values back.
+VERSION_FIELD = "_v"
 
 
 class Kind(StrEnum):

@@ -1,6 +1,7 @@
 """The service's runtime options from FRAUD_* environment variables (and the standard
 OTEL_* ones for tracing), read when service.py is imported: BentoML's (the
-`@bentoml.service` decorator takes them) and admission control."""
+`@bentoml.service` decorator takes them), admission control and the appending of scored
+transactions to the stream."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from serving.admission import AdmissionConfig
+from serving.events import EventsConfig
 
 # Matches every URL: BentoML's OpenTelemetry middleware then makes no span at all.
 ALL_URLS = [".*"]
@@ -44,6 +46,16 @@ def admission_config(env: Mapping[str, str] = os.environ) -> AdmissionConfig:
             f"{config.max_limit}"
         )
     return config
+
+
+def events_config(env: Mapping[str, str] = os.environ) -> EventsConfig:
+    """Whether and how serving/events.py appends scored transactions, from FRAUD_EVENTS*."""
+    return EventsConfig(
+        enabled=_flag(env, "FRAUD_EVENTS", "1"),
+        queue_size=_number(env, "FRAUD_EVENTS_QUEUE", "10000", int),
+        batch=_number(env, "FRAUD_EVENTS_BATCH", "256", int),
+        interval_s=_number(env, "FRAUD_EVENTS_INTERVAL_MS", "50", float) / 1e3,
+    )
 
 
 class RuntimeConfigError(ValueError):

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 from bentoml.exceptions import BentoMLException
 from pydantic import BaseModel, Field, create_model
 
-from features import ENTITY_ID_PATTERN, ENTITY_TYPES, Settings
+from features import ENTITY_ID_MAX_LEN, ENTITY_ID_PATTERN, ENTITY_TYPES, Settings
 
 MIN_TIMESTAMP_S = 946_684_800.0  # 2000-01-01
 MAX_TIMESTAMP_S = 4_102_444_800.0  # 2100-01-01
@@ -41,6 +41,10 @@ def transaction_model(
             description="unix s",
         ),
     ]
+    # Names the transaction on the stream (velocity counts it once); absent: one is made.
+    transaction_id = Annotated[
+        str, Field(min_length=1, max_length=ENTITY_ID_MAX_LEN, pattern=ENTITY_ID_PATTERN)
+    ]
     fields: dict[str, Any] = {entity_field(e): (entity_id, ...) for e in entities}
     return create_model(
         "Transaction",
@@ -48,6 +52,7 @@ def transaction_model(
         **fields,
         amount=(amount, ...),
         timestamp=(timestamp, None),
+        transaction_id=(transaction_id | None, None),
     )
 
 

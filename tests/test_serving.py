@@ -58,11 +58,12 @@ def test_bad_runtime_options_name_the_variable(name: str, raw: str) -> None:
 
 def test_request_fields_come_from_the_entity_types() -> None:
     model = transaction_model(Settings.from_env({}), ("user", "merchant", "device"))
-    assert set(model.model_fields) == {"user_id", "merchant_id", "device_id", "amount", "timestamp"}
+    ids = {"user_id", "merchant_id", "device_id"}
+    assert set(model.model_fields) == ids | {"amount", "timestamp", "transaction_id"}
     with pytest.raises(ValidationError, match="device_id"):
         model.model_validate({"user_id": "u", "merchant_id": "m", "amount": 1.0})
     tx = model.model_validate({"user_id": "u", "merchant_id": "m", "device_id": "d", "amount": 1})
-    assert tx.__dict__["timestamp"] is None
+    assert tx.__dict__["timestamp"] is None and tx.__dict__["transaction_id"] is None
 
 
 def test_a_malformed_saved_schema_is_a_mismatch(tmp_path: Path) -> None:

@@ -1,6 +1,8 @@
-"""`make serve`: embedded Redis (unless one is given), demo data, model, `bentoml serve`.
+"""`make serve`: embedded Redis (unless one is given), demo data, model, `bentoml serve`,
+and one velocity consumer of the stream the service appends to (`python -m features.stream`).
 
-Everything it starts, it stops: Ctrl-C or SIGTERM ends the service, then Redis.
+Everything it starts, it stops: Ctrl-C or SIGTERM ends the service and the consumer, then
+Redis.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from contextlib import ExitStack
 
 from tools.bento_server import ROOT, BentoServer
 from tools.redis_server import RedisServer
+from tools.stream_consumer import StreamConsumer
 
 
 def _run(args: list[str], env: dict[str, str]) -> None:
@@ -28,6 +31,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--users", type=int, default=100_000)
     parser.add_argument("--merchants", type=int, default=10_000)
     parser.add_argument("--no-demo", action="store_true", help="skip loading demo features")
+    parser.add_argument(
+        "--no-consumer", action="store_true", help="run no velocity consumer beside the service"
+    )
     args = parser.parse_args(argv)
 
     python = sys.executable
@@ -47,6 +53,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             _run([python, "-m", "features.offline.load", *demo], env)
         _run([python, "-m", "models.train", "--if-missing"], env)
 
+        if not args.no_consumer:  # stopped after the service: it drains what it appended
+            consumer = stack.enter_context(StreamConsumer(env, ["--name", "make-serve"]))
+            print(f"velocity consumer: pid {consumer.process.pid}", flush=True)
         server = stack.enter_context(BentoServer(env, port=args.port))
         print(f"bentoml serve ready on {server.url} in {server.startup_s:.1f} s", flush=True)
         try:

@@ -10,6 +10,7 @@ transaction stream's to write: refused here.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -19,12 +20,13 @@ import numpy as np
 from redis.exceptions import RedisError
 
 from features._script import Call, Script
-from features.backing import BackingStore
+from features.backing import BackingStore, EncodedRow
 from features.connection import Client
 from features.errors import BackingStoreError, FeatureWriteError
 from features.spec import (
     EMBEDDING_FIELD,
     EVENT_TS_FIELD,
+    VERSION_FIELD,
     Dtype,
     FeatureGroup,
     Kind,
@@ -35,11 +37,24 @@ _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 Row = tuple[str, Mapping[str, float]]
 
+BACKING_WRITES_AT_ONCE = 8
+"""Backing-store writes in flight at once for rows of different event times."""
+
 # KEYS[1] the group's key; ARGV[1] its TTL in seconds, then field, value, field, value...
 # Under maxmemory the HSET is refused before anything is written, so nothing half-applies.
 SET_WITH_TTL = Script("""
 redis.call('HSET', KEYS[1], unpack(ARGV, 2))
 return redis.call('EXPIRE', KEYS[1], ARGV[1])
+""")
+
+
+# The same, only if ARGV[2] (a version) is above the stored one; 0 if skipped.
+SET_IF_NEWER = Script("""
+local stored = tonumber(redis.call('HGET', KEYS[1], ARGV[2]))
+if stored and stored >= tonumber(ARGV[3]) then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return 1
 """)
 
 
@@ -58,13 +73,21 @@ class FeatureWriter:
         self._clock = clock
 
     async def write(
-        self, group: FeatureGroup, rows: Sequence[Row], event_ts: float | None = None
+        self,
+        group: FeatureGroup,
+        rows: Sequence[Row],
+        event_ts: float | Sequence[float] | None = None,
+        versions: Sequence[int] | None = None,
     ) -> int:
         """Write `(entity_id, {feature: value})` rows; returns how many were written.
 
         Fields not given keep their stored values; the group's event time (`event_ts`,
-        default now) is stored with them, and every written key gets the group's TTL.
-        An embedding is written whole: every dimension, each finite as float32.
+        default now; or one per row) is stored with them, and every written key gets the
+        group's TTL. An embedding is written whole: every dimension, each finite as float32
+        (a string has no room for an event time or a version). With `versions` (one per
+        row, hashes only), a row reaches Redis only if its version is above the one stored
+        with the key (a row skipped is not counted as written); the backing store takes
+        every row.
         A backing-store failure raises FeatureWriteError before Redis is touched. In
         Redis each row is applied whole or not at all; on FeatureWriteError, `failed`
         names the rows not written (all of them if the batch went unanswered), and
@@ -74,9 +97,9 @@ class FeatureWriter:
             raise ValueError(f"{group.qualified_name} is a sorted set: the stream writes it")
         if not rows:
             return 0
-        ts = self._clock() if event_ts is None else float(event_ts)
-        if not math.isfinite(ts):
-            raise ValueError(f"event_ts: {event_ts!r} is not a finite number")
+        stamps = self._stamps(len(rows), event_ts)
+        if versions is not None and len(versions) != len(rows):
+            raise ValueError(f"versions: {len(versions)} versions for {len(rows)} rows")
         encode = _encode_embedding if group.kind is Kind.EMBEDDING else _encode
         encoded = [
             (validate_entity_id(f"{group.entity}_id", entity_id), encode(group, v))
@@ -86,7 +109,7 @@ class FeatureWriter:
         what = f"{len(rows)} {group.qualified_name} rows not written"
         if self._backing is not None:
             try:
-                await self._backing.write(group, encoded, ts)
+                await self._write_backing(self._backing, group, encoded, stamps)
             except BackingStoreError as exc:
                 raise FeatureWriteError(
                     f"{what}: backing store {self._backing.name}: {exc}; Redis untouched",
@@ -97,7 +120,7 @@ class FeatureWriter:
             if group.kind is Kind.EMBEDDING:
                 replies = await self._set_strings(group, encoded)
             else:
-                replies = await self._set_hashes(group, encoded, ts)
+                replies = await self._set_hashes(group, encoded, stamps, versions)
         except (RedisError, OSError) as exc:  # OSError: TimeoutError of a cluster deadline
             raise FeatureWriteError(
                 f"{len(rows)} {group.qualified_name} rows not confirmed by Redis: {exc}{persisted}",
@@ -114,20 +137,64 @@ class FeatureWriter:
                 f"({len(rows) - len(errors)} were): {errors[0][1]}{persisted}",
                 failed=[entity_id for entity_id, _ in errors],
             )
-        return len(rows)
+        return len(rows) if versions is None else sum(reply == 1 for reply in replies)
+
+    async def _write_backing(
+        self,
+        backing: BackingStore,
+        group: FeatureGroup,
+        encoded: Sequence[EncodedRow],
+        stamps: Sequence[float],
+    ) -> None:
+        """One backing write per distinct event time (one in the common case), at most
+        BACKING_WRITES_AT_ONCE at a time; raises the first BackingStoreError."""
+        by_ts: dict[float, list[EncodedRow]] = {}
+        for row, ts in zip(encoded, stamps, strict=True):
+            by_ts.setdefault(ts, []).append(row)
+        slots = asyncio.Semaphore(BACKING_WRITES_AT_ONCE)
+
+        async def bounded(ts: float, part: list[EncodedRow]) -> None:
+            async with slots:
+                await backing.write(group, part, ts)
+
+        results = await asyncio.gather(
+            *(bounded(ts, part) for ts, part in by_ts.items()), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    def _stamps(self, n_rows: int, event_ts: float | Sequence[float] | None) -> list[float]:
+        """One finite event time per row."""
+        if event_ts is None:
+            return [self._clock()] * n_rows
+        if isinstance(event_ts, int | float):
+            stamps = [float(event_ts)] * n_rows
+        else:
+            stamps = [float(ts) for ts in event_ts]
+        if len(stamps) != n_rows:
+            raise ValueError(f"event_ts: {len(stamps)} event times for {n_rows} rows")
+        bad = next((ts for ts in stamps if not math.isfinite(ts)), None)
+        if bad is not None:
+            raise ValueError(f"event_ts: {bad!r} is not a finite number")
+        return stamps
 
     async def _set_hashes(
         self,
         group: FeatureGroup,
         encoded: Sequence[tuple[str, Mapping[str, str | bytes]]],
-        ts: float,
+        stamps: Sequence[float],
+        versions: Sequence[int] | None,
     ) -> list[Any]:
-        stamp = {EVENT_TS_FIELD: repr(ts)}
         calls: list[Call] = []
-        for entity_id, mapping in encoded:
-            pairs = [part for item in {**mapping, **stamp}.items() for part in item]
+        for i, ((entity_id, mapping), ts) in enumerate(zip(encoded, stamps, strict=True)):
+            fields: dict[str, str | bytes] = {**mapping, EVENT_TS_FIELD: repr(ts)}
+            if versions is not None:  # first: the script reads its name at ARGV[2]
+                fields = {VERSION_FIELD: str(int(versions[i])), **fields}
+            pairs = [part for item in fields.items() for part in item]
             calls.append((group.key(entity_id), [group.ttl_s, *pairs]))
-        return await SET_WITH_TTL.run(self._client, calls)
+        script = SET_WITH_TTL if versions is None else SET_IF_NEWER
+        return await script.run(self._client, calls)
 
     async def _set_strings(
         self, group: FeatureGroup, encoded: Sequence[tuple[str, Mapping[str, str | bytes]]]
