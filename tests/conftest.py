@@ -46,6 +46,14 @@ def redis_url(redis_server: RedisServer) -> str:
 
 
 @pytest.fixture
+def quiet_redis() -> Iterator[RedisServer]:
+    """A redis-server of the test's own: tests that count the server's socket reads need
+    one no other client (a session service's heartbeat, say) talks to meanwhile."""
+    with RedisServer(quiet=True) as server:
+        yield server
+
+
+@pytest.fixture
 def settings(redis_url: str) -> Settings:
     # Loopback on a busy 2-core VM: allow for scheduling hiccups in tests.
     return Settings(redis_url=redis_url, redis_socket_timeout_s=1.0, redis_pool_timeout_s=1.0)

@@ -84,9 +84,18 @@ def test_hmget_is_packed_as_hiredis_packs_it() -> None:
         assert HMGET(key) == pack("HMGET", key, *FIELDS)
 
 
-async def test_reads_of_one_loop_iteration_go_out_in_one_write(
-    mux: Multiplexed, sync_redis: redis.Redis
-) -> None:
+async def test_reads_of_one_loop_iteration_go_out_in_one_write(quiet_redis: RedisServer) -> None:
+    client, mux = connect(settings_for(quiet_redis.url))
+    sync_redis = redis.Redis.from_url(quiet_redis.url)
+    try:
+        await _one_write_per_iteration(mux, sync_redis)
+    finally:
+        await mux.aclose()
+        await client.aclose()
+        sync_redis.close()
+
+
+async def _one_write_per_iteration(mux: Multiplexed, sync_redis: redis.Redis) -> None:
     for i in range(20):
         sync_redis.hset(f"k{i}", mapping={"a": i, "b": -i})
     await mux.connect()

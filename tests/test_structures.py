@@ -4,7 +4,6 @@ backing-store emulators): one round trip with the hashes, values, defaults, corr
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 
 import numpy as np
 import pytest
@@ -39,7 +38,7 @@ from tests.conftest import (
     write_structures,
 )
 from tests.test_backing import backing, emulator
-from tools.redis_server import free_port
+from tools.redis_server import RedisServer, free_port
 
 __all__ = ["backing", "emulator"]  # fixtures, imported for the backing-store tests
 
@@ -64,16 +63,6 @@ async def seed_hashes(client: aioredis.Redis, users: list[str], merchants: list[
     merchant = {f.name: 1.0 for f in entity_features("merchant")}
     await write_entities(writer, "user", [(u, user) for u in users])
     await write_entities(writer, "merchant", [(m, merchant) for m in merchants])
-
-
-@pytest.fixture
-async def mux_store(redis_url: str, sync_redis: redis.Redis) -> AsyncIterator[FeatureStore]:
-    client = open_redis(Settings(redis_url=redis_url, redis_socket_timeout_s=1.0))
-    store = FeatureStore(client, multiplex=True)
-    await store.open()
-    yield store
-    await store.aclose()
-    await client.aclose()
 
 
 def batch_of(users: list[str], merchants: list[str]) -> list[dict[str, str]]:
@@ -116,20 +105,30 @@ async def test_pooled_pipeline_reads_every_structure_in_one_write(
 
 
 async def test_multiplexed_connection_reads_every_structure_in_one_write(
-    client, sync_redis, mux_store
+    quiet_redis: RedisServer,
 ) -> None:
     users, merchants = [f"u{i}" for i in range(12)], ["m0", "m1", "m2"]
-    await seed_hashes(client, users, merchants)
-    await write_structures(client, users, merchants)
-    await mux_store.read([tx("warm", "warm")])  # the connection is open before counting
-    sync_redis.config_resetstat()
-    before = int(sync_redis.info("stats")["total_reads_processed"])
-    rows = await mux_store.read(batch_of(users, merchants))
-    # The server counts its socket reads: one for our one write, one for the INFO.
-    assert int(sync_redis.info("stats")["total_reads_processed"]) - before == 1 + 1
-    expect_commands(sync_redis, len(users), len(merchants))
-    assert {r.source for row in rows.reads for r in row.values()} == {Source.REDIS}
-    assert rows.values[0, COLUMN["tx_count_10m"]] == 1
+    client = open_redis(Settings(redis_url=quiet_redis.url, redis_socket_timeout_s=1.0))
+    assert isinstance(client, aioredis.Redis)
+    admin = redis.Redis.from_url(quiet_redis.url)
+    store = FeatureStore(client, multiplex=True)
+    try:
+        await seed_hashes(client, users, merchants)
+        await write_structures(client, users, merchants)
+        await store.open()
+        await store.read([tx("warm", "warm")])  # the connection is open before counting
+        admin.config_resetstat()
+        before = int(admin.info("stats")["total_reads_processed"])
+        rows = await store.read(batch_of(users, merchants))
+        # The server counts its socket reads: one for our one write, one for the INFO.
+        assert int(admin.info("stats")["total_reads_processed"]) - before == 1 + 1
+        expect_commands(admin, len(users), len(merchants))
+        assert {r.source for row in rows.reads for r in row.values()} == {Source.REDIS}
+        assert rows.values[0, COLUMN["tx_count_10m"]] == 1
+    finally:
+        await store.aclose()
+        await client.aclose()
+        admin.close()
 
 
 @pytest.mark.parametrize("multiplex", [False, True])
