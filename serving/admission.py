@@ -2,8 +2,9 @@
 inside its budget, before any parsing or feature work.
 
 A worker is one event loop on one CPU. A request's time is the wait before the loop
-reaches it plus its own time once admitted. `LoopLag` measures the first directly (how late
-a timer fires: the smallest delay in an interval is the standing queue, CoDel's signal) and
+reaches it plus its own time once admitted. The loop's lag sampler (features/looplag.py)
+measures the first directly (how late a timer fires: the smallest delay in an interval is
+the standing queue, CoDel's signal) and
 the middleware times the second. `ConcurrencyLimit` adapts the number of requests admitted
 at once to their sum, AIMD: over the target latency with at least half the limit in
 flight, the limit shrinks by a factor; under it, while the limit is what refuses requests,
@@ -24,11 +25,12 @@ import asyncio
 import json
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import Counter, Gauge
+
+from features import looplag
 
 BUDGET_HEADER = b"x-envoy-expected-rq-timeout-ms"
 # Probes and scrapes are never refused: an overloaded worker is alive and ready.
@@ -106,29 +108,6 @@ class ConcurrencyLimit:
         return int(self.limit)
 
 
-class LoopLag:
-    """Samples how late the event loop runs a timer; reports each interval's minimum."""
-
-    SAMPLE_S = 0.002
-
-    def __init__(self, interval_s: float, on_interval: Callable[[float], None]) -> None:
-        self._interval_s = interval_s
-        self._on_interval = on_interval
-
-    async def run(self) -> None:
-        # time.monotonic, not loop.time: uvloop's clock is cached per loop iteration.
-        ends = time.monotonic() + self._interval_s
-        smallest = math.inf
-        while True:
-            expected = time.monotonic() + self.SAMPLE_S
-            await asyncio.sleep(self.SAMPLE_S)
-            now = time.monotonic()
-            smallest = min(smallest, max(0.0, now - expected))
-            if now >= ends:
-                self._on_interval(smallest)
-                ends, smallest = now + self._interval_s, math.inf
-
-
 ASGIApp = Any
 
 
@@ -148,7 +127,8 @@ class Admission:
         self._interval_n = 0
         self._peak = 0  # most requests in flight at once this interval
         self._total = 0  # admitted requests answered since start, as of the last interval
-        self._monitor: asyncio.Task[None] | None = None
+        self._lag: looplag.LoopLag | None = None
+        self._interval: asyncio.TimerHandle | None = None
         # A refusal is built ahead: under overload it is most of what the worker sends.
         self._refusals = {reason: _refusal(reason, config) for reason in REASONS}
         self._refused = {reason: REFUSED.labels(reason) for reason in REASONS}
@@ -160,13 +140,12 @@ class Admission:
             try:
                 await self.app(scope, receive, send)  # returns when the worker shuts down
             finally:
-                if self._monitor is not None:
-                    self._monitor.cancel()
+                self._stop_monitor()
             return
         if scope["type"] != "http" or scope["path"] in BYPASS_PATHS:
             await self.app(scope, receive, send)
             return
-        if self._monitor is None:
+        if self._lag is None:
             self._start_monitor()
         if self.admitted >= self.limit.limit:
             self._limited = True
@@ -189,10 +168,26 @@ class Admission:
             self._interval_n += 1
 
     def _start_monitor(self) -> None:
-        lag = LoopLag(self.config.interval_s, self._on_interval)
-        self._monitor = asyncio.get_running_loop().create_task(lag.run())
+        self._lag = looplag.acquire()
+        self._interval = asyncio.get_running_loop().call_later(
+            self.config.interval_s, self._on_interval
+        )
 
-    def _on_interval(self, min_delay_s: float) -> None:
+    def _stop_monitor(self) -> None:
+        if self._interval is not None:
+            self._interval.cancel()
+        if self._lag is not None:
+            looplag.release(self._lag)
+        self._lag = self._interval = None
+
+    def _on_interval(self) -> None:
+        assert self._lag is not None
+        self._interval = asyncio.get_running_loop().call_later(
+            self.config.interval_s, self._on_interval
+        )
+        min_delay_s = self._lag.take_smallest()
+        if min_delay_s == math.inf:  # no sample ran in the interval: none was due before
+            min_delay_s = 0.0
         admitted_s = self._interval_s / self._interval_n if self._interval_n else 0.0
         LIMIT.set(self.limit.update(min_delay_s + admitted_s, self._peak, self._limited))
         IN_FLIGHT.set(self._peak)  # once an interval: a gauge write costs a lock and a pid check

@@ -230,6 +230,36 @@ async def test_d_slow_replies_open_the_breaker_and_it_closes_when_fast(
     assert breaker_gauge("redis") == State.CLOSED
 
 
+async def busy_reads(store: FeatureStore, proxy: DelayProxy, n: int) -> None:
+    """`n` reads that Redis answers well inside the deadline, each while the worker's loop
+    is busy (blocked) for twice the deadline, so each ends past it."""
+    proxy.set_delay(DEADLINE_S / 3)
+    for i in range(n):
+        read = asyncio.ensure_future(store.read([tx(f"busy{i}", f"busy{i}")]))
+        await asyncio.sleep(0.002)  # the read is written; its reply is due in 5 ms
+        time.sleep(2 * DEADLINE_S)  # another request's CPU work, holding the loop
+        await read
+        await asyncio.sleep(0.02)
+
+
+async def test_h_a_busy_worker_is_not_taken_for_a_slow_redis(
+    proxy, slow_client, make_store
+) -> None:
+    def breaker() -> CircuitBreaker:
+        return CircuitBreaker(name="redis", failure_threshold=5, slow_threshold=2, window=10)
+
+    # Opened, the store's tiers watch the loop's lateness and subtract it from each read.
+    watched = make_store(slow_client, breaker=breaker())
+    await watched.open()
+    await busy_reads(watched, proxy, 6)
+    assert state(watched._tiers[0].breaker) is State.CLOSED
+
+    # The same reads, timed without it (a tier never opened): each is past the deadline.
+    blind = make_store(slow_client, breaker=breaker())
+    await busy_reads(blind, proxy, 2)
+    assert state(blind._tiers[0].breaker) is State.OPEN
+
+
 @pytest.fixture
 def dynamo_proxy(dynalite: Dynalite) -> Iterator[DelayProxy]:
     with DelayProxy("127.0.0.1", dynalite.port) as proxy:

@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 from opentelemetry.trace import Span, SpanKind, StatusCode, Tracer
 from redis.exceptions import RedisError
 
-from features import metrics
+from features import looplag, metrics
 from features._log import RateLimitedLog
 from features.backing import BackingStore, Record, restore_to_redis
 from features.breaker import CircuitBreaker
@@ -58,9 +58,14 @@ class BackingTier:
         self._bugs = RateLimitedLog(
             logger, error_log_interval_s, level=logging.ERROR, exc_info=True
         )
+        self._lag = looplag.LoopLag()  # not started (always 0) until `open`
+        self._lag_acquired = False
 
     async def open(self) -> None:
-        """Build the store's client (the AWS SDK takes ~130 ms): never inside a deadline."""
+        """Build the store's client (the AWS SDK takes ~130 ms): never inside a deadline;
+        start watching the loop's lateness for the slow-call rule."""
+        if not self._lag_acquired:
+            self._lag, self._lag_acquired = looplag.acquire(), True
         await self.store.open()
 
     def carries(self, group: FeatureGroup) -> bool:
@@ -79,7 +84,7 @@ class BackingTier:
         span = None if tracer is None else self._start_span(tracer, len(keys))
         try:
             await self.store.open()  # once per worker (a no-op after): not timed
-            started = loop.time()
+            started, late_s = loop.time(), self._lag.late_s()
             async with asyncio.timeout(self._timeout_s):
                 records = await self.store.read([(key.group, key.entity_id) for key in keys])
         except (TimeoutError, BackingStoreError) as exc:
@@ -102,7 +107,8 @@ class BackingTier:
             if span is not None:
                 span.end()
         ended = loop.time()
-        if started < deadline < ended:
+        # Slow if it ended after the deadline even without the loop's busy time.
+        if started < deadline < ended - (self._lag.late_s() - late_s):
             breaker.slow()
         else:
             breaker.success()
@@ -163,5 +169,8 @@ class BackingTier:
 
     async def aclose(self) -> None:
         """Finish read repairs and close the store."""
+        if self._lag_acquired:
+            looplag.release(self._lag)
+            self._lag, self._lag_acquired = looplag.LoopLag(), False
         await self.wait_repairs()
         await self.store.aclose()

@@ -24,7 +24,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from features import metrics
+from features import looplag, metrics
 from features._log import RateLimitedLog
 from features.breaker import CircuitBreaker
 from features.connection import Client
@@ -80,9 +80,14 @@ class RedisTier:
         # More than one when a late read's failure reopened the breaker under a probe.
         self._probes: set[asyncio.Task[None]] = set()  # referenced, so none is collected
         self._closed = False
+        self._lag = looplag.LoopLag()  # not started (always 0) until `open`
+        self._lag_acquired = False
 
     async def open(self) -> None:
-        """Open the multiplexed connection, if any; pooled ones open on first use."""
+        """Open the multiplexed connection, if any (pooled ones open on first use), and
+        start watching the loop's lateness for the slow-call rule."""
+        if not self._lag_acquired:
+            self._lag, self._lag_acquired = looplag.acquire(), True
         if self._mux is not None:
             try:
                 await self._mux.connect()
@@ -106,7 +111,7 @@ class RedisTier:
             return [Reason.CIRCUIT_OPEN] * len(keys)
         codecs = self._codecs
         loop = asyncio.get_running_loop()
-        started = loop.time()
+        started, late_s = loop.time(), self._lag.late_s()
         tracer = TRACING.active()
         span = None if tracer is None else self._start_span(tracer, len(keys))
         try:
@@ -122,7 +127,9 @@ class RedisTier:
         finally:
             if span is not None:
                 span.end()
-        if started < deadline < loop.time():
+        # Slow if it ended after the deadline even without the time the loop was too busy
+        # to read the reply (a busy worker is not a slow Redis).
+        if started < deadline < loop.time() - (self._lag.late_s() - late_s):
             breaker.slow()
         else:
             breaker.success()
@@ -150,6 +157,9 @@ class RedisTier:
         """Stop every probe in flight and start no more, so none outlives the client,
         then close the multiplexed connection; the client is the caller's to close."""
         self._closed = True
+        if self._lag_acquired:
+            looplag.release(self._lag)
+            self._lag, self._lag_acquired = looplag.LoopLag(), False
         for task in self._probes:
             task.cancel()
         await asyncio.gather(*self._probes, return_exceptions=True)
@@ -204,7 +214,7 @@ class RedisTier:
         """The half-open breaker's question: PING, under the same timeouts; an answer
         slower than `probe_slow_s` keeps the breaker open."""
         loop = asyncio.get_running_loop()
-        started = loop.time()
+        started, late_s = loop.time(), self._lag.late_s()
         try:
             if self._mux is None:
                 await self.client.ping()
@@ -221,7 +231,8 @@ class RedisTier:
             raise
         else:
             slow_s = self._probe_slow_s
-            if slow_s is not None and loop.time() - started > slow_s:
+            took = loop.time() - started - (self._lag.late_s() - late_s)
+            if slow_s is not None and took > slow_s:
                 self.breaker.slow()
                 metrics.REDIS_ERRORS.labels("slow_probe").inc()
             else:
