@@ -32,6 +32,7 @@ from features import (
 from features.backing import Record
 from features.breaker import CircuitBreaker
 from features.connection import Client
+from features.online.keys import key_of
 from features.online.structures import pack_embedding
 from features.online.tracking import LIVE, LOST, OFF
 from features.spec import FeatureGroup
@@ -42,6 +43,7 @@ from tools.redis_server import RedisServer
 
 SHORT_TTL_S, TRACKED_TTL_S = 5.0, 60.0
 U1 = USER_FEATURES.key("u1")
+TX_MEMBER_ID = key_of(USER_MERCHANTS, "u1", "m1").id
 TX = {"user": "u1", "merchant": "m1"}
 WAIT_S = 5.0  # the bound on every wait for an asynchronous effect
 
@@ -59,8 +61,6 @@ async def wait_until(condition: Callable[[], bool], what: str) -> None:
 
 
 def tracked_store(client: Client, clock: FakeClock, **kwargs: Any) -> FeatureStore:
-    # A hash per entity: a member read (user:merchants) keeps the short TTL
-    # (test_a_member_read_keeps_the_short_ttl).
     kwargs.setdefault("groups", (USER_FEATURES, MERCHANT_RISK))
     return FeatureStore(
         client,
@@ -416,21 +416,93 @@ async def test_an_acl_user_without_hello_reads_untracked_one_with_it_is_tracked(
         admin.close()
 
 
-async def test_a_member_read_keeps_the_short_ttl(
+def paid(rows: Any) -> float:
+    return float(rows.values[0, 0])  # merchant_last_paid_ts, the member group's stored value
+
+
+async def test_a_write_drops_every_member_entry_of_its_key(
     client: Client, clock: FakeClock, sync_redis: redis.Redis
 ) -> None:
-    # Its cache id (the key, '#', the merchant) is not the Redis key an invalidation names.
-    sync_redis.zadd(USER_MERCHANTS.key("u1"), {"m1": 1.7e9})
+    # Each (user, merchant) pair is cached under its own id; the invalidation names the
+    # user's key, and the cache finds the pairs by it.
+    merchants = USER_MERCHANTS.key("u1")
+    sync_redis.zadd(merchants, {"m1": 1.7e9, "m2": 1.6e9})
+    sync_redis.zadd(USER_MERCHANTS.key("u2"), {"m1": 1.5e9})
     store = tracked_store(client, clock, groups=(USER_MERCHANTS,))
+    await store.open()
+    pairs = [TX, {"user": "u1", "merchant": "m2"}, {"user": "u2", "merchant": "m1"}]
+    try:
+        await wait_until(
+            lambda: store.tracking is not None and store.tracking.state == LIVE, "tracking live"
+        )
+        for tx in pairs:
+            assert (await store.read([tx])).reads[0]["user:merchants"].source is Source.REDIS
+        clock.tick(SHORT_TTL_S * 2)  # past the short TTL, within the tracked one
+        for tx in pairs:
+            assert (await store.read([tx])).reads[0]["user:merchants"].source is Source.CACHE
+        dropped = counter(metrics.INVALIDATED_KEYS, "dropped")
+        sync_redis.zadd(merchants, {"m1": 1.8e9})  # u1 paid m1 again
+        await wait_until(lambda: len(store._cache) == 1, "u1's two pairs left the cache")
+        assert counter(metrics.INVALIDATED_KEYS, "dropped") == dropped + 2
+        again = await store.read([TX])
+        assert again.reads[0]["user:merchants"].source is Source.REDIS and paid(again) == 1.8e9
+        other = await store.read([pairs[2]])
+        assert other.reads[0]["user:merchants"].source is Source.CACHE  # u2 was not written
+        assert store._inflight_members == {}  # nothing left behind by the reads
+    finally:
+        await store.aclose()
+
+
+async def test_a_member_read_in_flight_when_its_key_is_written_is_not_cached(
+    proxy: DelayProxy, clock: FakeClock, sync_redis: redis.Redis
+) -> None:
+    settings = Settings(redis_url=proxy.url(), redis_socket_timeout_s=WAIT_S)
+    client = open_redis(settings)
+    store = tracked_store(client, clock, groups=(USER_MERCHANTS,))
+    try:
+        await store.open()
+        await wait_until(
+            lambda: store.tracking is not None and store.tracking.state == LIVE, "tracking live"
+        )
+        sync_redis.zadd(USER_MERCHANTS.key("u1"), {"m1": 1.7e9})
+        proxy.set_delay(0.2)
+        in_flight = counter(metrics.INVALIDATED_KEYS, "in_flight")
+        read = asyncio.create_task(store.read([TX]))
+        await wait_until(lambda: command_calls(sync_redis, "zscore") >= 1, "the server read it")
+        sync_redis.zadd(USER_MERCHANTS.key("u1"), {"m1": 1.9e9})
+        assert paid(await read) == 1.7e9  # as read, by the request that asked
+        await wait_until(
+            lambda: (
+                counter(metrics.INVALIDATED_KEYS, "in_flight") > in_flight
+                or TX_MEMBER_ID not in store._cache
+            ),
+            "the invalidation reached the member read",
+        )
+        await store.wait_repairs()
+        assert TX_MEMBER_ID not in store._cache
+        proxy.set_delay(0)
+        assert paid(await store.read([TX])) == 1.9e9
+    finally:
+        await store.aclose()
+        await client.aclose()
+
+
+async def test_a_windowed_count_keeps_the_short_ttl(
+    client: Client, clock: FakeClock, sync_redis: redis.Redis
+) -> None:
+    # Events leave the 10-minute window without a write, so no invalidation would say the
+    # count moved: under a live session it is still cached for the short TTL only.
+    sync_redis.zadd(USER_ACTIVITY.key("u1"), {"tx-1": time.time()})
+    store = tracked_store(client, clock, groups=(USER_ACTIVITY,))
     await store.open()
     try:
         await wait_until(
             lambda: store.tracking is not None and store.tracking.state == LIVE, "tracking live"
         )
-        first = await store.read([TX])
-        assert first.reads[0]["user:merchants"].source is Source.REDIS
-        clock.tick(SHORT_TTL_S * 2)  # past the short TTL, within the tracked one
-        again = await store.read([TX])
-        assert again.reads[0]["user:merchants"].source is Source.REDIS  # not from the cache
+        assert (await store.read([TX])).reads[0]["user:activity"].source is Source.REDIS
+        clock.tick(SHORT_TTL_S / 2)
+        assert (await store.read([TX])).reads[0]["user:activity"].source is Source.CACHE
+        clock.tick(SHORT_TTL_S)  # past the short TTL, within the tracked one
+        assert (await store.read([TX])).reads[0]["user:activity"].source is Source.REDIS
     finally:
         await store.aclose()

@@ -79,6 +79,21 @@ def test_cache_gives_the_tracked_ttl_only_under_the_live_session() -> None:
         EntryCache(maxsize=1, ttl_s=5.0, keep_s=30.0, tracked_ttl_s=60.0)
 
 
+def test_cache_drops_a_key_with_its_member_entries() -> None:
+    cache = EntryCache(maxsize=3, ttl_s=5.0, keep_s=300.0)
+    entry = codec_for(USER_FEATURES).missing
+    cache.put("k1#a", entry, now=1.0, member_of="k1")
+    cache.put("k1#b", entry, now=1.0, member_of="k1")
+    cache.put("k2#a", entry, now=1.0, member_of="k2")
+    assert cache.drop("k1") == 2 and len(cache) == 1 and "k2#a" in cache
+    assert cache.drop("k1") == 0
+    cache.put("k3", entry, now=2.0)
+    cache.put("k4", entry, now=2.0)
+    cache.put("k5", entry, now=2.0)  # evicts k2#a, least recently used
+    assert "k2#a" not in cache and cache.drop("k2") == 0
+    assert cache._members == {}  # the index forgets what the LRU evicted
+
+
 async def test_redis_tier_answers_values_missing_and_wrong_types(
     client: Client, sync_redis: redis.Redis
 ) -> None:

@@ -30,6 +30,11 @@ class Codec(ABC):
     n_replies = 1
     """Replies one key's commands get: the Redis tier splits a pipeline's replies by it."""
 
+    tracked = True
+    """A value that changes only when its key is written, so an invalidation says when:
+    cached for the tracked TTL under a live session. False for a value that also moves
+    with time alone (a count over a sliding window): the short TTL always."""
+
     def __init__(self, group: FeatureGroup) -> None:
         self.spec = group
         self.name = group.qualified_name

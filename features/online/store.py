@@ -118,6 +118,8 @@ class FeatureStore:
         self._backing: BackingTier | None = None
         # One event loop per worker owns the store: no lock around the cache or these.
         self._inflight: dict[str, _Flight] = {}
+        # Member reads in flight by the Redis key an invalidation would name: key id -> flight.
+        self._inflight_members: dict[str, dict[str, _Flight]] = {}
         self.tracking: Tracking | None = None
         if tiers is None:
             if client is None:
@@ -343,6 +345,8 @@ class FeatureStore:
             for key in own:
                 inflight[key.id] = flight
                 waits[key.id] = flight
+                if key.member_of:
+                    self._inflight_members.setdefault(key.member_of, {})[key.id] = flight
             task = loop.create_task(self._fetch(own, flight, deadline))
             self._reads.add(task)
             task.add_done_callback(self._read_done)
@@ -424,6 +428,8 @@ class FeatureStore:
                 key_id = key.id
                 if inflight.get(key_id) is flight:
                     del inflight[key_id]
+                if key.member_of:
+                    self._forget_member_flight(key, flight)
                 if key_id not in result:
                     result[key_id] = codecs[key.group.qualified_name].defaults[Reason.UNAVAILABLE]
             flight.land(result)
@@ -435,10 +441,11 @@ class FeatureStore:
             entry = result[key.id]
             if dropped is not None and key.id in dropped:
                 continue  # invalidated while in flight: this reply may predate the write
-            if codecs[key.group.qualified_name].reads[entry[1]][0].reason not in NOT_CACHED:
-                # A member read's id is not its Redis key, so an invalidation of the key
-                # cannot find it: it keeps the short TTL.
-                cache.put(key.id, entry, now, UNTRACKED if key.member else session)
+            codec = codecs[key.group.qualified_name]
+            if codec.reads[entry[1]][0].reason not in NOT_CACHED:
+                cache.put(
+                    key.id, entry, now, session if codec.tracked else UNTRACKED, key.member_of
+                )
 
     def _invalidate(self, key_ids: list[str] | None) -> None:
         """Redis says these keys changed (None: all of them, a flush): drop them from the
@@ -450,16 +457,31 @@ class FeatureStore:
             for key_id, joined in inflight.items():
                 joined.drop(key_id)
             return
-        dropped = in_flight = 0
+        dropped = in_flight = absent = 0
+        members_inflight = self._inflight_members
         for key_id in key_ids:
-            dropped += cache.drop(key_id)
+            held = cache.drop(key_id)  # with its member entries
+            dropped += held
+            absent += not held
             flight = inflight.get(key_id)
             if flight is not None:
                 flight.drop(key_id)
                 in_flight += 1
+            members = members_inflight.get(key_id)
+            if members is not None:
+                for member_id, joined in members.items():
+                    joined.drop(member_id)
+                in_flight += len(members)
         self._invalidated["dropped"].inc(dropped)
         self._invalidated["in_flight"].inc(in_flight)
-        self._invalidated["absent"].inc(len(key_ids) - dropped)
+        self._invalidated["absent"].inc(absent)
+
+    def _forget_member_flight(self, key: Key, flight: _Flight) -> None:
+        members = self._inflight_members.get(key.member_of)
+        if members is not None and members.get(key.id) is flight:
+            del members[key.id]
+            if not members:
+                del self._inflight_members[key.member_of]
 
     def _read_done(self, task: asyncio.Task[None]) -> None:
         self._reads.discard(task)

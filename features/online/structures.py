@@ -91,6 +91,8 @@ class _SetCodec(Codec):
 class RecentCountCodec(_SetCodec):
     """ZCOUNT over the last `window_s` seconds of an event log scored by event time."""
 
+    tracked = False  # events leave the window without a write: no invalidation says so
+
     def commands(self, key: Key, now: float) -> Sequence[tuple[Any, ...]]:
         since = f"({now - self.spec.window_s!r}"  # exclusive: later than now - window
         return (("ZCARD", key.id), ("ZCOUNT", key.id, since, "+inf"))
