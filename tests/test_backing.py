@@ -390,10 +390,12 @@ async def test_stale_values_are_reported_from_redis_and_backing(
     await writer.write(MERCHANT_RISK, [("m1", MERCHANT)])
     stale = metrics.STALE.labels("user:features", "redis")
     before = stale._value.get()
-    rows = await store_with(client, backing).read([tx("u1", "m1")])
+    reader = store_with(client, backing)
+    rows = await reader.read([tx("u1", "m1")])
     user, merchant = rows.reads[0]["user:features"], rows.reads[0]["merchant:risk"]
     assert (user.source, user.stale) == (Source.REDIS, True)
     assert not merchant.stale
+    reader.flush_health()  # the counts are written once a second
     assert stale._value.get() == before + 1
     sync_redis.flushall()
     store = store_with(client, backing)

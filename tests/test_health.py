@@ -51,6 +51,8 @@ class Metrics:
             "features_served_age_seconds_bucket",
             "features_served_age_seconds_count",
             "features_served_age_seconds_sum",
+            "features_defaults_total",
+            "features_stale_total",
         }
         return {
             (s.name, tuple(sorted(s.labels.items()))): s.value
@@ -104,6 +106,10 @@ async def test_defaults_per_feature_the_denominator_corrupt_values_and_ages(
     assert seen.grown("features_served_total", group=U, source="redis") == 2
     assert seen.grown("features_served_total", group=U, source="default") == 1
     assert seen.grown("features_served_total", group=M, source="redis") == 3  # per row
+    # Per group, once per defaulted read (what features_defaults_total always counted).
+    assert seen.grown("features_defaults_total", group=U, reason="invalid") == 1
+    assert seen.grown("features_defaults_total", group=U, reason="missing") == 1
+    assert seen.grown("features_defaults_total", group=M, reason="invalid") == 3
     for feature in ("account_age_days", "is_premium"):
         labels = {"group": U, "feature": feature}
         assert seen.grown("features_feature_defaults_total", **labels, reason="invalid") == 1

@@ -1,5 +1,5 @@
-"""Feature health: what the store served per group, by source, which features went out as
-defaults and why, and how old the served values were.
+"""Feature health: what the store served per group, by source, which groups and features
+went out as defaults and why, which were stale, and how old the served values were.
 
 The request path only appends to two lists per served group (which read, how old); `flush`
 turns them into counts with numpy and writes them to the Prometheus children, at most once
@@ -50,6 +50,13 @@ class HealthTally:
             }
             for c in codecs
         ]
+        # The per-group counts of defaults and stale values, from the same log.
+        self._group_defaults_to = [
+            {reason: metrics.DEFAULTS.labels(c.name, reason) for reason in Reason} for c in codecs
+        ]
+        self._stale_to = [
+            {source: metrics.STALE.labels(c.name, source) for source in Source} for c in codecs
+        ]
         self._bounds = np.array([*metrics.AGE_BUCKETS_S, math.inf], dtype=np.float64)
         self._ages_to = []
         for codec in codecs:
@@ -77,9 +84,12 @@ class HealthTally:
             group, read_slot = slot % n_groups, slot // n_groups
             read = self._codecs[group].reads[read_slot >> 1][read_slot & 1]
             self._served_to[group][read.source].inc(n)
-            if read.reason is not None:
+            if read.reason is not None and read.defaulted:
+                self._group_defaults_to[group][read.reason].inc(n)
                 for feature in read.defaulted:
                     self._defaults_to[group][feature, read.reason].inc(n)
+            if read.stale:
+                self._stale_to[group][read.source].inc(n)
         groups = slots % n_groups
         known = ~np.isnan(ages)
         for group, (buckets, total) in enumerate(self._ages_to):

@@ -253,10 +253,6 @@ class FeatureStore:
             values, read, read_slot, event_ts = served[key.id]
             parts.append(values)
             row_reads[codec.name] = read
-            if read.defaulted and read.reason is not None:
-                metrics.DEFAULTS.labels(codec.name, read.reason).inc()
-            if read.stale:
-                metrics.STALE.labels(codec.name, read.source).inc()
             column = i % per_row
             log_slot(read_slot * per_row + column)
             log_age(wall - event_ts)  # NaN without an event time
