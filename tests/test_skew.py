@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -188,3 +190,28 @@ def test_cli_exits_2_when_it_cannot_judge(tmp_path: Path) -> None:
     malformed = skew_cli("--log", tmp_path / "log", "--model", model, "--min-rows", "1")
     assert malformed.returncode == 2
     assert "malformed" in malformed.stderr
+
+
+def test_since_counts_only_the_rows_served_after_it(tmp_path: Path) -> None:
+    rng = np.random.default_rng(6)
+    model = model_dir(tmp_path, inputs(rng, 20_000))
+    log = tmp_path / "log"
+    write_log(log / "before", inputs(rng, 1000, amount_scale=5.0))  # shifted, then fixed
+    boundary = datetime.now(UTC)
+    time.sleep(0.01)
+    write_log(log / "after", inputs(rng, 1000))
+    for old in (log / "before").iterdir():  # one directory, as one worker would leave it
+        old.rename(log / f"served-0-{old.name.removeprefix('served-')}")
+    for new in (log / "after").iterdir():
+        new.rename(log / f"served-1-{new.name.removeprefix('served-')}")
+
+    everything = skew_cli("--log", log, "--model", model)
+    assert everything.returncode == 1 and "2000 served rows" in everything.stdout
+    recent = skew_cli("--log", log, "--model", model, "--since", boundary.isoformat())
+    assert recent.returncode == 0, recent.stdout + recent.stderr
+    assert "1000 served rows" in recent.stdout
+    assert "2000 served rows" in skew_cli("--log", log, "--model", model, "--since", "1h").stdout
+    future = skew_cli("--log", log, "--model", model, "--since", "2100-01-01T00:00:00")
+    assert future.returncode == 2 and "in the --since window" in future.stderr
+    bad = skew_cli("--log", log, "--model", model, "--since", "yesterday")
+    assert bad.returncode == 2 and "--since" in bad.stderr

@@ -10,14 +10,35 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import re
 import sys
+import time
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 
 from features.errors import SkewInputError
 from features.skew import report, served, stats
 
 OK, SKEW, BAD_INPUT = 0, 1, 2
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def since(text: str) -> float:
+    """Unix seconds from `--since`: a span back from now (`90s`, `30m`, `24h`, `7d`) or an
+    ISO 8601 time (UTC unless it says otherwise)."""
+    span = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", text.strip())
+    if span is not None:
+        return time.time() - float(span[1]) * _UNITS[span[2]]
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither a span back from now (90s, 30m, 24h, 7d) nor an ISO 8601 time"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -31,6 +52,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         required=True,
         help="the model's directory: `bentoml models get fraud_mlp:latest -o path`",
     )
+    parser.add_argument(
+        "--since",
+        type=since,
+        help="only rows served since then: a span back from now (24h, 7d) or an ISO 8601 time",
+    )
     parser.add_argument("--threshold", type=float, default=0.2, help="largest PSI that passes")
     parser.add_argument("--min-rows", type=int, default=200, help="fewest served rows to judge")
     parser.add_argument("--png", type=Path, help="write a chart of the worst inputs here")
@@ -39,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         trained = stats.load(args.model)
-        counts = served.served_counts(args.log, trained)
+        counts = served.served_counts(args.log, trained, args.since)
     except SkewInputError as exc:
         print(f"skew: {exc}", file=sys.stderr)
         return BAD_INPUT
@@ -51,7 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if counts.rows < args.min_rows:
         print(
             f"skew: {counts.rows} served rows with fingerprint {trained.fingerprint} in"
-            f" {args.log}, fewer than --min-rows {args.min_rows}",
+            f" {args.log}{'' if args.since is None else ' in the --since window'},"
+            f" fewer than --min-rows {args.min_rows}",
             file=sys.stderr,
         )
         return BAD_INPUT

@@ -29,9 +29,12 @@ class ServedCounts:
     unreadable: list[str] = field(default_factory=list)
 
 
-def served_counts(directory: Path, stats: TrainingStats) -> ServedCounts:
-    """Bin every closed log file in `directory` against `stats`; SkewInputError if there is
-    no such directory or no closed file in it."""
+def served_counts(
+    directory: Path, stats: TrainingStats, since: float | None = None
+) -> ServedCounts:
+    """Bin every closed log file in `directory` against `stats` (only rows served at or
+    after `since`, Unix seconds, if given); SkewInputError if there is no such directory or
+    no closed file in it."""
     import pyarrow.parquet as pq
 
     from features.servedlog.files import closed_files
@@ -44,7 +47,7 @@ def served_counts(directory: Path, stats: TrainingStats) -> ServedCounts:
     counts = _empty(stats)
     for path in paths:
         try:
-            one = _file_counts(pq.ParquetFile(path), stats)
+            one = _file_counts(pq.ParquetFile(path), stats, since)
         except (OSError, ValueError) as exc:  # pyarrow's errors are both
             counts.unreadable.append(f"{path.name}: {exc}")
             continue
@@ -59,17 +62,22 @@ def _empty(stats: TrainingStats) -> ServedCounts:
     )
 
 
-def _file_counts(parquet: Any, stats: TrainingStats) -> ServedCounts:
+def _file_counts(parquet: Any, stats: TrainingStats, since: float | None) -> ServedCounts:
     """One file's counts; ValueError if its rows of our fingerprint lack a feature."""
-    from features.servedlog.columns import FINGERPRINT
+    from features.servedlog.columns import FINGERPRINT, SERVED_AT
 
     counts = _empty(stats)
     counts.files = 1
     names = set(parquet.schema_arrow.names)
-    if FINGERPRINT not in names:
-        raise ValueError(f"no {FINGERPRINT} column")
-    columns = [FINGERPRINT, *(f.name for f in stats.features if f.name in names)]
-    for batch in parquet.iter_batches(batch_size=_BATCH_ROWS, columns=columns):
+    if FINGERPRINT not in names or SERVED_AT not in names:
+        raise ValueError(f"no {FINGERPRINT} or {SERVED_AT} column")
+    columns = [FINGERPRINT, SERVED_AT, *(f.name for f in stats.features if f.name in names)]
+    since_us = None if since is None else round(since * 1e6)
+    for whole in parquet.iter_batches(batch_size=_BATCH_ROWS, columns=columns):
+        batch = whole
+        if since_us is not None:  # older rows are not counted at all
+            served_us = whole.column(SERVED_AT).cast("int64").to_numpy(zero_copy_only=False)
+            batch = whole.filter(served_us >= since_us)
         fingerprints = batch.column(FINGERPRINT).to_numpy(zero_copy_only=False)
         ours = fingerprints == stats.fingerprint
         others, n_others = np.unique(fingerprints[~ours], return_counts=True)
