@@ -53,6 +53,13 @@ def quiet_redis() -> Iterator[RedisServer]:
         yield server
 
 
+@pytest.fixture(params=[False, True], ids=["pool", "multiplex"])
+def multiplex(request: pytest.FixtureRequest) -> bool:
+    """FeatureStore's two read paths: redis-py's pool, or the multiplexed connection the
+    service reads through (features/online/multiplex.py). A test asking for it runs on both."""
+    return bool(request.param)
+
+
 @pytest.fixture
 def settings(redis_url: str) -> Settings:
     # Loopback on a busy 2-core VM: allow for scheduling hiccups in tests.
