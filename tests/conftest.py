@@ -8,11 +8,13 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
+from redis.asyncio.connection import Connection
 
 from features import (
     HASH_GROUPS,
@@ -164,6 +166,29 @@ def command_calls(client: redis.Redis, command: str) -> int:
     stats = client.info("commandstats")
     entry = stats.get(f"cmdstat_{command}")
     return int(entry["calls"]) if entry else 0
+
+
+class SocketWrites:
+    """How many writes redis-py's asyncio connections made to their sockets."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
+@contextmanager
+def socket_writes() -> Iterator[SocketWrites]:
+    """Count the socket writes of every asyncio redis-py connection (a whole pipeline is
+    one) while the block runs: one write is one round trip."""
+    writes = SocketWrites()
+    original = Connection.send_packed_command
+
+    async def counting(self: Connection, command: object, check_health: bool = True) -> None:
+        writes.count += 1
+        await original(self, command, check_health)  # type: ignore[arg-type]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Connection, "send_packed_command", counting)
+        yield writes
 
 
 @pytest.fixture(scope="session")
