@@ -42,6 +42,7 @@ from features.offline.load import demo_jobs, load
 from features.ondemand import model_inputs
 from features.spec import EVENT_TS_FIELD
 from load_tests import bench_curve, bench_overload, bench_tail, httpload
+from load_tests._clock import Jump
 from load_tests._stack import RESULTS, scrape
 from load_tests.floor import FloorClient
 from load_tests.report import diff_stats
@@ -94,17 +95,6 @@ def _pairs(n: int, seed: int) -> list[tuple[str, str]]:
     return [(rng.choice(users), rng.choice(merchants)) for _ in range(n)]
 
 
-class _Jump:
-    """A clock that moves an hour per call: every cached entry is already stale."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        self.now += 3600.0
-        return self.now
-
-
 async def micro(port: int, n: int) -> dict[str, dict[str, float]]:
     """(a), (b) and (c) against the Redis on 127.0.0.1:`port`."""
     url = f"redis://127.0.0.1:{port}/0"
@@ -115,9 +105,9 @@ async def micro(port: int, n: int) -> dict[str, dict[str, float]]:
     # (a) and (c) compare the project's read with the floor's and raw HMGETs: the hashes
     # only. The sorted sets and embeddings add commands of their own to a real request.
     miss_store = FeatureStore(
-        client, groups=HASH_GROUPS, deadline_s=deadline_s, timer=_Jump(), multiplex=True
+        client, groups=HASH_GROUPS, deadline_s=deadline_s, timer=Jump(), multiplex=True
     )
-    pool_store = FeatureStore(client, groups=HASH_GROUPS, deadline_s=deadline_s, timer=_Jump())
+    pool_store = FeatureStore(client, groups=HASH_GROUPS, deadline_s=deadline_s, timer=Jump())
     hit_store = FeatureStore(client, deadline_s=deadline_s, cache_ttl_s=1e9)
     pairs = _pairs(4000, seed=3)
     width = sum(len(g.features) for g in GROUPS)

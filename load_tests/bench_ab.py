@@ -31,6 +31,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from load_tests._clock import Jump
+
 ROOT = Path(__file__).resolve().parent.parent
 N_USERS, N_MERCHANTS = 20_000, 2_000
 
@@ -101,17 +103,6 @@ async def interleaved(
     return {name: summary(s) for name, s in samples.items()}
 
 
-class _Jump:
-    """A timer that moves an hour per call: every cached entry is already stale."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        self.now += 3600.0
-        return self.now
-
-
 class _Side:
     """One revision's stores against the shared Redis: a missing one and a hitting one."""
 
@@ -123,7 +114,7 @@ class _Side:
         self.client = features.open_redis(settings)
         deadline_s = settings.deadline_s
         self.miss = features.FeatureStore(
-            self.client, deadline_s=deadline_s, timer=_Jump(), multiplex=True
+            self.client, deadline_s=deadline_s, timer=Jump(), multiplex=True
         )
         self.hit = features.FeatureStore(self.client, deadline_s=deadline_s, cache_ttl_s=1e9)
         self.model_inputs = modules["features.ondemand"].model_inputs

@@ -8,11 +8,13 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
+from redis.asyncio.connection import Connection
 
 from features import (
     HASH_GROUPS,
@@ -51,6 +53,13 @@ def quiet_redis() -> Iterator[RedisServer]:
     one no other client (a session service's heartbeat, say) talks to meanwhile."""
     with RedisServer(quiet=True) as server:
         yield server
+
+
+@pytest.fixture(params=[False, True], ids=["pool", "multiplex"])
+def multiplex(request: pytest.FixtureRequest) -> bool:
+    """FeatureStore's two read paths: redis-py's pool, or the multiplexed connection the
+    service reads through (features/online/multiplex.py). A test asking for it runs on both."""
+    return bool(request.param)
 
 
 @pytest.fixture
@@ -157,6 +166,29 @@ def command_calls(client: redis.Redis, command: str) -> int:
     stats = client.info("commandstats")
     entry = stats.get(f"cmdstat_{command}")
     return int(entry["calls"]) if entry else 0
+
+
+class SocketWrites:
+    """How many writes redis-py's asyncio connections made to their sockets."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
+@contextmanager
+def socket_writes() -> Iterator[SocketWrites]:
+    """Count the socket writes of every asyncio redis-py connection (a whole pipeline is
+    one) while the block runs: one write is one round trip."""
+    writes = SocketWrites()
+    original = Connection.send_packed_command
+
+    async def counting(self: Connection, command: object, check_health: bool = True) -> None:
+        writes.count += 1
+        await original(self, command, check_health)  # type: ignore[arg-type]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Connection, "send_packed_command", counting)
+        yield writes
 
 
 @pytest.fixture(scope="session")

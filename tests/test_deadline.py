@@ -115,13 +115,14 @@ async def slow_client(proxy: DelayProxy, sync_redis: redis.Redis) -> AsyncIterat
 
 
 @pytest.fixture
-async def make_store(proxy: DelayProxy) -> AsyncIterator[MakeStore]:
-    """FeatureStores with the test's deadline; closed after the late replies have landed."""
+async def make_store(proxy: DelayProxy, multiplex: bool) -> AsyncIterator[MakeStore]:
+    """FeatureStores with the test's deadline, on either read path (`multiplex`, from
+    tests/conftest.py); closed after the late replies have landed."""
     stores: list[FeatureStore] = []
 
     def make(client: Client, **kwargs: object) -> FeatureStore:
         kwargs.setdefault("deadline_s", DEADLINE_S)
-        store = FeatureStore(client, **kwargs)  # type: ignore[arg-type]
+        store = FeatureStore(client, multiplex=multiplex, **kwargs)  # type: ignore[arg-type]
         stores.append(store)
         return store
 

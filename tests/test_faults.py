@@ -1,6 +1,10 @@
 """Real Redis faults against FeatureStore: kill, SIGSTOP, CLIENT PAUSE, DEBUG SLEEP,
 a full server, an exhausted pool, garbage. Each read must return (never raise) within
-a bound, serve cached values or counted defaults, and recover within seconds."""
+a bound, serve cached values or counted defaults, and recover within seconds.
+
+Each test runs on both read paths (the `multiplex` fixture of tests/conftest.py): over
+redis-py's pool ("pool") and over the multiplexed connection the service reads through
+("multiplex", FeatureStore(multiplex=True), as open_store builds it)."""
 
 from __future__ import annotations
 
@@ -39,6 +43,18 @@ FAILED = {Reason.UNAVAILABLE, Reason.CIRCUIT_OPEN}
 # Generous bounds for a busy 2-core VM; the figures themselves are in the load scenario.
 SLOW_READ_S = 0.5  # a read that waits for a timeout (socket timeout 0.1 s)
 FAST_READ_S = 0.005  # typical read that does not touch the network (median)
+
+
+def only_on(path: str, reason: str) -> pytest.MarkDecorator:
+    """Run a test on one read path ("pool" or "multiplex"); the other is skipped, saying why."""
+    skip = pytest.mark.skip(reason=reason)
+    return pytest.mark.parametrize(
+        "multiplex",
+        [
+            pytest.param(False, id="pool", marks=() if path == "pool" else skip),
+            pytest.param(True, id="multiplex", marks=() if path == "multiplex" else skip),
+        ],
+    )
 
 
 @dataclass
@@ -82,7 +98,7 @@ def server() -> Iterator[RedisServer]:
 
 
 @pytest.fixture
-async def rig(server: RedisServer) -> AsyncIterator[Rig]:
+async def rig(server: RedisServer, multiplex: bool) -> AsyncIterator[Rig]:
     settings = Settings(
         redis_url=server.url,
         redis_socket_timeout_s=0.1,
@@ -93,9 +109,10 @@ async def rig(server: RedisServer) -> AsyncIterator[Rig]:
     admin = redis.Redis(port=server.port, socket_timeout=5)
     client = open_redis(settings)
     breaker = CircuitBreaker(failure_threshold=3, reset_s=0.2)
-    store = FeatureStore(client, cache_ttl_s=30.0, breaker=breaker)
+    store = FeatureStore(client, cache_ttl_s=30.0, breaker=breaker, multiplex=multiplex)
     await FeatureWriter(client).write(USER_FEATURES, [(f"u{i}", USER) for i in range(20)])
     yield Rig(server, admin, client, store, breaker)
+    await store.aclose()
     await client.aclose()
     admin.close()
 
@@ -198,6 +215,7 @@ async def test_redis_slower_than_the_timeout(rig: Rig, how: str) -> None:
     assert await rig.recover() < 3.0
 
 
+@only_on("pool", "the multiplexed path takes no pooled connection: see the next test")
 async def test_pool_exhausted_waits_briefly_then_serves_defaults(rig: Rig) -> None:
     assert isinstance(rig.client, aioredis.Redis)
     pool = rig.client.connection_pool
@@ -217,6 +235,23 @@ async def test_pool_exhausted_waits_briefly_then_serves_defaults(rig: Rig) -> No
             await pool.release(connection)
     rows, _ = await rig.read("u1")
     assert rows.reads[0]["user:features"].source is Source.REDIS
+
+
+@only_on("multiplex", "the pool path needs a pooled connection: see the test above")
+async def test_reads_need_no_pooled_connection(rig: Rig) -> None:
+    """What replaces the exhausted-pool test on the multiplexed path: with every pooled
+    connection taken, reads still go to Redis, and the breaker stays closed."""
+    assert isinstance(rig.client, aioredis.Redis)
+    pool = rig.client.connection_pool
+    held = [await pool.get_connection() for _ in range(4)]  # type: ignore[no-untyped-call]
+    try:
+        for i in range(6):
+            rows, _ = await rig.read(f"u{i + 1}")
+            assert rows.reads[0]["user:features"].source is Source.REDIS
+        assert rig.breaker.state is State.CLOSED
+    finally:
+        for connection in held:
+            await pool.release(connection)
 
 
 async def test_more_concurrent_reads_than_connections(rig: Rig) -> None:

@@ -8,7 +8,6 @@ import time
 import numpy as np
 import pytest
 import redis.asyncio as aioredis
-from redis.asyncio.connection import Connection
 
 from features import (
     GROUPS,
@@ -34,6 +33,7 @@ from tests.conftest import (
     FakeClock,
     command_calls,
     entity_features,
+    socket_writes,
     write_entities,
     write_structures,
 )
@@ -93,23 +93,15 @@ async def test_unknown_entity_gets_every_default(client) -> None:
         assert (read.source, read.reason) == (Source.DEFAULT, Reason.MISSING)
 
 
-async def test_one_round_trip_for_a_whole_batch(client, sync_redis, monkeypatch) -> None:
+async def test_one_round_trip_for_a_whole_batch(client, sync_redis) -> None:
     users = [f"u{i}" for i in range(40)]
     merchants = [f"m{i}" for i in range(10)]
     await seed(client, users, merchants)
     sync_redis.config_resetstat()
-    sends = 0
-    original = Connection.send_packed_command
-
-    async def counting(self: Connection, command: object, check_health: bool = True) -> None:
-        nonlocal sends
-        sends += 1
-        await original(self, command, check_health)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(Connection, "send_packed_command", counting)
     batch = [tx(users[i], merchants[i % 10]) for i in range(40)] + [tx("u0", "m0")]  # dup
-    rows = await store_for(client).read(batch)
-    assert sends == 1  # every key in ONE write to the socket: one round trip
+    with socket_writes() as writes:
+        rows = await store_for(client).read(batch)
+    assert writes.count == 1  # every key in ONE write to the socket: one round trip
     # One HMGET per unique key: each user's hashes and each merchant's.
     assert command_calls(sync_redis, "hmget") == 40 * USER_GROUPS + 10 * MERCHANT_GROUPS
     assert command_calls(sync_redis, "multi") == 0  # non-transactional

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import redis
 import redis.asyncio as aioredis
-from redis.asyncio.connection import Connection
 
 from features import (
     HASH_GROUPS,
@@ -34,6 +33,7 @@ from tests.conftest import (
     FakeClock,
     command_calls,
     entity_features,
+    socket_writes,
     write_entities,
     write_structures,
 )
@@ -81,24 +81,14 @@ def expect_commands(sync_redis: redis.Redis, users: int, merchants: int) -> None
     assert command_calls(sync_redis, "get") == merchants
 
 
-async def test_pooled_pipeline_reads_every_structure_in_one_write(
-    client, sync_redis, monkeypatch
-) -> None:
+async def test_pooled_pipeline_reads_every_structure_in_one_write(client, sync_redis) -> None:
     users, merchants = [f"u{i}" for i in range(12)], ["m0", "m1", "m2"]
     await seed_hashes(client, users, merchants)
     await write_structures(client, users, merchants)
     sync_redis.config_resetstat()
-    sends = 0
-    original = Connection.send_packed_command
-
-    async def counting(self: Connection, command: object, check_health: bool = True) -> None:
-        nonlocal sends
-        sends += 1
-        await original(self, command, check_health)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(Connection, "send_packed_command", counting)
-    rows = await FeatureStore(client).read(batch_of(users, merchants))
-    assert sends == 1  # hashes, sorted sets and strings in ONE write: one round trip
+    with socket_writes() as writes:
+        rows = await FeatureStore(client).read(batch_of(users, merchants))
+    assert writes.count == 1  # hashes, sorted sets and strings in ONE write: one round trip
     expect_commands(sync_redis, len(users), len(merchants))
     assert command_calls(sync_redis, "multi") == 0
     assert {r.source for row in rows.reads for r in row.values()} == {Source.REDIS}
