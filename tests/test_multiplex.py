@@ -430,3 +430,69 @@ async def test_the_service_store_reads_over_its_own_connection(
             await pool.release(connection)
         await store.aclose()
         await client.aclose()
+
+
+async def test_request_then_answers_inside_the_parsing_callback(
+    proxy: DelayProxy, sync_redis: redis.Redis
+) -> None:
+    # No future and no task: `then` runs in data_received, in order, and a connection's
+    # failure reaches it as the error.
+    sync_redis.hset("h", "a", "1")
+    client, connection = connect(settings_for(proxy.url(), redis_socket_timeout_s=0.05))
+    got: list[Any] = []
+    try:
+        await client_id(connection)
+        payload = HMGET("h") + HMGET("absent")
+        connection.request_then(payload, 2, got.append)
+        connection.request_then(HMGET("h"), 1, got.append)
+        assert await hmget(connection, "h") == [[b"1", None, None]]  # queued behind them
+        assert got == [[[b"1", None, None], [None, None, None]], [[b"1", None, None]]]
+        proxy.set_delay(0.3)
+        connection.request_then(HMGET("h"), 1, got.append)
+        with pytest.raises(RedisTimeoutError):
+            await hmget(connection, "h")
+        assert isinstance(got[2], RedisTimeoutError)
+        proxy.set_delay(0)
+        await connection.aclose()
+        connection.request_then(HMGET("h"), 1, got.append)  # closed: the error, soon after
+        assert len(got) == 3
+        await asyncio.sleep(0)
+        assert isinstance(got[3], RedisConnectionError)
+    finally:
+        await connection.aclose()
+        await client.aclose()
+
+
+async def test_a_callback_that_raises_leaves_the_connection_working(
+    mux: Multiplexed, sync_redis: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    sync_redis.hset("h", "a", "1")
+
+    def broken(_: object) -> None:
+        raise RuntimeError("a bug in the caller")
+
+    mux.request_then(HMGET("h"), 1, broken)
+    with caplog.at_level(logging.ERROR, logger="features.online.multiplex"):
+        assert await hmget(mux, "h") == [[b"1", None, None]]
+    assert "a bug in the caller" in caplog.text
+
+
+async def test_a_store_read_on_the_multiplexed_connection_needs_no_task(
+    client: aioredis.Redis, sync_redis: redis.Redis
+) -> None:
+    await FeatureWriter(client).write(USER_FEATURES, [("u1", {"tx_count_1h": 4})])
+    store = FeatureStore(client, multiplex=True)
+    try:
+        await store.open()
+        read = asyncio.ensure_future(store.read([{"user": "u1", "merchant": "m1"}]))
+        await asyncio.sleep(0)  # the request runs until it waits for Redis
+        assert store._started == 1 and not store._reads
+        rows = await read
+        assert rows.values[0, 0] == 4.0 and rows.reads[0]["user:features"].source is Source.REDIS
+        assert store._started == 0 and not store._reads
+        # Keys Redis cannot answer go on to the next tier in a task (tests/test_backing,
+        # test_invalidation's held backing store); with none, they get their defaults.
+        unknown = await store.read([{"user": "nobody", "merchant": "nowhere"}])
+        assert unknown.reads[0]["user:features"].reason is Reason.MISSING
+    finally:
+        await store.aclose()

@@ -45,7 +45,9 @@ cluster pipeline already does that, bounded by a deadline.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
+import sys
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol, cast
@@ -59,6 +61,8 @@ from redis.exceptions import AuthenticationError, InvalidResponse, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.utils import format_error_message
+
+from features._log import RateLimitedLog
 
 Replies = list[Any]
 """One read's replies in command order: bytes, lists, None, or ResponseError values."""
@@ -81,6 +85,9 @@ class Listener(Protocol):
         """The tracked connection failed or was closed: its session is over."""
 
 
+logger = logging.getLogger(__name__)
+_BUGS = RateLimitedLog(logger, 10.0, level=logging.ERROR, exc_info=True)
+
 _MORE = object()  # hiredis: no whole reply buffered yet
 _SSL_OPTIONS = frozenset(RedisSSLContext.__slots__) - {"context"}
 
@@ -102,16 +109,47 @@ def hmget_packer(fields: Sequence[str]) -> Callable[[str], bytes]:
     return packed
 
 
+Then = Callable[["Replies | RedisError"], None]
+"""Called, inside the connection's callback, with a read's replies or the error that
+failed it."""
+
+
 class _Read:
-    """One read in flight: its future, how many replies it still awaits, when it is late."""
+    """One read in flight: its future (or `then`), how many replies it still awaits, when
+    it is late."""
 
-    __slots__ = ("due", "future", "left", "replies")
+    __slots__ = ("due", "future", "left", "replies", "then")
 
-    def __init__(self, future: asyncio.Future[Replies], n_replies: int) -> None:
+    def __init__(
+        self, future: asyncio.Future[Replies] | None, n_replies: int, then: Then | None = None
+    ) -> None:
         self.future = future
+        self.then = then
         self.left = n_replies
         self.replies: Replies = []
         self.due = math.inf  # set when written
+
+    def answered(self) -> None:
+        then = self.then
+        if then is not None:
+            _call(then, self.replies)
+        elif self.future is not None and not self.future.done():  # else its caller gave up
+            self.future.set_result(self.replies)
+
+    def failed(self, error: RedisError) -> None:
+        then = self.then
+        if then is not None:
+            _call(then, error)
+        elif self.future is not None and not self.future.done():
+            self.future.set_exception(error)
+
+
+def _call(then: Then, outcome: Replies | RedisError) -> None:
+    # `then` is the caller's and must not raise; if it does, the connection goes on.
+    try:
+        then(outcome)
+    except Exception:
+        _BUGS.failed("a multiplexed read's callback", sys.exc_info()[1] or Exception())
 
 
 class _Connection(asyncio.Protocol):
@@ -157,12 +195,20 @@ class _Connection(asyncio.Protocol):
         """Queue `payload` (`n_replies` commands) for the next flush; the future gets
         their replies, or the connection's error."""
         future: asyncio.Future[Replies] = self._loop.create_future()
+        self._queue(payload, _Read(future, n_replies))
+        return future
+
+    def send_then(self, payload: bytes, n_replies: int, then: Then) -> None:
+        """As `send`, but `then` gets the replies (or the error) in the callback that
+        parsed them, not a task one loop iteration later."""
+        self._queue(payload, _Read(None, n_replies, then))
+
+    def _queue(self, payload: bytes, read: _Read) -> None:
         self._buffer.append(payload)
-        self._unsent.append(_Read(future, n_replies))
+        self._unsent.append(read)
         if self._open and not self._flushing:
             self._flushing = True
             self._loop.call_soon(self._flush)
-        return future
 
     @property
     def is_open(self) -> bool:
@@ -194,11 +240,11 @@ class _Connection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        for read in (*self._pending, *self._unsent):
-            if not read.future.done():
-                read.future.set_exception(error)
+        reads = (*self._pending, *self._unsent)
         self._pending.clear()
         self._unsent.clear()
+        for read in reads:
+            read.failed(error)
         self._buffer.clear()
         if self.handshake is not None:
             if not self.handshake.done():
@@ -243,8 +289,7 @@ class _Connection(asyncio.Protocol):
                 read.left -= 1
                 if not read.left:
                     pending.popleft()
-                    if not read.future.done():  # else its caller gave up: dropped
-                        read.future.set_result(read.replies)
+                    read.answered()  # a future whose caller gave up drops them
                 reply = reader.gets()
         except RedisError as exc:  # InvalidResponse from the parser, or the reply above
             self.close(exc)
@@ -369,6 +414,18 @@ class Multiplexed:
                 return future
             conn = self._reconnect()
         return conn.send(payload, n_replies)
+
+    def request_then(self, payload: bytes, n_replies: int, then: Then) -> None:
+        """As `request`, but `then` gets the replies in order (or the RedisError) inside
+        the connection's callback that parsed them: a read without a task of its own."""
+        conn = self._conn
+        if conn is None or conn.error is not None:
+            if self._closed:
+                loop = asyncio.get_running_loop()  # never inside the caller's own call
+                loop.call_soon(then, RedisConnectionError("the connection is closed"))
+                return
+            conn = self._reconnect()
+        conn.send_then(payload, n_replies, then)
 
     def connected(self) -> bool:
         """Connected, handshake done, not failed."""

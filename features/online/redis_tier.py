@@ -30,9 +30,9 @@ from features.breaker import CircuitBreaker
 from features.connection import Client
 from features.online.entry import Reason
 from features.online.keys import Key
-from features.online.multiplex import Multiplexed
+from features.online.multiplex import Multiplexed, Replies
 from features.online.reads import Codec
-from features.online.tier import Answer
+from features.online.tier import Answer, Answered
 from features.online.tracking import Tracking
 from features.spec import FeatureGroup
 from features.tracing import TRACING
@@ -77,6 +77,10 @@ class RedisTier:
         self._probe_slow_s = probe_slow_s
         self._clock = clock  # wall time, for event-time freshness
         self._log = RateLimitedLog(logger, error_log_interval_s)
+        self._bugs = RateLimitedLog(
+            logger, error_log_interval_s, level=logging.ERROR, exc_info=True
+        )
+        self._up = False  # as last written to features_redis_up
         # More than one when a late read's failure reopened the breaker under a probe.
         self._probes: set[asyncio.Task[None]] = set()  # referenced, so none is collected
         self._closed = False
@@ -109,31 +113,83 @@ class RedisTier:
                 self._probes.add(probe)
                 probe.add_done_callback(self._probes.discard)
             return [Reason.CIRCUIT_OPEN] * len(keys)
-        codecs = self._codecs
-        loop = asyncio.get_running_loop()
-        started, late_s = loop.time(), self._lag.late_s()
-        tracer = TRACING.active()
-        span = None if tracer is None else self._start_span(tracer, len(keys))
+        started, late_s, span = self._begin(len(keys))
+        outcome: list[Any] | BaseException
         try:
-            replies = await self._round_trip(keys, self._clock())
+            outcome = await self._round_trip(keys, self._clock())
         except _FAILURES as exc:
-            if not _pool_exhausted(exc):  # our own backlog is no sign that Redis is down
-                breaker.failure()
-            kind = self._failed(exc, len(keys))
-            if span is not None:
-                span.set_attribute("error.type", kind)
-                span.set_status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}")
-            return [Reason.UNAVAILABLE] * len(keys)
-        finally:
+            outcome = exc
+        except BaseException:
             if span is not None:
                 span.end()
+            raise
+        return self._answered(keys, outcome, started, late_s, deadline, span)
+
+    def start(self, keys: Sequence[Key], deadline: float, then: Answered) -> bool:
+        """`read` without a task of its own, on the multiplexed connection: the commands
+        are queued for the next flush now, and `then` gets the answers inside the callback
+        that parsed the replies, so the read costs no loop iteration at either end. False,
+        with nothing sent, where only `read` can do it: no multiplexed connection, or the
+        breaker not closed (`read` answers those at once, and probes)."""
+        mux = self._mux
+        if mux is None or not self.breaker.allow():
+            return False
+        started, late_s, span = self._begin(len(keys))
+        payload, n_replies = self._packed(keys, self._clock())
+
+        def landed(flat: Replies | RedisError) -> None:
+            try:
+                outcome = flat if isinstance(flat, RedisError) else self._split(keys, flat)
+                answers = self._answered(keys, outcome, started, late_s, deadline, span)
+            except Exception as exc:  # a bug: the readers still get an answer
+                self._bugs.failed("Redis read's decode", exc, len(keys))
+                answers = [Reason.UNAVAILABLE] * len(keys)
+            then(answers)
+
+        mux.request_then(payload, n_replies, landed)
+        return True
+
+    def _begin(self, n_keys: int) -> tuple[float, float, Span | None]:
+        """A read's start: loop time, the loop's lateness so far, its span if tracing."""
+        tracer = TRACING.active()
+        span = None if tracer is None else self._start_span(tracer, n_keys)
+        return asyncio.get_running_loop().time(), self._lag.late_s(), span
+
+    def _answered(
+        self,
+        keys: Sequence[Key],
+        outcome: list[Any] | BaseException,
+        started: float,
+        late_s: float,
+        deadline: float,
+        span: Span | None,
+    ) -> list[Answer]:
+        """What a read's replies (one per key, a list for several commands) or its failure
+        answer, told to the breaker and the metrics."""
+        breaker = self.breaker
+        if isinstance(outcome, BaseException):
+            if not _pool_exhausted(outcome):  # our own backlog is no sign that Redis is down
+                breaker.failure()
+            kind = self._failed(outcome, len(keys))
+            if span is not None:
+                span.set_attribute("error.type", kind)
+                span.set_status(StatusCode.ERROR, f"{type(outcome).__name__}: {outcome}")
+                span.end()
+            return [Reason.UNAVAILABLE] * len(keys)
+        if span is not None:
+            span.end()
         # Slow if it ended after the deadline even without the time the loop was too busy
         # to read the reply (a busy worker is not a slow Redis).
-        if started < deadline < loop.time() - (self._lag.late_s() - late_s):
+        ended = asyncio.get_running_loop().time()
+        if started < deadline < ended - (self._lag.late_s() - late_s):
             breaker.slow()
         else:
             breaker.success()
-        metrics.REDIS_UP.set(1)
+        if not self._up:
+            metrics.REDIS_UP.set(1)
+            self._up = True
+        replies = outcome
+        codecs = self._codecs
         now = self._clock()
         # Per group, all its keys at once: a hash's found replies are parsed together.
         positions: dict[str, list[int]] = {}
@@ -185,27 +241,33 @@ class RedisTier:
         """Each key's commands, all in one round trip; per key its reply, or the list of
         its replies for a group of several commands; error replies come back as values.
         `now` (wall time) bounds time windows, e.g. ZCOUNT's."""
-        codecs = self._codecs
-        per_key = [codecs[key.group.qualified_name] for key in keys]
         mux = self._mux
         if mux is not None:
-            payload = b"".join(
-                [codec.pack(key, now) for codec, key in zip(per_key, keys, strict=True)]
-            )
-            n_replies = sum([codec.n_replies for codec in per_key])
-            flat = await mux.request(payload, n_replies)
-        else:
-            async with self.client.pipeline(transaction=False) as pipe:
-                for codec, key in zip(per_key, keys, strict=True):
-                    for args in codec.commands(key, now):
-                        pipe.execute_command(*args)
-                flat = await pipe.execute(raise_on_error=False)
+            payload, n_replies = self._packed(keys, now)
+            return self._split(keys, await mux.request(payload, n_replies))
+        codecs = self._codecs
+        async with self.client.pipeline(transaction=False) as pipe:
+            for key in keys:
+                for args in codecs[key.group.qualified_name].commands(key, now):
+                    pipe.execute_command(*args)
+            return self._split(keys, await pipe.execute(raise_on_error=False))
+
+    def _packed(self, keys: Sequence[Key], now: float) -> tuple[bytes, int]:
+        """Every key's commands in RESP, in one payload, and how many replies they get."""
+        codecs = self._codecs
+        per_key = [codecs[key.group.qualified_name] for key in keys]
+        payload = b"".join([codec.pack(key, now) for codec, key in zip(per_key, keys, strict=True)])
+        return payload, sum([codec.n_replies for codec in per_key])
+
+    def _split(self, keys: Sequence[Key], flat: list[Any]) -> list[Any]:
+        """The replies of one round trip, per key (a list for a group of several)."""
         if len(flat) == len(keys):
             return flat
+        codecs = self._codecs
         replies: list[Any] = []
         at = 0
-        for codec in per_key:
-            n = codec.n_replies
+        for key in keys:
+            n = codecs[key.group.qualified_name].n_replies
             replies.append(flat[at] if n == 1 else flat[at : at + n])
             at += n
         return replies
@@ -238,6 +300,7 @@ class RedisTier:
             else:
                 self.breaker.success()
                 metrics.REDIS_UP.set(1)
+                self._up = True
 
     def _failed(self, exc: BaseException, n_keys: int) -> str:
         """Count and (rate-limited) log one failure; returns its kind (the metric label)."""
@@ -250,6 +313,7 @@ class RedisTier:
         metrics.REDIS_ERRORS.labels(kind).inc()
         if kind != "pool_exhausted":
             metrics.REDIS_UP.set(0)
+            self._up = False
         self._log.failed("Redis read", exc, n_keys)
         return kind
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -27,7 +28,7 @@ from features.online.health import MAX_PENDING, HealthTally
 from features.online.keys import Key, key_of
 from features.online.reads import Codec
 from features.online.redis_tier import RedisTier
-from features.online.tier import Tier
+from features.online.tier import Answer, Tier
 from features.online.tracking import Tracking
 from features.spec import GROUPS, FeatureGroup, validate_entity_id
 from features.tracing import TRACING
@@ -120,6 +121,8 @@ class FeatureStore:
         self._inflight: dict[str, _Flight] = {}
         # Member reads in flight by the Redis key an invalidation would name: key id -> flight.
         self._inflight_members: dict[str, dict[str, _Flight]] = {}
+        self._started = 0  # reads started without a task (`_start`), not yet answered
+        self._idle: asyncio.Event | None = None  # set when that count falls to 0
         self.tracking: Tracking | None = None
         if tiers is None:
             if client is None:
@@ -343,9 +346,8 @@ class FeatureStore:
                 waits[key.id] = flight
                 if key.member_of:
                     self._inflight_members.setdefault(key.member_of, {})[key.id] = flight
-            task = loop.create_task(self._fetch(own, flight, deadline))
-            self._reads.add(task)
-            task.add_done_callback(self._read_done)
+            if not self._start(own, flight, deadline):
+                self._spawn(self._fetch(own, flight, deadline))
         pending = [flight for flight in set(waits.values()) if flight.result is None]
         if pending:
             waiter = _Waiter(loop.create_future(), len(pending))
@@ -381,14 +383,73 @@ class FeatureStore:
                 source = Source.BACKING
         return source
 
-    async def _fetch(self, keys: list[Key], flight: _Flight, deadline: float) -> None:
-        """Ask each tier in turn for the keys still unanswered, then fill the cache. Runs
-        as its own task, so a reply after the deadline (or the caller's cancellation)
-        still lands; its result goes to every reader waiting on `flight`."""
-        result: dict[str, Entry] = {}
-        try:
+    def _start(self, keys: list[Key], flight: _Flight, deadline: float) -> bool:
+        """Start the read on the first tier without a task, if it can (Redis on its
+        multiplexed connection): its answers then land inside the callback that parsed
+        them, one loop iteration sooner at each end. Keys it leaves unanswered go on to
+        the next tiers in a task. False if the first tier cannot (the caller makes the
+        read a task)."""
+        first = self._tiers[0]
+        if not isinstance(first, RedisTier) or self._carried[0] is not None:
+            return False
+
+        def answered(answers: list[Answer]) -> None:
+            self._started -= 1
+            if not self._started and self._idle is not None:
+                self._idle.set()
+            try:
+                result: dict[str, Entry] = {}
+                left: list[Key] = []
+                reasons: list[Reason] = []
+                for key, answer in zip(keys, answers, strict=True):
+                    if isinstance(answer, Reason):
+                        left.append(key)
+                        reasons.append(answer)
+                    else:
+                        result[key.id] = answer
+                if left and len(self._tiers) > 1:
+                    self._spawn(self._fetch(keys, flight, deadline, 1, result, left, reasons))
+                    return
+                codecs = self._codecs
+                for key, reason in zip(left, reasons, strict=True):
+                    result[key.id] = codecs[key.group.qualified_name].defaults[reason]
+            except Exception as exc:  # a bug: readers get unavailable, nothing is cached
+                logger.error("feature read failed unexpectedly", exc_info=exc)
+                self._land(keys, flight, {}, fill=False)
+                return
+            self._land(keys, flight, result, fill=True)
+
+        if not first.start(keys, deadline, answered):
+            return False
+        self._started += 1
+        return True
+
+    def _spawn(self, fetch: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(fetch)
+        self._reads.add(task)
+        task.add_done_callback(self._read_done)
+
+    async def _fetch(
+        self,
+        keys: list[Key],
+        flight: _Flight,
+        deadline: float,
+        first: int = 0,
+        result: dict[str, Entry] | None = None,
+        pending: list[Key] | None = None,
+        reasons: list[Reason] | None = None,
+    ) -> None:
+        """Ask each tier in turn, from `first`, for the keys still unanswered (`pending`,
+        with the `reasons` the tier before gave; all of `keys` by default), then land the
+        flight and fill the cache. Runs as its own task, so a reply after the deadline
+        (or the caller's cancellation) still lands; its result goes to every reader
+        waiting on `flight`."""
+        result = {} if result is None else result
+        if pending is None or reasons is None:
             pending, reasons = keys, [Reason.UNAVAILABLE] * len(keys)
-            for tier, carried in zip(self._tiers, self._carried, strict=True):
+        try:
+            tiers = zip(self._tiers[first:], self._carried[first:], strict=True)
+            for tier, carried in tiers:
                 left: list[Key] = []
                 kept: list[Reason] = []
                 asked = pending
@@ -415,23 +476,33 @@ class FeatureStore:
             codecs = self._codecs
             for key, reason in zip(pending, reasons, strict=True):
                 result[key.id] = codecs[key.group.qualified_name].defaults[reason]
-        finally:
-            # Runs on cancellation and errors too (result then lacks keys: readers get
+        except BaseException:
+            # On cancellation and errors too (result then lacks keys: readers get
             # unavailable), so readers never wait forever.
-            inflight = self._inflight
-            codecs = self._codecs
-            for key in keys:
-                key_id = key.id
-                if inflight.get(key_id) is flight:
-                    del inflight[key_id]
-                if key.member_of:
-                    self._forget_member_flight(key, flight)
-                if key_id not in result:
-                    result[key_id] = codecs[key.group.qualified_name].defaults[Reason.UNAVAILABLE]
-            flight.land(result)
+            self._land(keys, flight, result, fill=False)
+            raise
+        self._land(keys, flight, result, fill=True)
+
+    def _land(
+        self, keys: list[Key], flight: _Flight, result: dict[str, Entry], *, fill: bool
+    ) -> None:
+        """The read is over: out of the single-flight maps, its result (unavailable for
+        keys it lacks) to every reader, and, if `fill`, into the cache."""
+        inflight = self._inflight
+        codecs = self._codecs
+        for key in keys:
+            key_id = key.id
+            if inflight.get(key_id) is flight:
+                del inflight[key_id]
+            if key.member_of:
+                self._forget_member_flight(key, flight)
+            if key_id not in result:
+                result[key_id] = codecs[key.group.qualified_name].defaults[Reason.UNAVAILABLE]
+        flight.land(result)
+        if not fill:
+            return
         now = self._timer()
         cache = self._cache
-        codecs = self._codecs
         session, dropped = flight.session, flight.dropped
         for key in keys:
             entry = result[key.id]
@@ -486,7 +557,11 @@ class FeatureStore:
 
     async def wait_repairs(self) -> None:
         """Wait for the reads and read repairs in flight (tests, shutdown)."""
-        while self._reads:
+        while self._reads or self._started:
+            if self._started:
+                if self._idle is None or self._idle.is_set():
+                    self._idle = asyncio.Event()
+                await self._idle.wait()
             await asyncio.gather(*self._reads, return_exceptions=True)
         if self._backing is not None:
             await self._backing.wait_repairs()

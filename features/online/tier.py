@@ -8,7 +8,7 @@ a store failure.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from features.online.entry import Entry, Reason
@@ -17,6 +17,10 @@ from features.spec import FeatureGroup
 
 Answer = Entry | Reason
 """A tier's answer for one key: its values, or why the next tier should be asked."""
+
+Answered = Callable[[list[Answer]], None]
+"""Gets a read's answers in key order: the callback of a tier that can start a read
+without a task of its own (RedisTier.start on its multiplexed connection)."""
 
 
 class Tier(Protocol):
