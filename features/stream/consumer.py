@@ -8,7 +8,8 @@ transaction id. A malformed entry goes to the dead-letter stream with its reason
 fields, then is acknowledged.
 
 Retries: after a failed write of the batch (Redis or the backing store down) the consumer
-backs off and applies the batch in hand again, with no new delivery; after an event's own
+backs off and applies the batch in hand again, with no new delivery (XCLAIM JUSTID keeps
+other consumers from claiming it meanwhile); after an event's own
 script failed, it acknowledges the rest and reads its own pending entries again (XREADGROUP
 0), a new delivery. Redis counts the deliveries of each pending entry (XREADGROUP and
 XAUTOCLAIM add one); for entries read back or claimed, never for new ones, the consumer
@@ -156,6 +157,7 @@ class VelocityConsumer:
         handled."""
         if self._held is not None:
             entries, exhausted = self._held
+            await self._keep(entries)
         else:
             entries = await self._claim() if self._timer() >= self._next_claim else []
             if not entries and self._own_pending:
@@ -351,6 +353,13 @@ class VelocityConsumer:
             self._next_claim = self._timer() + self._claim_every_s  # scanned all: rest
         self._count("claimed", len(entries))
         return entries
+
+    async def _keep(self, entries: Sequence[Entry]) -> None:
+        """Mark the batch in hand as just delivered (XCLAIM JUSTID: no delivery counted),
+        so that no other consumer claims it while this one retries it."""
+        ids: list[Any] = [entry_id for entry_id, _ in entries if entry_id is not None]
+        if ids:
+            await self._client.xclaim(self.stream, self.group, self.name, 0, ids, justid=True)
 
     async def _exhausted(self, entries: Sequence[Entry]) -> dict[bytes, int]:
         """The entries delivered more than `max_deliveries` times, with that count: one
