@@ -337,6 +337,24 @@ class Settings(BaseSettings):
             " another consumer and applied again (idempotently)."
         ),
     )
+    stream_max_deliveries: PositiveInt = Field(
+        default=5,
+        description=(
+            "An event delivered more times than this (retried after its own failure, or claimed"
+            " from consumers that died) goes to the dead-letter stream, reason `delivery_limit`."
+        ),
+    )
+    stream_metrics_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description=("Port of a consumer's Prometheus endpoint (`features_stream_*`); 0: none."),
+    )
+    stream_metrics_addr: str = Field(
+        default="127.0.0.1",
+        min_length=1,
+        description="Address the consumer's Prometheus endpoint listens on.",
+    )
     stream_report_interval_s: PositiveFloat = Field(
         default=10.0,
         description="A consumer logs its counts once per this many seconds.",

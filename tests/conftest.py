@@ -65,7 +65,12 @@ def multiplex(request: pytest.FixtureRequest) -> bool:
 @pytest.fixture
 def settings(redis_url: str) -> Settings:
     # Loopback on a busy 2-core VM: allow for scheduling hiccups in tests.
-    return Settings(redis_url=redis_url, redis_socket_timeout_s=1.0, redis_pool_timeout_s=1.0)
+    return Settings(
+        redis_url=redis_url,
+        redis_socket_timeout_s=1.0,
+        redis_pool_timeout_s=1.0,
+        redis_connect_timeout_s=1.0,
+    )
 
 
 @pytest.fixture

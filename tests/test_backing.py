@@ -17,6 +17,7 @@ import redis
 from features import (
     GROUPS,
     MERCHANT_RISK,
+    MERCHANT_VELOCITY,
     USER_FEATURES,
     BackingStore,
     CircuitBreaker,
@@ -30,6 +31,7 @@ from features import (
     metrics,
     open_redis,
 )
+from features.backing.base import VERSION_LIFETIME_S
 from features.backing.bigtable import BigtableStore
 from features.backing.dynamo import DynamoStore
 from features.connection import Client
@@ -132,6 +134,43 @@ async def test_write_through_then_read_back(backing, client, sync_redis) -> None
     assert by_name["avg_ticket_30d"] is None
     assert merchant.event_ts == 1.7e9 + 5
     assert float(sync_redis.hget("user:{u1}:features", "_ts")) == 1.7e9
+
+
+async def test_a_versioned_write_never_puts_older_values_back(backing, client) -> None:
+    # Two consumers raced on m1 and u1: the newer values landed first, then the older.
+    writer = FeatureWriter(client, backing)
+    velocity = MERCHANT_VELOCITY
+
+    async def write(group: FeatureGroup, values: dict[str, float], ts: float, v: int) -> int:
+        before = writer.backing_skipped
+        await writer.write(group, [("e1", values)], event_ts=ts, versions=[v])
+        return writer.backing_skipped - before
+
+    async def stored(group: FeatureGroup) -> tuple[tuple[bytes | None, ...], float | None]:
+        (record,) = await backing.read([(group, "e1")])
+        assert record is not None
+        return record.fields, record.event_ts
+
+    newer = {f: float(i + 10) for i, f in enumerate(USER_FEATURES.field_names)}
+    older = {f: float(i) for i, f in enumerate(USER_FEATURES.field_names)}
+    assert await write(USER_FEATURES, newer, 1.7e9 + 5, 300) == 0
+    assert await write(USER_FEATURES, older, 1.7e9, 299) == 1  # skipped, no error
+    assert await write(USER_FEATURES, older, 1.7e9 + 5, 300) == 1  # equal: skipped too
+    fields, ts = await stored(USER_FEATURES)
+    assert [float(f or b"nan") for f in fields] == list(newer.values()) and ts == 1.7e9 + 5
+    # 256 > 255 in any byte order: versions are compared as numbers.
+    assert await write(velocity, {"merchant_tx_count_24h": 1}, 1.7e9, 255) == 0
+    assert await write(velocity, {"merchant_tx_count_24h": 2}, 1.7e9, 256) == 0
+    assert await write(velocity, {"merchant_tx_count_24h": 1}, 1.7e9, 255) == 1
+    assert (await stored(velocity))[0] == (b"2",)
+    # The stream's counter expired (31 quiet days) and began again at 1: the stored
+    # version is older than VERSION_LIFETIME_S, so the write goes through.
+    later = 1.7e9 + VERSION_LIFETIME_S + 1
+    assert await write(velocity, {"merchant_tx_count_24h": 3}, later, 1) == 0
+    assert await stored(velocity) == ((b"3",), later)
+    # Unversioned writes (bulk loads) are taken as before.
+    await writer.write(velocity, [("e1", {"merchant_tx_count_24h": 4})], event_ts=later + 1)
+    assert await stored(velocity) == ((b"4",), later + 1)
 
 
 async def test_cold_start_is_served_from_backing_then_repaired(backing, own_redis) -> None:

@@ -16,6 +16,8 @@ from typing import Any
 import httpx
 import pytest
 import redis
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 from redis.cluster import RedisCluster as SyncRedisCluster
 
 import features.stream as stream
@@ -28,14 +30,17 @@ from features import (
 )
 from features.backing import BackingStore
 from features.connection import Client
+from features.errors import FeatureWriteError
 from features.spec import EVENT_TS_FIELD, VERSION_FIELD
 from features.stream import TransactionEvent, VelocityConsumer
-from features.stream.velocity import ACTIVITY_TTL_S, DAY_S, HOUR_S, MERCHANTS_TTL_S
+from features.stream.consumer import ScriptFailed
+from features.stream.metrics import consumer_registry
+from features.stream.velocity import ACTIVITY_TTL_S, DAY_S, HOUR_S, MERCHANTS_TTL_S, version_key
 from tests.conftest import Service
 from tests.test_backing import dynamo_store
 from tools.emulators import Dynalite
 from tools.redis_cluster import LocalCluster
-from tools.redis_server import free_port
+from tools.redis_server import RedisServer, find_tls_binary, free_port
 from tools.stream_consumer import StreamConsumer
 
 STREAM = "stream:transactions"
@@ -259,6 +264,83 @@ async def test_an_event_on_a_key_of_another_type_is_dead_lettered(client, sync_r
     assert pending(sync_redis) == 0
 
 
+def deliveries(sync_redis: redis.Redis, entry_id: bytes) -> int:
+    (info,) = sync_redis.xpending_range(STREAM, GROUP, entry_id, entry_id, 1)
+    return int(info["times_delivered"])
+
+
+async def test_an_event_that_keeps_failing_is_dead_lettered_at_the_delivery_limit(
+    client, sync_redis
+) -> None:
+    # The user's version counter holds no integer: its script's INCR fails on every try,
+    # with an error that is not WRONGTYPE, so the event is delivered again each time.
+    sync_redis.set(version_key("user", "u-poison"), "not a number")
+    publish(sync_redis, tx("p1", user="u-poison", merchant="m-p"), tx("p2", user="u-ok"))
+    c = consumer(client, max_deliveries=3)
+    await c.ensure_group()
+    failures = 0
+    for _ in range(10):
+        try:
+            await c.step(block=False)
+        except ScriptFailed as exc:
+            assert "not an integer" in str(exc)
+            failures += 1
+            continue
+        if not pending(sync_redis):
+            break
+    assert failures == 3  # delivered 3 times and tried; the 4th delivery dead-letters it
+    (_, record), = sync_redis.xrange(DEAD)  # fmt: skip
+    assert record[b"_reason"] == b"delivery_limit: delivered 4 times, at most 3"
+    assert (record[b"tx_id"], record[b"_consumer"]) == (b"p1", b"c1")
+    assert stored(sync_redis, USER_FEATURES.key("u-ok"))["tx_count_1h"] == 1  # applied at once
+    assert not sync_redis.exists(USER_FEATURES.key("u-poison"))
+    assert c.dead_totals == {"malformed": 0, "wrong_type": 0, "delivery_limit": 1}
+    assert (c.totals.new, c.totals.dead, c.totals.failed) == (1, 1, 3)
+    assert pending(sync_redis) == 0
+
+
+async def test_claimed_entries_over_the_delivery_limit_are_dead_lettered(
+    client, sync_redis
+) -> None:
+    # A consumer that crashed on these entries again and again (Redis counted each claim):
+    # one of them is over the limit, the other is claimed and applied.
+    publish(sync_redis, tx("c1", user="u-crash"), tx("c2", user="u-fine"))
+    sync_redis.xgroup_create(STREAM, GROUP, id="0")
+    ((_, read),) = sync_redis.xreadgroup(GROUP, "ghost", {STREAM: ">"})
+    (crashed, _), (fine, _) = read
+    sync_redis.xclaim(STREAM, GROUP, "ghost", 0, [crashed], retrycount=5)
+    assert (deliveries(sync_redis, crashed), deliveries(sync_redis, fine)) == (5, 1)
+    c = consumer(client, max_deliveries=5, claim_idle_s=0.2)
+    await asyncio.sleep(0.3)
+    await drain(c)
+    (_, record), = sync_redis.xrange(DEAD)  # fmt: skip
+    assert record[b"tx_id"] == b"c1" and record[b"_entry_id"] == crashed
+    assert record[b"_reason"].startswith(b"delivery_limit: delivered 6 times")  # the claim: 6
+    assert stored(sync_redis, USER_FEATURES.key("u-fine"))["tx_count_1h"] == 1
+    assert not sync_redis.exists(USER_FEATURES.key("u-crash"))
+    assert (c.totals.claimed, c.totals.new, c.totals.dead) == (2, 1, 1)
+    assert pending(sync_redis) == 0
+
+
+async def test_new_entries_cost_no_delivery_lookup(quiet_redis) -> None:
+    quiet = open_redis(Settings(redis_url=quiet_redis.url, redis_socket_timeout_s=1.0))
+    admin = redis.Redis.from_url(quiet_redis.url)
+    try:
+        admin.xadd(STREAM, tx("n1").fields())  # type: ignore[arg-type]
+        c = consumer(quiet)
+        await c.ensure_group()
+        await c.step(block=False)  # its own pending entries at start: none
+        admin.config_resetstat()
+        admin.xadd(STREAM, tx("n2").fields())  # type: ignore[arg-type]
+        assert await c.step(block=False) == 1
+        calls = {k: v["calls"] for k, v in admin.info("commandstats").items()}
+        assert "cmdstat_xpending" not in calls
+        assert calls["cmdstat_xreadgroup"] == 1
+    finally:
+        admin.close()
+        await quiet.aclose()
+
+
 async def test_two_consumers_share_the_stream(client, sync_redis) -> None:
     users = [f"u{i}" for i in range(6)]
     publish(sync_redis, *(tx(f"{u}-{n}", user=u, amount=n) for n in range(10) for u in users))
@@ -330,11 +412,125 @@ def test_sigterm_finishes_the_batch_and_leaves_the_group(sync_redis, redis_url, 
     assert "stream consumer polite stopped: read 2, new 2" in proc.output()
 
 
-def test_bad_settings_stop_the_consumer_naming_the_variable(redis_url, tmp_path) -> None:
-    env = consumer_env(redis_url, FEATURES_STREAM_BATCH="0")
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("FEATURES_STREAM_BATCH", "0"),
+        ("FEATURES_STREAM_MAX_DELIVERIES", "0"),
+        ("FEATURES_STREAM_MAX_DELIVERIES", "five"),
+        ("FEATURES_STREAM_METRICS_PORT", "70000"),
+    ],
+)
+def test_bad_settings_stop_the_consumer_naming_the_variable(
+    redis_url, tmp_path, variable: str, value: str
+) -> None:
+    env = consumer_env(redis_url, **{variable: value})
     proc = StreamConsumer(env, log=tmp_path / "log").start()
     assert proc.process.wait(30) == 2
-    assert "FEATURES_STREAM_BATCH" in proc.output()
+    assert variable in proc.output()
+
+
+def test_a_metrics_port_in_use_stops_the_consumer_naming_it(redis_url, tmp_path) -> None:
+    with RedisServer(quiet=True) as taken:  # something listening on the port
+        env = consumer_env(redis_url, FEATURES_STREAM_METRICS_PORT=str(taken.port))
+        proc = StreamConsumer(env, log=tmp_path / "log").start()
+        assert proc.process.wait(30) == 2
+    assert f"FEATURES_STREAM_METRICS_PORT/_ADDR 127.0.0.1:{taken.port}" in proc.output()
+
+
+def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = httpx.get(url, timeout=5).text
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_the_consumer_serves_its_counts_to_prometheus(sync_redis, redis_url, tmp_path) -> None:
+    # The service's multiprocess directory in the environment: the consumer must leave it be.
+    multiproc = tmp_path / "prometheus"
+    multiproc.mkdir()
+    port = free_port()
+    env = consumer_env(
+        redis_url,
+        FEATURES_STREAM_METRICS_PORT=str(port),
+        FEATURES_STREAM_MAX_DELIVERIES="2",
+        PROMETHEUS_MULTIPROC_DIR=str(multiproc),
+    )
+    sync_redis.set(version_key("user", "u-stuck"), "x")  # its script fails on each delivery
+    publish(
+        sync_redis, tx("m1", user="mu"), tx("m1", user="mu"), tx("m2", user="mu", ago_s=2 * DAY_S)
+    )
+    publish(sync_redis, entry(tx("m3"), amount="nan"), tx("m4", user="u-stuck"))
+    url = f"http://127.0.0.1:{port}/metrics"
+    with StreamConsumer(env, ["--name", "metered"], log=tmp_path / "log") as proc:
+        wait_for(lambda: sync_redis.xlen(DEAD) == 2 and not pending(sync_redis))
+
+        def counted() -> dict[tuple[str, tuple[tuple[str, str], ...]], float] | None:
+            try:
+                samples = scrape(url)
+            except httpx.HTTPError:
+                return None
+            done = samples.get(
+                ("features_stream_dead_letters_total", (("reason", "delivery_limit"),))
+            )
+            return samples if done == 1 else None
+
+        wait_for(counted)
+        samples = counted()
+        assert samples is not None
+        # Read once per report interval: it comes down to 0.
+        wait_for(lambda: scrape(url).get(("features_stream_pending", ())) == 0)
+        assert ("features_stream_lag", ()) not in samples  # Redis 6.2 does not tell it
+        proc.process.send_signal(signal.SIGTERM)
+        assert proc.process.wait(30) == 0, proc.output()
+    events = {
+        labels[0][1]: value
+        for (name, labels), value in samples.items()
+        if name == "features_stream_events_total"
+    }
+    # m1 new and once more a duplicate, m2 late, m4 read at each of its 2 deliveries, then
+    # once more and dead-lettered; m3 malformed.
+    assert events == {"read": 7, "new": 1, "duplicate": 1, "late": 1, "claimed": 0}
+    dead = {
+        labels[0][1]: value
+        for (name, labels), value in samples.items()
+        if name == "features_stream_dead_letters_total"
+    }
+    assert dead == {"malformed": 1, "wrong_type": 0, "delivery_limit": 1}
+    assert samples[("features_stream_failures_total", ())] == 4  # 2 events, 2 batches
+    assert samples[("features_stream_backing_skipped_total", ())] == 0
+    assert "ignoring PROMETHEUS_MULTIPROC_DIR" in proc.output()
+    # What importing `features` wrote before the consumer re-executed: no gauge of its pid.
+    assert not list(multiproc.glob("gauge_*")), sorted(p.name for p in multiproc.iterdir())
+
+
+async def test_the_group_lag_is_read_where_redis_tells_it(client, sync_redis) -> None:
+    publish(sync_redis, tx("l1"), tx("l2"), tx("l3"))
+    c = consumer(client)
+    await c.ensure_group()
+    await c.watch_group()
+    assert (c.lag, c.pending) == (None, 0)  # Redis 6.2: no lag in XINFO GROUPS
+    with RedisServer(quiet=True, binary=find_tls_binary()) as seven:  # Debian's Redis 7
+        seven_client = open_redis(Settings(redis_url=seven.url, redis_socket_timeout_s=1.0))
+        admin = redis.Redis.from_url(seven.url)
+        try:
+            publish(admin, tx("l1"), tx("l2"), tx("l3"))
+            c7 = consumer(seven_client, batch=2)
+            await c7.ensure_group()
+            await c7.watch_group()
+            assert (c7.lag, c7.pending) == (3, 0)
+            await c7.step(block=False)  # its own pending (none), then 2 new
+            assert await c7.step(block=False) == 1
+            await c7.watch_group()
+            assert (c7.lag, c7.pending) == (0, 0)
+            exported = generate_latest(consumer_registry(c7)).decode()
+            assert "features_stream_lag 0.0" in exported
+            assert 'features_stream_events_total{outcome="new"} 3.0' in exported
+        finally:
+            admin.close()
+            await seven_client.aclose()
 
 
 async def test_redis_down_is_survived_and_retried(sync_redis) -> None:
@@ -493,3 +689,51 @@ async def test_a_versioned_write_never_puts_an_older_version_back(client, sync_r
         VERSION_FIELD: 6,
     }
     assert MERCHANT_VELOCITY.ttl_s - 60 < sync_redis.ttl(key) <= MERCHANT_VELOCITY.ttl_s
+
+
+async def test_of_two_racing_consumers_the_backing_store_keeps_the_last_applied(
+    client, sync_redis, dynamo_backing: BackingStore
+) -> None:
+    publish(sync_redis, tx("r1", amount=1.0, ago_s=5))
+    b = consumer(client, "b", backing=dynamo_backing)
+
+    async def b_overtakes() -> None:
+        publish(sync_redis, tx("r2", amount=2.0))
+        await b.step(block=False)
+
+    a = consumer(client, "a", backing=dynamo_backing, after_append=b_overtakes)
+    await a.ensure_group()
+    await a.step(block=False)
+    user, merchant = await dynamo_backing.read([(USER_FEATURES, "u1"), (MERCHANT_VELOCITY, "m1")])
+    assert user is not None and merchant is not None
+    by_name = {
+        n: float(v or b"nan") for n, v in zip(USER_FEATURES.field_names, user.fields, strict=True)
+    }
+    assert (by_name["tx_count_1h"], by_name["tx_sum_1h"], user.event_ts) == (2, 3.0, NOW)
+    assert merchant.fields == (b"2",)
+    assert (a.totals.older, b.totals.older) == (2, 0)  # a's user and merchant rows
+    assert pending(sync_redis) == 0
+
+
+async def test_a_backing_store_outage_uses_up_no_deliveries(
+    client, sync_redis, dynalite: Dynalite
+) -> None:
+    store = dynamo_store(dynalite.url, timeout_s=0.3)
+    await store.create_layout()
+    c = consumer(client, backing=store, max_deliveries=1)
+    await c.ensure_group()
+    await c.step(block=False)  # its own pending entries at start: none
+    publish(sync_redis, tx("o1", user="u-out"))
+    dynalite.pause()
+    try:
+        for _ in range(3):  # each retry applies the batch in hand: no new delivery
+            with pytest.raises(FeatureWriteError, match="backing store"):
+                await c.step(block=False)
+        ((entry_id, _),) = sync_redis.xrange(STREAM)
+        assert deliveries(sync_redis, entry_id) == 1
+    finally:
+        dynalite.resume()
+    assert await c.step(block=False) == 1
+    assert stored(sync_redis, USER_FEATURES.key("u-out"))["tx_count_1h"] == 1
+    assert not sync_redis.exists(DEAD) and pending(sync_redis) == 0
+    await store.aclose()

@@ -223,7 +223,14 @@ class MemoryBacking:
             raise BackingStoreError("down")
         return [self.records.get((g.qualified_name, e)) for g, e in keys]
 
-    async def write(self, group: FeatureGroup, rows: Sequence[EncodedRow], event_ts: float) -> None:
+    async def write(
+        self,
+        group: FeatureGroup,
+        rows: Sequence[EncodedRow],
+        event_ts: float,
+        *,
+        versions: Sequence[int] | None = None,
+    ) -> int:
         raise NotImplementedError
 
     def scan(self, batch_size: int) -> AsyncIterator[list[tuple[FeatureGroup, str, Record]]]:

@@ -15,6 +15,12 @@ from typing import Protocol
 
 from features.spec import FeatureGroup
 
+VERSION_LIFETIME_S = 30 * 86400
+"""A versioned write is skipped only for a stored version whose event time is less than
+this older than its own: the stream's version counters expire 31 days after an entity's
+last event and start again at 1 (features/stream/velocity.py), and a write that older
+never has a newer event time (an entity's windows end at its newest event)."""
+
 EncodedRow = tuple[str, Mapping[str, str | bytes]]
 """(entity id, {feature: value as Redis stores it}); an embedding's one value is
 {EMBEDDING_FIELD: its packed bytes}"""
@@ -50,8 +56,20 @@ class BackingStore(Protocol):
         """Latest record of each (group, entity id), None where absent; one batched call."""
         ...
 
-    async def write(self, group: FeatureGroup, rows: Sequence[EncodedRow], event_ts: float) -> None:
-        """Set the given fields and the event time of each row; others keep their values."""
+    async def write(
+        self,
+        group: FeatureGroup,
+        rows: Sequence[EncodedRow],
+        event_ts: float,
+        *,
+        versions: Sequence[int] | None = None,
+    ) -> int:
+        """Set the given fields and the event time of each row; others keep their values.
+
+        With `versions` (one per row), each row is written with its version, atomically
+        and only if the stored one is absent or lower (or is older than
+        VERSION_LIFETIME_S); returns how many rows were skipped for a newer stored version
+        (0 without versions)."""
         ...
 
     def scan(self, batch_size: int) -> AsyncIterator[list[tuple[FeatureGroup, str, Record]]]:

@@ -5,32 +5,56 @@ group, `features`, `risk`) with a max-age GC policy; one column per feature plus
 (event time); an embedding's family holds one cell `vec`, its packed float32 vector.
 Cells carry the event time as their timestamp; reads take the latest cell. Only the
 groups that are persisted (hashes, embeddings) have a family.
+
+A versioned write (the stream's) also sets a cell `_v` (the version, 8 bytes big-endian, so
+that byte order is number order), one CheckAndMutateRow per row: the predicate matches a
+stored `_v` at or above the new one within VERSION_LIFETIME_S of its event time, and then
+nothing is written (the row is skipped); otherwise the cells are set.
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime
-from collections.abc import AsyncIterator, Sequence
+import struct
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 from google.api_core.exceptions import GoogleAPICallError, RetryError
 from google.cloud.bigtable.data import (
     BigtableDataClientAsync,
+    Mutation,
     ReadRowsQuery,
     RowMutationEntry,
     SetCell,
 )
 from google.cloud.bigtable.data.exceptions import MutationsExceptionGroup
-from google.cloud.bigtable.data.row_filters import CellsColumnLimitFilter
+from google.cloud.bigtable.data.row_filters import (
+    CellsColumnLimitFilter,
+    ColumnQualifierRegexFilter,
+    FamilyNameRegexFilter,
+    RowFilterChain,
+    TimestampRangeFilter,
+    ValueRangeFilter,
+)
 
-from features.backing.base import EncodedRow, Record
+from features.backing.base import VERSION_LIFETIME_S, EncodedRow, Record
 from features.errors import BackingStoreError
-from features.spec import EMBEDDING_FIELD, EVENT_TS_FIELD, GROUPS, FeatureGroup, Kind
+from features.spec import (
+    EMBEDDING_FIELD,
+    EVENT_TS_FIELD,
+    GROUPS,
+    VERSION_FIELD,
+    FeatureGroup,
+    Kind,
+)
 
 _ERRORS = (GoogleAPICallError, RetryError, MutationsExceptionGroup, OSError)
 _TS = EVENT_TS_FIELD.encode()
 _VEC = EMBEDDING_FIELD.encode()
+_V = VERSION_FIELD.encode()
+WRITES_AT_ONCE = 8
+"""CheckAndMutateRow calls in flight at once for one versioned write."""
 
 
 class BigtableStore:
@@ -95,19 +119,21 @@ class BigtableStore:
             out.append(None if row is None else _record(group, row.cells))
         return out
 
-    async def write(self, group: FeatureGroup, rows: Sequence[EncodedRow], event_ts: float) -> None:
+    async def write(
+        self,
+        group: FeatureGroup,
+        rows: Sequence[EncodedRow],
+        event_ts: float,
+        *,
+        versions: Sequence[int] | None = None,
+    ) -> int:
         # Bigtable keeps milliseconds; the cell timestamp is the event time, so the
         # family's max-age GC counts from when the values were true.
         micros = int(event_ts * 1000) * 1000
-        family = group.name
+        if versions is not None:
+            return await self._write_if_newer(group, rows, event_ts, micros, versions)
         entries = [
-            RowMutationEntry(
-                _row_key(group, entity_id),
-                [
-                    SetCell(family, name.encode(), _raw(value), timestamp_micros=micros)
-                    for name, value in (*values.items(), (EVENT_TS_FIELD, repr(event_ts)))
-                ],
-            )
+            RowMutationEntry(_row_key(group, entity_id), _cells(group, values, event_ts, micros))
             for entity_id, values in rows
         ]
         try:
@@ -115,6 +141,63 @@ class BigtableStore:
             await table.bulk_mutate_rows(entries)
         except _ERRORS as exc:
             raise BackingStoreError(f"MutateRows on {self.table_id}: {exc}") from exc
+        return 0
+
+    async def _write_if_newer(
+        self,
+        group: FeatureGroup,
+        rows: Sequence[EncodedRow],
+        event_ts: float,
+        micros: int,
+        versions: Sequence[int],
+    ) -> int:
+        """One CheckAndMutateRow per row, at most WRITES_AT_ONCE at once; returns how many
+        rows a newer stored version kept out."""
+        if len(versions) != len(rows):
+            raise ValueError(f"versions: {len(versions)} versions for {len(rows)} rows")
+        slots = asyncio.Semaphore(WRITES_AT_ONCE)
+        since = datetime.datetime.fromtimestamp(event_ts - VERSION_LIFETIME_S, datetime.UTC)
+
+        async def bounded(table: Any, row: EncodedRow, version: int) -> bool:
+            entity_id, values = row
+            encoded = _version(version)
+            newer_stored = RowFilterChain(
+                [
+                    FamilyNameRegexFilter(group.name),
+                    ColumnQualifierRegexFilter(_V),
+                    CellsColumnLimitFilter(1),
+                    ValueRangeFilter(start_value=encoded, inclusive_start=True),
+                    TimestampRangeFilter(start=since),
+                ]
+            )
+            cells: list[Mutation] = [
+                *_cells(group, values, event_ts, micros),
+                SetCell(group.name, _V, encoded, timestamp_micros=micros),
+            ]
+            async with slots:
+                matched: bool = await table.check_and_mutate_row(
+                    _row_key(group, entity_id),
+                    newer_stored,
+                    true_case_mutations=None,
+                    false_case_mutations=cells,
+                    operation_timeout=self._timeout_s,
+                )
+            return matched
+
+        try:
+            table = await self._data()
+            results = await asyncio.gather(
+                *(bounded(table, r, v) for r, v in zip(rows, versions, strict=True)),
+                return_exceptions=True,
+            )
+        except _ERRORS as exc:
+            raise BackingStoreError(f"CheckAndMutateRow on {self.table_id}: {exc}") from exc
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            raise BackingStoreError(
+                f"{len(failed)} of {len(rows)} CheckAndMutateRow on {self.table_id}: {failed[0]}"
+            ) from failed[0]
+        return sum(result is True for result in results)
 
     async def scan(self, batch_size: int) -> AsyncIterator[list[tuple[FeatureGroup, str, Record]]]:
         query = ReadRowsQuery(row_filter=CellsColumnLimitFilter(1))
@@ -168,6 +251,19 @@ class BigtableStore:
         if self._client is not None:
             await self._client.close()
         self._client = self._table = None
+
+
+def _cells(
+    group: FeatureGroup, values: Mapping[str, str | bytes], event_ts: float, micros: int
+) -> list[Mutation]:
+    return [
+        SetCell(group.name, name.encode(), _raw(value), timestamp_micros=micros)
+        for name, value in (*values.items(), (EVENT_TS_FIELD, repr(event_ts)))
+    ]
+
+
+def _version(version: int) -> bytes:
+    return struct.pack(">Q", version)
 
 
 def _raw(value: str | bytes) -> bytes:

@@ -4,6 +4,10 @@ One item per group of an entity. Partition key `pk` (string) = the group's Redis
 `user:{u1}:features`; attributes: every feature (number), `_ts` (event time, number),
 `grp` (`user:features`) and `eid` (the entity id), so a scan can refill Redis. An
 embedding's item holds its packed float32 vector as one binary attribute, `vec`.
+
+A versioned write (the stream's) also sets `_v`, one PutItem or UpdateItem per row with a
+ConditionExpression: no `_v` yet, a lower one, or one stored with an event time
+VERSION_LIFETIME_S older; a failed condition is a row skipped, not an error.
 """
 
 from __future__ import annotations
@@ -18,13 +22,21 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
 
-from features.backing.base import EncodedRow, Record
+from features.backing.base import VERSION_LIFETIME_S, EncodedRow, Record
 from features.errors import BackingStoreError
-from features.spec import EMBEDDING_FIELD, EVENT_TS_FIELD, GROUPS, FeatureGroup, Kind
+from features.spec import (
+    EMBEDDING_FIELD,
+    EVENT_TS_FIELD,
+    GROUPS,
+    VERSION_FIELD,
+    FeatureGroup,
+    Kind,
+)
 
 BATCH_GET_MAX = 100  # BatchGetItem's limit per call
 BATCH_WRITE_MAX = 25  # BatchWriteItem's limit per call
 _ERRORS = (BotoCoreError, ClientError, aiohttp.ClientError, OSError)
+_IF_NEWER = "attribute_not_exists(#v) OR #v < :version OR #ts < :expired"
 
 
 class DynamoStore:
@@ -123,7 +135,16 @@ class DynamoStore:
                 delay_s = min(delay_s * 2, 0.05)
         return found
 
-    async def write(self, group: FeatureGroup, rows: Sequence[EncodedRow], event_ts: float) -> None:
+    async def write(
+        self,
+        group: FeatureGroup,
+        rows: Sequence[EncodedRow],
+        event_ts: float,
+        *,
+        versions: Sequence[int] | None = None,
+    ) -> int:
+        if versions is not None:
+            return await self._write_if_newer(group, rows, event_ts, versions)
         whole = len(group.features)
         if group.kind is Kind.EMBEDDING:  # always written whole, as one value
             whole = 1
@@ -145,11 +166,72 @@ class DynamoStore:
             results = await asyncio.gather(*(bounded(c) for c in calls), return_exceptions=True)
         except _ERRORS as exc:
             raise BackingStoreError(f"writing to {self.table}: {exc}") from exc
-        failed = [r for r in results if isinstance(r, BaseException)]
-        if failed:
-            raise BackingStoreError(
-                f"{len(failed)} of {len(calls)} writes to {self.table} failed: {failed[0]}"
-            ) from failed[0]
+        _raise_first(results, self.table)
+        return 0
+
+    async def _write_if_newer(
+        self,
+        group: FeatureGroup,
+        rows: Sequence[EncodedRow],
+        event_ts: float,
+        versions: Sequence[int],
+    ) -> int:
+        """One conditional write per row, at most `write_concurrency` at once; returns
+        how many a newer stored version kept out."""
+        if len(versions) != len(rows):
+            raise ValueError(f"versions: {len(versions)} versions for {len(rows)} rows")
+        slots = asyncio.Semaphore(self._write_slots)
+
+        async def bounded(client: Any, row: EncodedRow, version: int) -> bool:
+            async with slots:
+                return await self._put_if_newer(client, group, row, event_ts, version)
+
+        try:
+            client = await self._dynamodb()
+            results = await asyncio.gather(
+                *(bounded(client, r, v) for r, v in zip(rows, versions, strict=True)),
+                return_exceptions=True,
+            )
+        except _ERRORS as exc:
+            raise BackingStoreError(f"writing to {self.table}: {exc}") from exc
+        _raise_first(results, self.table)
+        return sum(result is False for result in results)
+
+    async def _put_if_newer(
+        self, client: Any, group: FeatureGroup, row: EncodedRow, event_ts: float, version: int
+    ) -> bool:
+        """Whole groups are put (replacing the item), others updated; False if skipped."""
+        entity_id, values = row
+        item = _item(group, entity_id, values, event_ts) | {VERSION_FIELD: {"N": str(version)}}
+        condition: dict[str, Any] = {
+            "ConditionExpression": _IF_NEWER,
+            "ExpressionAttributeNames": {"#v": VERSION_FIELD, "#ts": EVENT_TS_FIELD},
+            "ExpressionAttributeValues": {
+                ":version": {"N": str(version)},
+                ":expired": {"N": repr(event_ts - VERSION_LIFETIME_S)},
+            },
+        }
+        whole = 1 if group.kind is Kind.EMBEDDING else len(group.features)
+        try:
+            if len(values) == whole:
+                await client.put_item(TableName=self.table, Item=item, **condition)
+            else:
+                del item["pk"]
+                names = {f"#a{i}": name for i, name in enumerate(item)}
+                await client.update_item(
+                    TableName=self.table,
+                    Key={"pk": {"S": group.key(entity_id)}},
+                    UpdateExpression="SET " + ", ".join(f"{n} = :a{n[2:]}" for n in names),
+                    ConditionExpression=_IF_NEWER,
+                    ExpressionAttributeNames=names | condition["ExpressionAttributeNames"],
+                    ExpressionAttributeValues={f":a{i}": v for i, v in enumerate(item.values())}
+                    | condition["ExpressionAttributeValues"],
+                )
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException":
+                return False
+            raise
+        return True
 
     async def _put_batch(
         self, client: Any, group: FeatureGroup, rows: Sequence[EncodedRow], event_ts: float
@@ -229,6 +311,14 @@ class DynamoStore:
         if self._stack is not None:
             await self._stack.aclose()
         self._stack = self._client = None
+
+
+def _raise_first(results: Sequence[object], table: str) -> None:
+    failed = [r for r in results if isinstance(r, BaseException)]
+    if failed:
+        raise BackingStoreError(
+            f"{len(failed)} of {len(results)} writes to {table} failed: {failed[0]}"
+        ) from failed[0]
 
 
 def _item(

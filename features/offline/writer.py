@@ -71,6 +71,8 @@ class FeatureWriter:
         self._client = client
         self._backing = backing
         self._clock = clock
+        self.backing_skipped = 0
+        """Versioned rows the backing store did not take, since it held a newer version."""
 
     async def write(
         self,
@@ -86,8 +88,8 @@ class FeatureWriter:
         group's TTL. An embedding is written whole: every dimension, each finite as float32
         (a string has no room for an event time or a version). With `versions` (one per
         row, hashes only), a row reaches Redis only if its version is above the one stored
-        with the key (a row skipped is not counted as written); the backing store takes
-        every row.
+        with the key (a row skipped is not counted as written), and the backing store
+        takes it on the same condition (rows it skips add to `backing_skipped`).
         A backing-store failure raises FeatureWriteError before Redis is touched. In
         Redis each row is applied whole or not at all; on FeatureWriteError, `failed`
         names the rows not written (all of them if the batch went unanswered), and
@@ -109,7 +111,7 @@ class FeatureWriter:
         what = f"{len(rows)} {group.qualified_name} rows not written"
         if self._backing is not None:
             try:
-                await self._write_backing(self._backing, group, encoded, stamps)
+                await self._write_backing(self._backing, group, encoded, stamps, versions)
             except BackingStoreError as exc:
                 raise FeatureWriteError(
                     f"{what}: backing store {self._backing.name}: {exc}; Redis untouched",
@@ -145,24 +147,31 @@ class FeatureWriter:
         group: FeatureGroup,
         encoded: Sequence[EncodedRow],
         stamps: Sequence[float],
+        versions: Sequence[int] | None,
     ) -> None:
         """One backing write per distinct event time (one in the common case), at most
         BACKING_WRITES_AT_ONCE at a time; raises the first BackingStoreError."""
-        by_ts: dict[float, list[EncodedRow]] = {}
-        for row, ts in zip(encoded, stamps, strict=True):
-            by_ts.setdefault(ts, []).append(row)
+        by_ts: dict[float, tuple[list[EncodedRow], list[int]]] = {}
+        for i, (row, ts) in enumerate(zip(encoded, stamps, strict=True)):
+            rows, row_versions = by_ts.setdefault(ts, ([], []))
+            rows.append(row)
+            if versions is not None:
+                row_versions.append(int(versions[i]))
         slots = asyncio.Semaphore(BACKING_WRITES_AT_ONCE)
 
-        async def bounded(ts: float, part: list[EncodedRow]) -> None:
+        async def bounded(ts: float, part: list[EncodedRow], part_versions: list[int]) -> int:
             async with slots:
-                await backing.write(group, part, ts)
+                return await backing.write(
+                    group, part, ts, versions=None if versions is None else part_versions
+                )
 
         results = await asyncio.gather(
-            *(bounded(ts, part) for ts, part in by_ts.items()), return_exceptions=True
+            *(bounded(ts, part, v) for ts, (part, v) in by_ts.items()), return_exceptions=True
         )
         for result in results:
             if isinstance(result, BaseException):
                 raise result
+        self.backing_skipped += sum(r for r in results if isinstance(r, int))
 
     def _stamps(self, n_rows: int, event_ts: float | Sequence[float] | None) -> list[float]:
         """One finite event time per row."""

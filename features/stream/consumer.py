@@ -5,8 +5,16 @@ At least once: an entry is acknowledged only after its groups were written, so a
 that dies leaves its entries pending; after `claim_idle_s` another consumer (or a new one)
 claims them with XAUTOCLAIM and applies them again, which the scripts make idempotent by
 transaction id. A malformed entry goes to the dead-letter stream with its reason and
-fields, then is acknowledged. After a failed write the consumer backs off and reads its own
-pending entries again before new ones.
+fields, then is acknowledged.
+
+Retries: after a failed write of the batch (Redis or the backing store down) the consumer
+backs off and applies the batch in hand again, with no new delivery (XCLAIM JUSTID keeps
+other consumers from claiming it meanwhile); after an event's own
+script failed, it acknowledges the rest and reads its own pending entries again (XREADGROUP
+0), a new delivery. Redis counts the deliveries of each pending entry (XREADGROUP and
+XAUTOCLAIM add one); for entries read back or claimed, never for new ones, the consumer
+asks for those counts (XPENDING, one pipeline) and dead-letters an entry delivered more
+than `max_deliveries` times, reason `delivery_limit`.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -42,11 +51,18 @@ logger = logging.getLogger(__name__)
 Entry = tuple[bytes | None, Mapping[bytes, bytes] | None]
 """A stream entry as redis-py returns it: (id, fields); (None, None) if it was trimmed."""
 
-DeadLetter = tuple[bytes, Mapping[bytes, bytes] | Mapping[str, str], str]
-"""(entry id, its fields, why it cannot be applied)"""
+DeadLetter = tuple[bytes, Mapping[bytes, bytes] | Mapping[str, str], str, str]
+"""(entry id, its fields, why it cannot be applied, the kind of reason: DEAD_REASONS)"""
+
+DEAD_REASONS = ("malformed", "wrong_type", "delivery_limit")
+"""Kinds of dead letter: a bad field, a key of another type in Redis, too many deliveries."""
 
 MAX_BACKOFF_S = 5.0
 _FAILURES = (RedisError, OSError, FeatureWriteError)
+
+
+class ScriptFailed(RedisError):
+    """Some events' scripts failed (e.g. OOM); the rest of the batch was acknowledged."""
 
 
 def dead_letter_key(stream: str) -> str:
@@ -65,6 +81,7 @@ class Counts:
     dead: int = 0
     claimed: int = 0
     failed: int = 0
+    older: int = 0  # backing-store rows not written: a newer version was stored
 
     def line(self) -> str:
         """`read 3, new 2, ...`: the counts as one log line."""
@@ -88,6 +105,7 @@ class VelocityConsumer:
         maxlen: int,
         max_user_events: int,
         max_merchant_events: int,
+        max_deliveries: int = 5,
         error_log_interval_s: float = 10.0,
         clock: Callable[[], float] = time.time,
         timer: Callable[[], float] = time.monotonic,
@@ -108,6 +126,7 @@ class VelocityConsumer:
         self._maxlen = maxlen
         self._max_user_events = max_user_events
         self._max_merchant_events = max_merchant_events
+        self._max_deliveries = max_deliveries
         self._clock = clock
         self._timer = timer
         self._after_append = after_append
@@ -115,8 +134,13 @@ class VelocityConsumer:
         self._claim_cursor = b"0-0"
         self._next_claim = -float("inf")
         self._own_pending = True  # at start, and after a failure: read own entries first
+        # After a failed write: the batch and its over-the-limit entries, applied again.
+        self._held: tuple[list[Entry], dict[bytes, int]] | None = None
         self.counts = Counts()
         self.totals = Counts()
+        self.dead_totals: Counter[str] = Counter(dict.fromkeys(DEAD_REASONS, 0))
+        self.lag: int | None = None  # the group's lag and pending count, by watch_group()
+        self.pending: int | None = None
 
     async def ensure_group(self) -> None:
         """Create the stream and the group (reading from the start) unless they exist."""
@@ -127,21 +151,37 @@ class VelocityConsumer:
                 raise
 
     async def step(self, *, block: bool = True) -> int:
-        """Handle one batch: idle entries of other consumers when due, else this
-        consumer's own pending ones after a failure, else new ones (waiting up to
-        `block_ms` if `block`). Returns how many entries it handled."""
-        entries = await self._claim() if self._timer() >= self._next_claim else []
-        if not entries and self._own_pending:
-            entries = await self._read("0", block=False)
-            self._own_pending = bool(entries)
-        if not entries:
-            entries = await self._read(">", block=block)
-        await self.apply(entries)
+        """Handle one batch: the batch in hand if its write failed, else idle entries of
+        other consumers when due, else this consumer's own pending ones after a failure,
+        else new ones (waiting up to `block_ms` if `block`). Returns how many entries it
+        handled."""
+        if self._held is not None:
+            entries, exhausted = self._held
+            await self._keep(entries)
+        else:
+            entries = await self._claim() if self._timer() >= self._next_claim else []
+            if not entries and self._own_pending:
+                entries = await self._read("0", block=False)
+                self._own_pending = bool(entries)
+            # Only entries delivered before can be over the limit: new ones cost no lookup.
+            exhausted = await self._exhausted(entries) if entries else {}
+            if not entries:
+                entries = await self._read(">", block=block)
+            self._held = (entries, exhausted)
+        try:
+            await self.apply(entries, exhausted)
+        except ScriptFailed:
+            self._held = None  # the rest is acknowledged: read the failed ones back
+            self._own_pending = True
+            raise
+        self._held = None
         return len(entries)
 
-    async def run(self, stop: asyncio.Event, report_interval_s: float) -> None:
+    async def run(
+        self, stop: asyncio.Event, report_interval_s: float, *, watch_group: bool = False
+    ) -> None:
         """Handle batches until `stop` is set, backing off after failures; log the counts
-        once per `report_interval_s`."""
+        once per `report_interval_s` (and then, if `watch_group`, read the group's lag)."""
         failures = 0
         joined = False
         next_report = self._timer() + report_interval_s
@@ -163,6 +203,8 @@ class VelocityConsumer:
                     await asyncio.wait_for(stop.wait(), backoff)
             if self._timer() >= next_report:
                 self.report()
+                if watch_group:
+                    await self.watch_group()
                 next_report = self._timer() + report_interval_s
         self.report()
 
@@ -171,6 +213,20 @@ class VelocityConsumer:
         logger.info("stream consumer %s: %s", self.name, self.counts.line())
         self.counts = Counts()
 
+    async def watch_group(self) -> None:
+        """Read the group's pending count and lag (XINFO GROUPS; the lag needs Redis 7, and
+        is None where Redis cannot tell it, or on a failure, which is logged)."""
+        try:
+            groups: list[dict[Any, Any]] = await self._client.xinfo_groups(self.stream)
+        except RedisError as exc:
+            self.lag = self.pending = None
+            self._log.failed("XINFO GROUPS", exc)
+            return
+        info = next((g for g in groups if _text(g.get("name", b"")) == self.group), {})
+        lag, pending = info.get("lag"), info.get("pending")
+        self.lag = None if lag is None else int(lag)
+        self.pending = None if pending is None else int(pending)
+
     async def leave(self) -> None:
         """Remove this consumer from the group if it holds no pending entries."""
         pending = await self._client.xpending(self.stream, self.group)
@@ -178,10 +234,14 @@ class VelocityConsumer:
         if mine.get(self.name, 0) == 0:
             await self._client.xgroup_delconsumer(self.stream, self.group, self.name)
 
-    async def apply(self, entries: Sequence[Entry]) -> None:
-        """Apply entries, write the groups, dead-letter malformed ones, then acknowledge.
+    async def apply(
+        self, entries: Sequence[Entry], exhausted: Mapping[bytes, int] | None = None
+    ) -> None:
+        """Apply entries, write the groups, dead-letter malformed ones and those in
+        `exhausted` (id: times delivered, over the limit), then acknowledge.
         Raises, acknowledging nothing, if the logs or the groups could not be written;
-        raises after acknowledging the rest if some event's script failed (it is retried)."""
+        raises ScriptFailed after acknowledging the rest if some event's script failed
+        (it is delivered again)."""
         now = self._clock()
         valid: list[tuple[bytes, TransactionEvent]] = []
         dead: list[DeadLetter] = []
@@ -192,16 +252,24 @@ class VelocityConsumer:
             if not entry_fields:
                 gone.append(entry_id)  # trimmed from the stream while pending: nothing left
                 continue
+            if exhausted and entry_id in exhausted:
+                reason = (
+                    f"delivery_limit: delivered {exhausted[entry_id]} times,"
+                    f" at most {self._max_deliveries}"
+                )
+                dead.append((entry_id, entry_fields, reason, "delivery_limit"))
+                continue
             try:
                 valid.append((entry_id, TransactionEvent.parse(entry_fields, now)))
             except MalformedEvent as exc:
-                dead.append((entry_id, entry_fields, exc.reason))
+                dead.append((entry_id, entry_fields, exc.reason, "malformed"))
         self._count("read", len(entries))
         done, failed = await self._apply_valid(valid, dead)
         if dead:
             await self._dead_letter(dead)
             self._count("dead", len(dead))
-        acked = done + gone + [entry_id for entry_id, _, _ in dead]
+            self.dead_totals.update(kind for _, _, _, kind in dead)
+        acked = done + gone + [entry_id for entry_id, _, _, _ in dead]
         if acked:
             await self._client.xack(self.stream, self.group, *acked)
         if failed is not None:
@@ -209,7 +277,7 @@ class VelocityConsumer:
 
     async def _apply_valid(
         self, valid: Sequence[tuple[bytes, TransactionEvent]], dead: list[DeadLetter]
-    ) -> tuple[list[bytes], RedisError | None]:
+    ) -> tuple[list[bytes], ScriptFailed | None]:
         """Run the scripts, then write each entity's latest aggregates. Returns the ids
         applied and the first script error (its event stays pending); an event whose keys
         hold another type goes to `dead`."""
@@ -227,17 +295,17 @@ class VelocityConsumer:
         users: dict[str, Velocity] = {}
         merchants: dict[str, Velocity] = {}
         done: list[bytes] = []
-        failed: RedisError | None = None
+        failed: ScriptFailed | None = None
         for (entry_id, event), u_reply, m_reply in zip(
             valid, user_replies, merchant_replies, strict=True
         ):
             error = next((r for r in (u_reply, m_reply) if isinstance(r, Exception)), None)
             if isinstance(error, ResponseError) and "WRONGTYPE" in str(error):
-                dead.append((entry_id, event.fields(), f"script: {error}"))
+                dead.append((entry_id, event.fields(), f"script: {error}", "wrong_type"))
                 continue
             if error is not None:  # e.g. OOM: the event stays pending and is tried again
                 self._count("failed", 1)
-                failed = failed or RedisError(f"velocity script: {error}")
+                failed = failed or ScriptFailed(f"velocity script: {error}")
                 continue
             user, merchant = user_velocity(u_reply), merchant_velocity(m_reply)
             # Replies come in stream order: each entity's last one has all its events.
@@ -252,16 +320,18 @@ class VelocityConsumer:
     async def _write(self, group: FeatureGroup, latest: Mapping[str, Velocity]) -> None:
         if latest:
             rows = [(entity_id, v.values) for entity_id, v in latest.items()]
+            skipped_before = self._writer.backing_skipped
             await self._writer.write(
                 group,
                 rows,
                 event_ts=[v.anchor_ts for v in latest.values()],
                 versions=[v.version for v in latest.values()],  # a later one may have landed
             )
+            self._count("older", self._writer.backing_skipped - skipped_before)
 
     async def _dead_letter(self, dead: Sequence[DeadLetter]) -> None:
         async with self._client.pipeline(transaction=False) as pipe:
-            for entry_id, entry_fields, reason in dead:
+            for entry_id, entry_fields, reason, _ in dead:
                 record: dict[Any, Any] = dict(entry_fields)
                 record |= {"_reason": reason, "_entry_id": entry_id, "_consumer": self.name}
                 pipe.xadd(self.dead_letters, record, maxlen=self._maxlen, approximate=True)
@@ -283,6 +353,28 @@ class VelocityConsumer:
             self._next_claim = self._timer() + self._claim_every_s  # scanned all: rest
         self._count("claimed", len(entries))
         return entries
+
+    async def _keep(self, entries: Sequence[Entry]) -> None:
+        """Mark the batch in hand as just delivered (XCLAIM JUSTID: no delivery counted),
+        so that no other consumer claims it while this one retries it."""
+        ids: list[Any] = [entry_id for entry_id, _ in entries if entry_id is not None]
+        if ids:
+            await self._client.xclaim(self.stream, self.group, self.name, 0, ids, justid=True)
+
+    async def _exhausted(self, entries: Sequence[Entry]) -> dict[bytes, int]:
+        """The entries delivered more than `max_deliveries` times, with that count: one
+        XPENDING per entry, all in one pipeline."""
+        ids = [entry_id for entry_id, _ in entries if entry_id is not None]
+        async with self._client.pipeline(transaction=False) as pipe:
+            for entry_id in ids:
+                pipe.xpending_range(self.stream, self.group, entry_id, entry_id, 1)
+            replies: list[Any] = await pipe.execute()
+        deliveries = {
+            entry_id: int(reply[0]["times_delivered"])
+            for entry_id, reply in zip(ids, replies, strict=True)
+            if reply  # acknowledged meanwhile (by a consumer that had claimed it): not pending
+        }
+        return {e: n for e, n in deliveries.items() if n > self._max_deliveries}
 
     async def _read(self, start: str, *, block: bool) -> list[Entry]:
         reply: Any = await self._client.xreadgroup(
