@@ -28,11 +28,16 @@ class InvalidEntityId(FeatureError, ValueError):
 
 
 class FeatureWriteError(FeatureError):
-    """The online store rejected or did not acknowledge a write; `failed` names the rows."""
+    """The online store rejected or did not acknowledge a write; `failed` names the rows,
+    and `wrong_type` those of them whose key holds another type (a data problem: writing
+    them again fails again, unlike a timeout)."""
 
-    def __init__(self, message: str, failed: Sequence[str] = ()) -> None:
+    def __init__(
+        self, message: str, failed: Sequence[str] = (), wrong_type: Sequence[str] = ()
+    ) -> None:
         super().__init__(message)
         self.failed = tuple(failed)
+        self.wrong_type = tuple(wrong_type)
 
 
 class BackingStoreError(FeatureError):

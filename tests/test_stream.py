@@ -264,6 +264,24 @@ async def test_an_event_on_a_key_of_another_type_is_dead_lettered(client, sync_r
     assert pending(sync_redis) == 0
 
 
+async def test_an_event_whose_group_key_holds_another_type_is_dead_lettered(
+    client, sync_redis
+) -> None:
+    # The scripts apply it, but its velocity row can never be written: dead-lettered,
+    # while the rest of the batch is written and acknowledged (not retried for ever).
+    sync_redis.set(USER_FEATURES.key("u-bad"), "not a hash")
+    publish(sync_redis, tx("w1", user="u-bad"), tx("w2", user="u-ok"))
+    c = consumer(client)
+    await drain(c)
+    (_, record), = sync_redis.xrange(DEAD)  # fmt: skip
+    assert record[b"tx_id"] == b"w1"
+    assert f"write: {USER_FEATURES.key('u-bad')} holds another type" in record[b"_reason"].decode()
+    assert stored(sync_redis, USER_FEATURES.key("u-ok"))["tx_count_1h"] == 1
+    assert stored(sync_redis, MERCHANT_VELOCITY.key("m1"))["merchant_tx_count_24h"] == 2
+    assert c.dead_totals["wrong_type"] == 1 and c.totals.failed == 0
+    assert pending(sync_redis) == 0
+
+
 def deliveries(sync_redis: redis.Redis, entry_id: bytes) -> int:
     (info,) = sync_redis.xpending_range(STREAM, GROUP, entry_id, entry_id, 1)
     return int(info["times_delivered"])

@@ -138,6 +138,7 @@ class FeatureWriter:
                 f"{len(errors)} {group.qualified_name} rows not written to Redis "
                 f"({len(rows) - len(errors)} were): {errors[0][1]}{persisted}",
                 failed=[entity_id for entity_id, _ in errors],
+                wrong_type=[e for e, reply in errors if "WRONGTYPE" in str(reply)],
             )
         return len(rows) if versions is None else sum(reply == 1 for reply in replies)
 

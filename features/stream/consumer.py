@@ -313,21 +313,49 @@ class VelocityConsumer:
             merchants[event.merchant_id] = merchant
             self._count(str(user.applied), 1)
             done.append(entry_id)
-        await self._write(USER_FEATURES, users)
-        await self._write(MERCHANT_VELOCITY, merchants)
+        bad_users = await self._write(USER_FEATURES, users)
+        bad_merchants = await self._write(MERCHANT_VELOCITY, merchants)
+        if bad_users or bad_merchants:  # a row that would fail every time: dead-letter its events
+            kept: list[bytes] = []
+            by_id = dict(valid)
+            for entry_id in done:
+                event = by_id[entry_id]
+                key = (
+                    USER_FEATURES.key(event.user_id)
+                    if event.user_id in bad_users
+                    else MERCHANT_VELOCITY.key(event.merchant_id)
+                    if event.merchant_id in bad_merchants
+                    else None
+                )
+                if key is None:
+                    kept.append(entry_id)
+                else:
+                    reason = f"write: {key} holds another type (WRONGTYPE)"
+                    dead.append((entry_id, event.fields(), reason, "wrong_type"))
+            done = kept
         return done, failed
 
-    async def _write(self, group: FeatureGroup, latest: Mapping[str, Velocity]) -> None:
-        if latest:
-            rows = [(entity_id, v.values) for entity_id, v in latest.items()]
-            skipped_before = self._writer.backing_skipped
+    async def _write(self, group: FeatureGroup, latest: Mapping[str, Velocity]) -> set[str]:
+        """Write each entity's aggregates; returns the entities whose key holds another
+        type (every other row was written). Raises for any other failure."""
+        if not latest:
+            return set()
+        rows = [(entity_id, v.values) for entity_id, v in latest.items()]
+        skipped_before = self._writer.backing_skipped
+        try:
             await self._writer.write(
                 group,
                 rows,
                 event_ts=[v.anchor_ts for v in latest.values()],
                 versions=[v.version for v in latest.values()],  # a later one may have landed
             )
+        except FeatureWriteError as exc:
+            if not exc.wrong_type or set(exc.failed) != set(exc.wrong_type):
+                raise  # a timeout, OOM, ...: the batch is tried again
+            return set(exc.wrong_type)
+        finally:
             self._count("older", self._writer.backing_skipped - skipped_before)
+        return set()
 
     async def _dead_letter(self, dead: Sequence[DeadLetter]) -> None:
         async with self._client.pipeline(transaction=False) as pipe:
