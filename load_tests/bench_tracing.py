@@ -213,8 +213,9 @@ def table(result: dict[str, Any]) -> str:
         "CPU = the worker process's CPU time (all its threads) per request served.",
         "",
         "| case | max req/s (median; rounds) | vs base | CPU us/req (median; rounds) "
-        "| capacity vs base | vs off | p50 / p99 / p99.9 / max ms | n | spans received |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| capacity vs base | vs off | vs off, paired | p50 / p99 / p99.9 / max ms | n "
+        "| spans received |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, c in cases.items():
         lat = c["latency_ms"]
@@ -223,7 +224,8 @@ def table(result: dict[str, Any]) -> str:
         lines.append(
             f"| {name} | {c['max_rps']:.0f} ({rps}) | {c['max_rps'] / base['max_rps'] - 1:+.1%} "
             f"| {c['cpu_us_per_request']:.0f} ({cpu}) | {_capacity(base, c):+.1%} "
-            f"| {_capacity(off, c):+.1%} | {lat['p50']:.1f} / {lat['p99']:.1f} / "
+            f"| {_capacity(off, c):+.1%} | {_paired(off, c):+.1%} "
+            f"| {lat['p50']:.1f} / {lat['p99']:.1f} / "
             f"{lat['p99_9']:.1f} / {lat['max']:.1f} | {lat['n']} | {c.get('spans_received', '-')} |"
         )
     off_cost = -_capacity(base, off)
@@ -231,10 +233,13 @@ def table(result: dict[str, Any]) -> str:
     lines += [
         "",
         "capacity = the max RPS one CPU-bound worker's CPU time per request allows, against "
-        "the reference.",
+        "the reference; paired = the median over rounds of that round's capacity against "
+        "off's in the same round (on a shared machine the load drifts between rounds more "
+        "than between the cases of one round).",
         f"off vs base: {off_cost:.1%} of capacity lost (target <= {OFF_TARGET:.0%}: "
         f"{'met' if off_cost <= OFF_TARGET else 'MISSED'}); on10 vs off: {on_cost:.1%} "
-        f"(target <= {ON10_TARGET:.0%}: {'met' if on_cost <= ON10_TARGET else 'MISSED'})",
+        f"(target <= {ON10_TARGET:.0%}: {'met' if on_cost <= ON10_TARGET else 'MISSED'}; "
+        f"paired: {-_paired(off, cases['on10']):.1%})",
     ]
     return "\n".join(lines)
 
@@ -242,6 +247,15 @@ def table(result: dict[str, Any]) -> str:
 def _capacity(reference: dict[str, Any], case: dict[str, Any]) -> float:
     """Relative capacity: + means more requests per CPU-second than the reference."""
     return float(reference["cpu_us_per_request"] / case["cpu_us_per_request"] - 1)
+
+
+def _paired(reference: dict[str, Any], case: dict[str, Any]) -> float:
+    """The median of the rounds' relative capacities, each against the same round's
+    reference: what the load drifting from round to round moves least."""
+    ratios = sorted(
+        r / c - 1 for r, c in zip(reference["cpu_us_rounds"], case["cpu_us_rounds"], strict=True)
+    )
+    return quantile(ratios, 0.5)
 
 
 async def _micro(redis_url: str, n: int) -> dict[str, dict[str, float]]:

@@ -10,6 +10,7 @@ sampler records every request it does not export (to learn trace ids)."""
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from collections.abc import Mapping, Sequence
 
@@ -35,7 +36,10 @@ from opentelemetry.sdk.trace.sampling import (
 from opentelemetry.trace import TracerProvider
 from prometheus_client import Counter
 
+from serving.otlp_encode import encode_request
 from serving.runtime import ALL_URLS, TracingMode, trace_sampler
+
+logger = logging.getLogger(__name__)
 
 EXPORTED_SPANS = Counter(
     "fraud_trace_spans_exported_total",
@@ -74,8 +78,26 @@ def sdk_provider(service_name: str) -> SdkTracerProvider:
     provider = SdkTracerProvider(sampler=ALWAYS_ON, resource=resource)
     # Its queue is bounded (OTEL_BSP_MAX_QUEUE_SIZE, 2048): when full, spans are dropped,
     # never waited for; the export runs on the processor's own thread.
-    provider.add_span_processor(BatchSpanProcessor(CountedExporter(OTLPSpanExporter())))
+    provider.add_span_processor(BatchSpanProcessor(CountedExporter(OtlpExporter())))
     return provider
+
+
+class OtlpExporter(OTLPSpanExporter):
+    """The SDK's OTLP/HTTP exporter (its endpoint, headers, timeout, compression, retries
+    and transport, all from OTEL_EXPORTER_OTLP_*), with the batch encoded by
+    serving/otlp_encode.py: the same bytes at a fraction of the CPU, on a thread that holds
+    the GIL the requests need. Its HTTP client is the SDK's (pinned version)."""
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        if self._shutdown:
+            return SpanExportResult.FAILURE
+        try:
+            data = encode_request(spans)
+        except Exception:  # a bug of ours must not stop the processor's thread: one a batch
+            logger.exception("spans not exported: their batch could not be encoded")
+            return SpanExportResult.FAILURE
+        result = self._client.export(data)
+        return SpanExportResult.SUCCESS if result.success else SpanExportResult.FAILURE
 
 
 class CountedExporter(SpanExporter):

@@ -20,7 +20,7 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import SpanKind, StatusCode
 from prometheus_client import REGISTRY
 
 from features import (
@@ -189,10 +189,14 @@ async def _ok(scope: Any, receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": b"{}"})
 
 
-async def _call(app: Any, path: str = "/predict", traceparent: str | None = None) -> None:
+async def _call(
+    app: Any, path: str = "/predict", traceparent: str | None = None, user_agent: str | None = None
+) -> None:
     headers = [(b"host", b"127.0.0.1")]
     if traceparent is not None:
         headers.append((b"traceparent", traceparent.encode()))
+    if user_agent is not None:
+        headers.append((b"user-agent", user_agent.encode()))
     scope = {"type": "http", "http_version": "1.1", "method": "POST", "path": path,
              "raw_path": path.encode(), "query_string": b"", "scheme": "http",
              "server": ("127.0.0.1", 3000), "client": ("127.0.0.1", 5000),
@@ -214,6 +218,61 @@ async def test_the_gate_traces_what_its_sampler_samples(gated: Gated) -> None:
     assert gated.names() == ["POST /predict"]  # one span: no receive or send spans
     (request,) = gated.exporter.get_finished_spans()
     assert request.kind is SpanKind.SERVER and request.parent is None
+
+
+async def test_the_request_span_carries_the_http_server_attributes(gated: Gated) -> None:
+    await _call(gated.gate(ALWAYS_ON), user_agent="load/1")
+    (request,) = gated.exporter.get_finished_spans()
+    assert request.instrumentation_scope is not None
+    assert request.instrumentation_scope.name == "fraud.http"
+    assert dict(request.attributes or {}) == {
+        "http.method": "POST",
+        "http.scheme": "http",
+        "http.flavor": "1.1",
+        "http.target": "/predict",
+        "http.host": "127.0.0.1:3000",
+        "net.host.port": 3000,
+        "net.peer.ip": "127.0.0.1",
+        "http.user_agent": "load/1",
+        "http.status_code": 200,
+    }
+    assert request.status.status_code is StatusCode.UNSET
+
+
+async def test_the_apps_spans_are_the_request_spans_children(gated: Gated) -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        with gated.provider.get_tracer("features").start_as_current_span("features.read"):
+            await _ok(scope, receive, send)
+
+    gate = TraceGate(app, paths=["/predict"], sampler=ALWAYS_ON, provider=lambda: gated.provider)
+    await _call(gate)
+    read, request = gated.exporter.get_finished_spans()  # no http send or receive spans
+    assert (read.name, request.name) == ("features.read", "POST /predict")
+    assert read.parent is not None and read.parent.span_id == request.context.span_id
+    assert read.context.trace_id == request.context.trace_id
+
+
+async def test_a_failed_request_is_an_error_span(gated: Gated) -> None:
+    async def unavailable(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 503, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def broken(scope: Any, receive: Any, send: Any) -> None:
+        raise RuntimeError("no model")
+
+    gate = TraceGate(
+        unavailable, paths=["/predict"], sampler=ALWAYS_ON, provider=lambda: gated.provider
+    )
+    await _call(gate)
+    gate = TraceGate(broken, paths=["/predict"], sampler=ALWAYS_ON, provider=lambda: gated.provider)
+    with pytest.raises(RuntimeError):
+        await _call(gate)
+    failed, raised = gated.exporter.get_finished_spans()
+    assert failed.status.status_code is StatusCode.ERROR
+    assert failed.attributes is not None and failed.attributes["http.status_code"] == 503
+    assert raised.status.status_code is StatusCode.ERROR
+    assert raised.status.description == "RuntimeError: no model"
+    assert [e.name for e in raised.events] == ["exception"]
 
 
 async def test_the_gate_follows_the_callers_decision(gated: Gated) -> None:
@@ -474,7 +533,12 @@ def test_our_spans_arrive_under_the_request_span(traced: Traced) -> None:
     (inference,) = named["fraud.inference"]
     # The request span continues the caller's trace (W3C trace context, parent-based).
     assert request.kind == SERVER and request.parent_span_id == caller.span_id
+    assert set(named) == {"POST /predict", "features.read", "features.redis", "fraud.inference"}
     assert request.attributes["http.target"] == "/predict"
+    assert (request.attributes["http.method"], request.attributes["http.status_code"]) == (
+        "POST",
+        200,
+    )
     assert request.resource["service.name"] == "fraud-test"  # OTEL_SERVICE_NAME
     assert read.parent_span_id == request.span_id
     assert inference.parent_span_id == request.span_id
