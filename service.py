@@ -39,12 +39,14 @@ from models import MODEL_NAME
 from models.scorer import Scorer, check_saved_schema
 from serving import client_errors
 from serving.admission import Admission
+from serving.connections import RecycleConnections
 from serving.events import EventAppender
 from serving.limits import RequestLimits
 from serving.runtime import (
     TracingMode,
     admission_config,
     events_config,
+    max_requests_per_connection,
     service_config,
     tracing_mode,
 )
@@ -245,6 +247,10 @@ if TRACING_MODE is TracingMode.OTEL:  # the request span, for sampled requests o
 ADMISSION = admission_config()
 if ADMISSION.enabled:
     FraudService.add_asgi_middleware(Admission, config=ADMISSION)  # type: ignore[attr-defined]
+if (MAX_REQUESTS_PER_CONNECTION := max_requests_per_connection()) > 0:
+    FraudService.add_asgi_middleware(  # type: ignore[attr-defined]
+        RecycleConnections, max_requests=MAX_REQUESTS_PER_CONNECTION
+    )
 FraudService.add_asgi_middleware(RequestLimits, max_bytes=SETTINGS.max_body_bytes)  # type: ignore[attr-defined]
 
 

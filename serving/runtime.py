@@ -48,6 +48,16 @@ def admission_config(env: Mapping[str, str] = os.environ) -> AdmissionConfig:
     return config
 
 
+def max_requests_per_connection(env: Mapping[str, str] = os.environ) -> int:
+    """Requests a keep-alive connection serves before the worker closes it (serving/
+    connections.py), from FRAUD_MAX_REQUESTS_PER_CONNECTION; 0 keeps connections open."""
+    raw = env.get("FRAUD_MAX_REQUESTS_PER_CONNECTION", "100")
+    if raw.strip() == "0":
+        return 0
+    value: int = _number(env, "FRAUD_MAX_REQUESTS_PER_CONNECTION", "100", int)
+    return value
+
+
 def events_config(env: Mapping[str, str] = os.environ) -> EventsConfig:
     """Whether and how serving/events.py appends scored transactions, from FRAUD_EVENTS*."""
     return EventsConfig(
