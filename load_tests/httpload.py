@@ -35,7 +35,9 @@ DROPPED = 0  # the status of an exchange whose connection failed
 
 class Connection:
     """One keep-alive connection; one request in flight at a time. One the server drops
-    answers that request with status DROPPED and is opened again for the next."""
+    answers that request with status DROPPED and is opened again for the next; one the
+    server ends (`Connection: close`) is opened again when the next request is sent, as a
+    browser or an HTTP client library does, and that request's time includes the connect."""
 
     def __init__(
         self, port: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -43,6 +45,8 @@ class Connection:
         self._port = port
         self._reader = reader
         self._writer = writer
+        self._ended = False  # the last response said Connection: close
+        self.reconnects = 0
 
     @classmethod
     async def open(cls, port: int) -> Connection:
@@ -52,6 +56,11 @@ class Connection:
     async def send(self, request: bytes) -> tuple[int, bytes, bytes]:
         """Send one request and read its whole response: status code, head and body."""
         try:
+            if self._ended:
+                self._writer.close()
+                self._reader, self._writer = await asyncio.open_connection("127.0.0.1", self._port)
+                self._ended = False
+                self.reconnects += 1
             return await self._exchange(request)
         except (OSError, asyncio.IncompleteReadError):
             self._writer.close()
@@ -66,9 +75,11 @@ class Connection:
         length = None
         for line in head.split(b"\r\n")[1:]:
             name, _, value = line.partition(b":")
-            if name.strip().lower() == b"content-length":
+            name = name.strip().lower()
+            if name == b"content-length":
                 length = int(value)
-                break
+            elif name == b"connection" and value.strip().lower() == b"close":
+                self._ended = True
         if length is None:
             raise RuntimeError("response without Content-Length")
         return status, head, await self._reader.readexactly(length)

@@ -274,6 +274,37 @@ async def test_open_loop_traces_each_response_from_its_schedule() -> None:
         assert r.timing_ms() == 0.25
 
 
+async def test_a_connection_the_server_ends_is_opened_again_for_the_next_request() -> None:
+    # As serving/connections.py does: every third response says Connection: close, and the
+    # server then closes the socket. No request is lost; each such connection is reopened.
+    body = b"{}"
+    connects = 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connects
+        connects += 1
+        for n in range(1, 4):
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError:
+                break
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            await reader.readexactly(length)
+            close = b"Connection: close\r\n" if n == 3 else b""
+            writer.write(b"HTTP/1.1 200 OK\r\n%bContent-Length: 2\r\n\r\n%b" % (close, body))
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    requests = httpload.encode_requests(port, "/predict", [{"a": 1}])
+    async with server:
+        run = await httpload.open_loop(port, requests, 300.0, 0.1, concurrency=1, trace=True)
+    assert run.trace is not None and len(run.trace) == 30
+    assert all(r.status == 200 for r in run.trace) and run.failures == 0
+    assert connects == 10  # the first, then one after every third response
+
+
 def _response(
     at: float, done: float, sources: dict[str, tuple[str, str | None]] | None, ms: float = 0.5
 ) -> httpload.Response:
