@@ -64,6 +64,9 @@ class LoopLag:
         self._handle, self._due = None, math.inf
 
 
+IDLE = LoopLag()
+"""A sampler never started: its lateness is always 0 (a tier before `open`, or after)."""
+
 _SAMPLERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopLag] = (
     weakref.WeakKeyDictionary()
 )

@@ -58,14 +58,13 @@ class BackingTier:
         self._bugs = RateLimitedLog(
             logger, error_log_interval_s, level=logging.ERROR, exc_info=True
         )
-        self._lag = looplag.LoopLag()  # not started (always 0) until `open`
-        self._lag_acquired = False
+        self._lag = looplag.IDLE  # until `open`
 
     async def open(self) -> None:
         """Build the store's client (the AWS SDK takes ~130 ms): never inside a deadline;
         start watching the loop's lateness for the slow-call rule."""
-        if not self._lag_acquired:
-            self._lag, self._lag_acquired = looplag.acquire(), True
+        if self._lag is looplag.IDLE:
+            self._lag = looplag.acquire()
         await self.store.open()
 
     def carries(self, group: FeatureGroup) -> bool:
@@ -169,8 +168,8 @@ class BackingTier:
 
     async def aclose(self) -> None:
         """Finish read repairs and close the store."""
-        if self._lag_acquired:
+        if self._lag is not looplag.IDLE:
             looplag.release(self._lag)
-            self._lag, self._lag_acquired = looplag.LoopLag(), False
+            self._lag = looplag.IDLE
         await self.wait_repairs()
         await self.store.aclose()

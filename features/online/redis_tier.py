@@ -84,14 +84,13 @@ class RedisTier:
         # More than one when a late read's failure reopened the breaker under a probe.
         self._probes: set[asyncio.Task[None]] = set()  # referenced, so none is collected
         self._closed = False
-        self._lag = looplag.LoopLag()  # not started (always 0) until `open`
-        self._lag_acquired = False
+        self._lag = looplag.IDLE  # until `open`
 
     async def open(self) -> None:
         """Open the multiplexed connection, if any (pooled ones open on first use), and
         start watching the loop's lateness for the slow-call rule."""
-        if not self._lag_acquired:
-            self._lag, self._lag_acquired = looplag.acquire(), True
+        if self._lag is looplag.IDLE:
+            self._lag = looplag.acquire()
         if self._mux is not None:
             try:
                 await self._mux.connect()
@@ -213,9 +212,9 @@ class RedisTier:
         """Stop every probe in flight and start no more, so none outlives the client,
         then close the multiplexed connection; the client is the caller's to close."""
         self._closed = True
-        if self._lag_acquired:
+        if self._lag is not looplag.IDLE:
             looplag.release(self._lag)
-            self._lag, self._lag_acquired = looplag.LoopLag(), False
+            self._lag = looplag.IDLE
         for task in self._probes:
             task.cancel()
         await asyncio.gather(*self._probes, return_exceptions=True)

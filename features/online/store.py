@@ -401,23 +401,15 @@ class FeatureStore:
                 result: dict[str, Entry] = {}
                 left: list[Key] = []
                 reasons: list[Reason] = []
-                for key, answer in zip(keys, answers, strict=True):
-                    if isinstance(answer, Reason):
-                        left.append(key)
-                        reasons.append(answer)
-                    else:
-                        result[key.id] = answer
-                if left and len(self._tiers) > 1:
-                    self._spawn(self._fetch(keys, flight, deadline, 1, result, left, reasons))
-                    return
-                codecs = self._codecs
-                for key, reason in zip(left, reasons, strict=True):
-                    result[key.id] = codecs[key.group.qualified_name].defaults[reason]
+                _take(keys, answers, result, left, reasons)
             except Exception as exc:  # a bug: readers get unavailable, nothing is cached
                 logger.error("feature read failed unexpectedly", exc_info=exc)
                 self._land(keys, flight, {}, fill=False)
                 return
-            self._land(keys, flight, result, fill=True)
+            if left:  # the next tiers, or their defaults, in a task as any read
+                self._spawn(self._fetch(keys, flight, deadline, 1, result, left, reasons))
+            else:
+                self._land(keys, flight, result, fill=True)
 
         if not first.start(keys, deadline, answered):
             return False
@@ -463,13 +455,7 @@ class FeatureStore:
                             kept.append(reason)
                     if not asked:
                         continue
-                answers = await tier.read(asked, deadline)
-                for key, answer in zip(asked, answers, strict=True):
-                    if isinstance(answer, Reason):
-                        left.append(key)
-                        kept.append(answer)
-                    else:
-                        result[key.id] = answer
+                _take(asked, await tier.read(asked, deadline), result, left, kept)
                 pending, reasons = left, kept
                 if not pending:
                     break
@@ -573,6 +559,23 @@ class FeatureStore:
         self.flush_health()
         for tier in self._tiers:
             await tier.aclose()
+
+
+def _take(
+    keys: Sequence[Key],
+    answers: Sequence[Answer],
+    result: dict[str, Entry],
+    left: list[Key],
+    reasons: list[Reason],
+) -> None:
+    """A tier's answers sorted: entries into `result`, the keys it could not answer (and
+    why) onto `left` and `reasons`, for the next tier."""
+    for key, answer in zip(keys, answers, strict=True):
+        if isinstance(answer, Reason):
+            left.append(key)
+            reasons.append(answer)
+        else:
+            result[key.id] = answer
 
 
 class _Flight:
