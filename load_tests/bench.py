@@ -353,10 +353,10 @@ def end_to_end(
             ports[name] = stack.enter_context(serve).port
         if pinned:
             os.sched_setaffinity(0, {0})
-        out = asyncio.run(_compare(ports, bodies, seq_n, dur_s, rounds))
+        out = httpload.run(_compare(ports, bodies, seq_n, dur_s, rounds))
         for name, port in ports.items():
             before = scrape(port)
-            out[name] |= asyncio.run(_half(port, bodies, out[name]["max_rps"] / 2, dur_s))
+            out[name] |= httpload.run(_half(port, bodies, out[name]["max_rps"] / 2, dur_s))
             if name == "predict":
                 server = diff_stats(before, scrape(port))
                 out[name]["server_feature_p50_ms"] = server.feature_p50_ms

@@ -10,7 +10,6 @@ vCPU, the client on the others.
 
 from __future__ import annotations
 
-import asyncio
 import os
 from pathlib import Path
 from typing import Any
@@ -89,7 +88,7 @@ def _one(target: str, redis_url: str, redis_pid: int, step_s: float) -> dict[str
     server = BentoServer(env, target=target, port=port, log=log, cpus=server_cpus).start()
     try:
         os.sched_setaffinity(0, client_cpus)
-        result = asyncio.run(_sweep(port, transactions(20_000), step_s))
+        result = httpload.run(_sweep(port, transactions(20_000), step_s))
     finally:
         os.sched_setaffinity(0, own)
         server.stop()

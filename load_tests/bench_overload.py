@@ -9,7 +9,6 @@ service and redis-server on the last vCPU, the client on the others.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sys
 from collections import Counter
@@ -106,7 +105,7 @@ def overload(redis_url: str, redis_pid: int, seconds: float) -> dict[str, Any]:
         server = BentoServer(env, port=port, log=log, cpus=server_cpus).start()
         try:
             os.sched_setaffinity(0, client_cpus)
-            result = asyncio.run(_run(port, bodies, seconds, base_rps))
+            result = httpload.run(_run(port, bodies, seconds, base_rps))
             base_rps = base_rps or result["max_rps"]
             metrics = parse_prometheus(scrape(port))
             result["refused_by_reason"] = {
@@ -157,6 +156,10 @@ def table_lines(h: dict[str, Any]) -> list[str]:
         ),
         _ok(on["overload"]["goodput_rps"] >= GOODPUT_FRACTION * off["max_rps"])
         + f" (>= {GOODPUT_FRACTION:.0%})",
+    )
+    row(
+        "goodput vs what the worker served without admission control",
+        lambda r: f"{r['overload']['goodput_rps'] / off['overload']['goodput_rps']:.0%}",
     )
     row(
         "accepted p50 / p99 / max ms",

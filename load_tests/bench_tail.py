@@ -169,7 +169,7 @@ def tail(redis_url: str, rate: float, dur_s: float) -> dict[str, Any]:
         try:
             before = scrape(port)
             with _own_gc_pauses() as client_gc:
-                run = asyncio.run(_open_loop(port, bodies, rate, dur_s))
+                run = httpload.run(_open_loop(port, bodies, rate, dur_s))
             time.sleep(GC_FLUSH_S)
             after = scrape(port)
         finally:
@@ -225,7 +225,7 @@ def slow_redis(redis_port: int, rate: float, phase_s: float) -> dict[str, Any]:
         log = RESULTS / "serve-slow-redis.log"
         server = BentoServer(env, port=port, log=log, cpus=os.sched_getaffinity(0)).start()
         try:
-            run, slow_from, slow_until = asyncio.run(_phases(port, bodies, rate, phase_s, proxy))
+            run, slow_from, slow_until = httpload.run(_phases(port, bodies, rate, phase_s, proxy))
         finally:
             server.stop()
     return {

@@ -196,7 +196,7 @@ def run(base_rev: str, rounds: int, seconds: float) -> dict[str, Any]:
             ports[name] = stack.enter_context(server).port
             workers[name] = _worker(server)
             print(f"{name}: bentoml serve on {server.url}", flush=True)
-        result = asyncio.run(_compare(ports, workers, bodies, seconds, rounds))
+        result = httpload.run(_compare(ports, workers, bodies, seconds, rounds))
         time.sleep(2.0)  # the last batches leave the workers
         for name, receiver in receivers.items():
             result[name]["spans_received"] = receiver.span_count

@@ -8,8 +8,7 @@ the standing queue, CoDel's signal) and
 the middleware times the second. `ConcurrencyLimit` adapts the number of requests admitted
 at once to their sum, AIMD: over the target latency with at least half the limit in
 flight, the limit shrinks by a factor; under it, while the limit is what refuses requests,
-it grows by one. Refusing is not free (each
-refusal still passes BentoML's own middleware), so under heavy overload the queue ahead of
+it grows by one. Refusing is not free, so under heavy overload the queue ahead of
 admission is mostly refusals: the limit then shrinks until the CPU the admitted requests
 give up serves the refusals in time. A Redis that is slow but alive costs a request at most
 the feature deadline, below the default target, so it is not refused for that.
@@ -17,11 +16,19 @@ the feature deadline, below the default target, so it is not refused for that.
 A caller may send its remaining budget in `x-envoy-expected-rq-timeout-ms` (Envoy's
 header, milliseconds); a request whose budget is below the time admitted requests take now
 is refused rather than started.
+
+BentoML adds a service's middleware inside its own (traffic metrics, the tracing
+middleware, the request timeout), which would make every refusal pay for them. When the
+lifespan starts, Starlette has built the app's middleware stack once and for all, and the
+lifespan's scope names the app: the middleware then puts its decision in front of that
+whole stack (`Starlette.middleware_stack`) and, in its own place, passes requests on. An
+app that is not Starlette's keeps it in place.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import math
 import time
@@ -129,6 +136,7 @@ class Admission:
         self._total = 0  # admitted requests answered since start, as of the last interval
         self._lag: looplag.LoopLag | None = None
         self._interval: asyncio.TimerHandle | None = None
+        self._in_front = False  # deciding in front of the app's whole middleware stack
         # A refusal is built ahead: under overload it is most of what the worker sends.
         self._refusals = {reason: _refusal(reason, config) for reason in REASONS}
         self._refused = {reason: REFUSED.labels(reason) for reason in REASONS}
@@ -137,13 +145,27 @@ class Admission:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
+            self._move_to_front(scope.get("app"))
             try:
                 await self.app(scope, receive, send)  # returns when the worker shuts down
             finally:
                 self._stop_monitor()
             return
-        if scope["type"] != "http" or scope["path"] in BYPASS_PATHS:
+        if self._in_front:  # decided in front of the stack already
             await self.app(scope, receive, send)
+            return
+        await self._admit(self.app, scope, receive, send)
+
+    def _move_to_front(self, app: Any) -> None:
+        """Decide in front of Starlette's built middleware stack from now on."""
+        stack = getattr(app, "middleware_stack", None)
+        if stack is not None and not self._in_front:
+            app.middleware_stack = functools.partial(self._admit, stack)
+            self._in_front = True
+
+    async def _admit(self, app: ASGIApp, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] in BYPASS_PATHS:
+            await app(scope, receive, send)
             return
         if self._lag is None:
             self._start_monitor()
@@ -159,7 +181,7 @@ class Admission:
         self._peak = max(self._peak, self.admitted)
         started = time.perf_counter()
         try:
-            await self.app(scope, receive, send)
+            await app(scope, receive, send)
         finally:
             self.admitted -= 1
             took = time.perf_counter() - started

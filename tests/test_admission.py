@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from load_tests.stats import parse_prometheus
+from load_tests.stats import counter_total, parse_prometheus
 from serving.admission import Admission, AdmissionConfig, ConcurrencyLimit
 from serving.runtime import RuntimeConfigError, admission_config
 from tests.conftest import Service
@@ -155,6 +155,71 @@ async def test_the_lag_monitor_stops_with_the_lifespan() -> None:
     assert admission._lag is None and lag._handle is None  # its last user left
 
 
+class Counting:
+    """A middleware that counts the requests it sees: BentoML's own stand in front."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.seen: list[str] = []
+        COUNTING.append(self)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            self.seen.append(scope["path"])
+        await self.app(scope, receive, send)
+
+
+COUNTING: list[Counting] = []
+
+
+async def test_admission_decides_in_front_of_the_whole_stack_once_the_lifespan_starts() -> None:
+    from starlette.applications import Starlette
+    from starlette.middleware import Middleware
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    release = asyncio.Event()
+
+    async def slow(request: Any) -> JSONResponse:
+        await release.wait()
+        return JSONResponse({})
+
+    one = AdmissionConfig(initial_limit=1, min_limit=1, max_limit=1)
+    COUNTING.clear()
+    app: Any = Starlette(  # called with the stand-in ASGI callables above
+        routes=[Route("/predict", slow, methods=["POST"])],
+        middleware=[Middleware(Counting), Middleware(Admission, config=one)],
+    )
+    started, stop = asyncio.Event(), asyncio.Event()
+
+    async def lifespan_receive() -> dict[str, Any]:
+        if not started.is_set():
+            started.set()
+            return {"type": "lifespan.startup"}
+        await stop.wait()
+        return {"type": "lifespan.shutdown"}
+
+    lifespan = asyncio.create_task(app({"type": "lifespan"}, lifespan_receive, Recorder()))
+    await started.wait()
+    await asyncio.sleep(0.01)
+    (counting,) = COUNTING
+    held = Recorder()
+    first = asyncio.create_task(app(http_scope(), nothing, held))
+    await asyncio.sleep(0.01)
+    refused = Recorder()
+    await app(http_scope(), nothing, refused)
+    assert refused.status == 503
+    assert counting.seen == ["/predict"]  # the refusal never reached the middleware ahead
+    release.set()
+    await first
+    assert held.status == 200
+    ok = Recorder()
+    await app(http_scope(), nothing, ok)
+    assert ok.status == 200 and counting.seen == ["/predict", "/predict"]
+    stop.set()
+    await lifespan
+
+
 @pytest.fixture
 def slow_redis(redis_server: RedisServer) -> Iterator[DelayProxy]:
     with DelayProxy("127.0.0.1", redis_server.port, delay_s=0.3) as proxy:
@@ -201,6 +266,11 @@ def test_serve_refuses_a_burst_over_its_limit_and_recovers(
         assert ready.status_code == 200
         metrics = httpx.get(f"{svc.url}/metrics", timeout=5).text
         assert f'fraud_admission_refused_total{{reason="limit"}} {len(refused)}.0' in metrics
+        # Refused in front of BentoML's own middleware: its request counter never saw them.
+        samples = parse_prometheus(metrics)
+        bentoml_total = "bentoml_service_request_total"
+        assert counter_total(samples, bentoml_total, {"http_response_code": "503"}) == 0
+        assert counter_total(samples, bentoml_total, {"http_response_code": "200"}) >= 3
         assert predict(99).status_code == 200  # recovered once the burst is served
         admitted = statuses.count(200) + 1
         until = time.monotonic() + 5.0  # the gauge is written once an interval (100 ms)
