@@ -15,7 +15,8 @@ import torch
 import models
 from features import spec
 from features.skew import stats as skew_stats
-from models import MODEL_NAME, SchemaMismatch, Scorer
+from models import MODEL_NAME, FraudNet, SchemaMismatch, Scorer
+from models.numpy_net import NumpyNet, UnsupportedNet
 from models.train import TrainResult, roc_auc, train
 
 ROWS, SEED, EPOCHS = 20_000, 7, 3
@@ -124,6 +125,35 @@ def test_roc_auc_counts_pairs_and_halves_ties() -> None:
     assert roc_auc(labels, np.full(4, 0.5, dtype=np.float32)) == 0.5
     with pytest.raises(ValueError, match="both classes"):
         roc_auc(np.zeros(4, dtype=np.float32), np.arange(4, dtype=np.float32))
+
+
+def test_numpy_serves_what_pytorch_computes_at_any_scale(trained: TrainResult) -> None:
+    rng = np.random.default_rng(3)
+    x = rng.normal(0.0, 1.0, (512, N_FEATURES)) * rng.choice([1e-3, 1.0, 1e3, 1e9], (512, 1))
+    x = x.astype(np.float32)
+    x[0] = 0.0
+    net = NumpyNet.of(trained.model)
+    # float32 in another order (the scaling folded into the first layer): ~5e-6 at 1e9.
+    np.testing.assert_allclose(net(x), _eager(trained, x), rtol=0, atol=1e-5)
+    assert net(x).dtype == np.float32
+    one = net(x[:1])
+    assert one.shape == (1,) and one[0] == pytest.approx(float(_eager(trained, x[:1])[0]), abs=1e-6)
+
+
+def test_a_net_numpy_cannot_express_is_served_by_torchscript(
+    trained: TrainResult, inputs: Matrix, caplog: pytest.LogCaptureFixture
+) -> None:
+    net = FraudNet(N_FEATURES, trained.model.mean, trained.model.std)
+    net.load_state_dict(trained.model.state_dict())
+    net.layers[1] = torch.nn.Tanh()  # same weights, another activation
+    with pytest.raises(UnsupportedNet, match="layer 1: Tanh"):
+        NumpyNet.of(net)
+    with caplog.at_level("WARNING", logger="models.scorer"):
+        scorer = Scorer(net, trained.schema)
+    assert "served by TorchScript, not NumPy: layer 1: Tanh" in caplog.text
+    with torch.inference_mode():
+        expected = net(torch.from_numpy(inputs)).numpy()
+    np.testing.assert_allclose(scorer.predict(inputs), expected, rtol=0, atol=1e-6)
 
 
 def test_wrong_column_count_is_rejected(trained: TrainResult) -> None:
