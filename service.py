@@ -151,7 +151,7 @@ class FraudService:
             np.ones(1),
             np.full(1, time.time()),
         )
-        for _ in range(3):  # TorchScript profiles the first calls, then optimises
+        for _ in range(3):  # the first calls are slower (TorchScript, if it serves, profiles them)
             self.scorer.predict(x)
         frozen = collector.freeze()
         self.gc_pauses.install()
