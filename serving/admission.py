@@ -140,6 +140,9 @@ class Admission:
         # A refusal is built ahead: under overload it is most of what the worker sends.
         self._refusals = {reason: _refusal(reason, config) for reason in REASONS}
         self._refused = {reason: REFUSED.labels(reason) for reason in REASONS}
+        # Counted here and added to the counter once an interval, as the gauges are: a
+        # multiprocess counter's update takes a lock, checks the pid and writes an mmap.
+        self._refused_since = dict.fromkeys(REASONS, 0)
         LIMIT.set(int(self.limit.limit))
         IN_FLIGHT.set(0)
 
@@ -195,7 +198,14 @@ class Admission:
             self.config.interval_s, self._on_interval
         )
 
+    def _flush_refused(self) -> None:
+        for reason, n in self._refused_since.items():
+            if n:
+                self._refused[reason].inc(n)
+                self._refused_since[reason] = 0
+
     def _stop_monitor(self) -> None:
+        self._flush_refused()
         if self._interval is not None:
             self._interval.cancel()
         if self._lag is not None:
@@ -217,11 +227,12 @@ class Admission:
         self._total += self._interval_n
         WORKER_REQUESTS.set(self._total)
         self._delay_s = min_delay_s
+        self._flush_refused()
         self._limited = False
         self._interval_s, self._interval_n, self._peak = 0.0, 0, self.admitted
 
     async def _refuse(self, send: Any, reason: str) -> None:
-        self._refused[reason].inc()
+        self._refused_since[reason] += 1
         start, body = self._refusals[reason]
         # Copies: a middleware outside this one may add headers to what it is sent.
         await send({**start, "headers": list(start["headers"])})

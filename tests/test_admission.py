@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client import REGISTRY
 
 from load_tests.stats import counter_total, parse_prometheus
 from serving.admission import Admission, AdmissionConfig, ConcurrencyLimit
@@ -147,11 +148,21 @@ async def test_the_lag_monitor_stops_with_the_lifespan() -> None:
             await send({"type": "http.response.start", "status": 200, "headers": []})
             await send({"type": "http.response.body", "body": b"{}"})
 
+    def refused() -> float:
+        value = REGISTRY.get_sample_value("fraud_admission_refused_total", {"reason": "budget"})
+        return value or 0.0
+
     admission = Admission(app, CONFIG)
     await admission(http_scope(), nothing, Recorder())
     lag = admission._lag
     assert lag is not None and lag._handle is not None  # sampling
+    before = refused()
+    short = [(b"x-envoy-expected-rq-timeout-ms", b"0")]
+    for _ in range(3):
+        await admission(http_scope(headers=short), nothing, Recorder())
+    assert refused() == before  # counted once an interval, not per refusal
     await admission({"type": "lifespan"}, nothing, Recorder())
+    assert refused() == before + 3  # the last interval's refusals are not lost
     assert admission._lag is None and lag._handle is None  # its last user left
 
 
@@ -264,8 +275,11 @@ def test_serve_refuses_a_burst_over_its_limit_and_recovers(
         assert all(r.headers["retry-after"] == "1" for r in refused)
         assert all(r.json()["reason"] == "limit" for r in refused)
         assert ready.status_code == 200
-        metrics = httpx.get(f"{svc.url}/metrics", timeout=5).text
-        assert f'fraud_admission_refused_total{{reason="limit"}} {len(refused)}.0' in metrics
+        counted = f'fraud_admission_refused_total{{reason="limit"}} {len(refused)}.0'
+        until = time.monotonic() + 5.0  # counted once an admission interval (100 ms)
+        while counted not in (metrics := httpx.get(f"{svc.url}/metrics", timeout=5).text):
+            assert time.monotonic() < until, metrics
+            time.sleep(0.1)
         # Refused in front of BentoML's own middleware: its request counter never saw them.
         samples = parse_prometheus(metrics)
         bentoml_total = "bentoml_service_request_total"
