@@ -272,15 +272,29 @@ async def test_backing_tier_skips_repair_while_redis_is_down_and_reports_failure
 
 
 VALUES = tuple(b"2" for _ in USER_FEATURES.features)
-N = 1000
-ROOM_BYTES = 70_000  # room for some of N records, not all: ~100 KB took them all, 40 KB none
+N = 5000  # records to restore into a Redis with room for about half of them
 
 
 @contextmanager
-def nearly_full(sync_redis: redis.Redis, room_bytes: int) -> Iterator[None]:
-    """Redis refuses writes once `room_bytes` more are used (maxmemory, noeviction)."""
-    used = int(sync_redis.info("memory")["used_memory"])
-    sync_redis.config_set("maxmemory", used + room_bytes)
+def nearly_full(sync_redis: redis.Redis, ids: Sequence[str]) -> Iterator[None]:
+    """Redis refuses writes (maxmemory, noeviction) once about half the memory that
+    USER_FEATURES records of `ids` take is used: measured by writing them once, so that
+    neither the records' size nor what else Redis holds at the time moves the result."""
+
+    def used() -> int:
+        return int(sync_redis.info("memory")["used_memory"])
+
+    keys = [USER_FEATURES.key(i) for i in ids]
+    fields = [x for f, v in zip(USER_FEATURES.features, VALUES, strict=True) for x in (f.name, v)]
+    start = used()
+    with sync_redis.pipeline(transaction=False) as pipe:
+        for key in keys:
+            pipe.hset(key, items=fields)
+            pipe.expire(key, 3600)
+        pipe.execute()
+    need = used() - start
+    sync_redis.delete(*keys)
+    sync_redis.config_set("maxmemory", used() + need // 2)
     sync_redis.config_set("maxmemory-policy", "noeviction")
     try:
         yield
@@ -297,7 +311,7 @@ async def test_restore_counts_every_record_once(client: Client, sync_redis: redi
         (USER_FEATURES, "only-ts", only_ts),
         (USER_FEATURES, "old", Record(VALUES, 1.0)),
     ]
-    with nearly_full(sync_redis, ROOM_BYTES):
+    with nearly_full(sync_redis, [f"u{i}" for i in range(N)]):
         counts = await restore_to_redis(client, items, time.time())
     written = sync_redis.dbsize() - 1
     assert 0 < written < N, "Redis should fill up part way"
@@ -313,7 +327,7 @@ async def test_read_repair_counts_only_what_redis_refused_as_failed(
     tier = BackingTier(store, CODECS, repair_client=client)
     outcomes = ("written", "failed")
     before = {o: metrics.READ_REPAIRS.labels(o)._value.get() for o in outcomes}
-    with nearly_full(sync_redis, ROOM_BYTES):
+    with nearly_full(sync_redis, [f"u{i}" for i in range(N)]):
         await tier.read([key_of(USER_FEATURES, f"u{i}") for i in range(N)], far())
         await tier.wait_repairs()
     written = sync_redis.dbsize()
