@@ -236,7 +236,8 @@ class FraudService:
 
 
 # The decorator made FraudService a bentoml Service; its stub types it as the class.
-# Outermost first: refuse what cannot be served before reading any body.
+# Outermost first; Admission moves its decision in front of BentoML's own middleware once
+# the lifespan starts (serving/admission.py): refused before anything is read.
 if TRACING_MODE is TracingMode.OTEL:  # the request span, for sampled requests only
     FraudService.add_asgi_middleware(  # type: ignore[attr-defined]
         TraceGate,

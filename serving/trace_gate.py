@@ -1,5 +1,6 @@
 """The head-sampling decision before any span, and the request span of a sampled request:
-an ASGI middleware, the outermost of the service's.
+an ASGI middleware, the outermost of the service's but admission control (which decides
+in front of the whole stack: a refused request gets no span).
 
 An unsampled request costs one look through its headers and one sampler call, and goes
 straight on. A sampled one gets the server span `POST /predict`, made here rather than by
