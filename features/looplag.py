@@ -36,6 +36,12 @@ class LoopLag:
         is overdue now but has not run yet (a read that ends inside a long stall sees it)."""
         return self._late_s + max(0.0, time.monotonic() - self._due)
 
+    def discounted(self, ended: float, late_s: float) -> float:
+        """`ended` (a time) less the loop's lateness since `late_s` was read from
+        `late_s()`: when a call would have ended had the loop not been busy. The breakers
+        judge a read slow by this, so that a busy worker is not taken for a slow store."""
+        return ended - (self.late_s() - late_s)
+
     def take_smallest(self) -> float:
         """The smallest lateness since the last call (inf if no sample ran)."""
         smallest, self._smallest = self._smallest, math.inf

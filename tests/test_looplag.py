@@ -13,17 +13,20 @@ async def test_a_blocked_loop_is_late_by_about_the_block() -> None:
     try:
         await asyncio.sleep(0.05)
         quiet = lag.take_smallest()
-        before = lag.late_s()
+        t0, before = time.monotonic(), lag.late_s()
         time.sleep(0.03)  # the loop cannot run anything for 30 ms
         inside = lag.late_s()  # the overdue sample counts before it has run
         await asyncio.sleep(0.01)
         after = lag.late_s()
+        ended = time.monotonic()
+        own = lag.discounted(ended, before) - t0  # a call over the block, less the block
     finally:
         looplag.release(lag)
     assert quiet < 0.01
     assert inside - before >= 0.025
     assert after >= inside  # never goes back
     assert after - before < 0.03 + 0.02  # about the block, not the whole time slept
+    assert 0.0 <= own < ended - t0 - 0.02  # ~10 ms of the ~40: the sleep, not the block
 
 
 def sampling(lag: looplag.LoopLag) -> bool:
@@ -49,3 +52,4 @@ def test_an_unstarted_sampler_reads_zero() -> None:
     lag = looplag.LoopLag()
     time.sleep(0.005)
     assert lag.late_s() == 0.0
+    assert lag.discounted(12.5, 0.0) == 12.5  # nothing to discount

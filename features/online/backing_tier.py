@@ -107,7 +107,7 @@ class BackingTier:
                 span.end()
         ended = loop.time()
         # Slow if it ended after the deadline even without the loop's busy time.
-        if started < deadline < ended - (self._lag.late_s() - late_s):
+        if started < deadline < self._lag.discounted(ended, late_s):
             breaker.slow()
         else:
             breaker.success()

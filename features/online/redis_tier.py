@@ -180,7 +180,7 @@ class RedisTier:
         # Slow if it ended after the deadline even without the time the loop was too busy
         # to read the reply (a busy worker is not a slow Redis).
         ended = asyncio.get_running_loop().time()
-        if started < deadline < ended - (self._lag.late_s() - late_s):
+        if started < deadline < self._lag.discounted(ended, late_s):
             breaker.slow()
         else:
             breaker.success()
@@ -292,7 +292,7 @@ class RedisTier:
             raise
         else:
             slow_s = self._probe_slow_s
-            took = loop.time() - started - (self._lag.late_s() - late_s)
+            took = self._lag.discounted(loop.time(), late_s) - started
             if slow_s is not None and took > slow_s:
                 self.breaker.slow()
                 metrics.REDIS_ERRORS.labels("slow_probe").inc()
