@@ -57,7 +57,6 @@ class Connection:
         self._reader = reader
         self._writer = writer
         self._ended = False  # the last response said Connection: close
-        self.reconnects = 0
 
     @classmethod
     async def open(cls, port: int) -> Connection:
@@ -68,16 +67,17 @@ class Connection:
         """Send one request and read its whole response: status code, head and body."""
         try:
             if self._ended:
-                self._writer.close()
-                self._reader, self._writer = await asyncio.open_connection("127.0.0.1", self._port)
+                await self._reopen()
                 self._ended = False
-                self.reconnects += 1
             return await self._exchange(request)
         except (OSError, asyncio.IncompleteReadError):
-            self._writer.close()
             with contextlib.suppress(OSError):  # else the next send fails fast, tries again
-                self._reader, self._writer = await asyncio.open_connection("127.0.0.1", self._port)
+                await self._reopen()
             return DROPPED, b"", b""
+
+    async def _reopen(self) -> None:
+        self._writer.close()
+        self._reader, self._writer = await asyncio.open_connection("127.0.0.1", self._port)
 
     async def _exchange(self, request: bytes) -> tuple[int, bytes, bytes]:
         self._writer.write(request)

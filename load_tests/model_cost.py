@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from models.numpy_net import Matrix, NumpyNet
-from models.scorer import MODEL_FILE, _read_net, _torchscript
+from models.scorer import MODEL_FILE, read_net, torchscript_forward
 
 
 def _times_us(
@@ -38,10 +38,10 @@ def main(argv: list[str]) -> int:
     from models import MODEL_NAME
 
     calls = int(argv[0]) if argv else 300
-    net = _read_net(Path(bentoml.models.get(MODEL_NAME).path) / MODEL_FILE).eval()
+    net = read_net(Path(bentoml.models.get(MODEL_NAME).path) / MODEL_FILE).eval()
     x = np.random.default_rng(0).normal(0.0, 10.0, (1, net.n_inputs)).astype(np.float32)
     forwards: dict[str, Callable[[Matrix], Matrix]] = {
-        "TorchScript": _torchscript(net),
+        "TorchScript": torchscript_forward(net),
         "NumPy": NumpyNet.of(net),
     }
     print("| between calls | " + " | ".join(f"{n} p50 / p99" for n in forwards) + " |")

@@ -40,7 +40,7 @@ class Scorer:
         directory = Path(path)
         # Threads don't speed up a net this small, and the service runs a worker per CPU.
         torch.set_num_threads(1)
-        return cls(_read_net(directory / MODEL_FILE), _read_schema(directory / SCHEMA_FILE))
+        return cls(read_net(directory / MODEL_FILE), _read_schema(directory / SCHEMA_FILE))
 
     def check_schema(self) -> None:
         """Raise SchemaMismatch unless features/ still defines what the model learned."""
@@ -64,14 +64,15 @@ def _serving_forward(net: FraudNet) -> Callable[[Matrix], Matrix]:
         forward: Callable[[Matrix], Matrix] = NumpyNet.of(net)
     except UnsupportedNet as e:
         logger.warning("model served by TorchScript, not NumPy: %s", e)
-        return _torchscript(net)
+        return torchscript_forward(net)
     worst = float(np.abs(forward(probe.numpy()) - expected).max())
     if worst > 1e-5:
         raise RuntimeError(f"NumPy's forward pass differs from PyTorch's by {worst:g}")
     return forward
 
 
-def _torchscript(net: FraudNet) -> Callable[[Matrix], Matrix]:
+def torchscript_forward(net: FraudNet) -> Callable[[Matrix], Matrix]:
+    """The frozen TorchScript module of `net`, called on NumPy rows."""
     # Traced with a batch of 2 so that nothing specialises to a batch of 1.
     example = torch.zeros(2, net.n_inputs)
     with warnings.catch_warnings():
@@ -105,7 +106,8 @@ def _refuse_skew(schema: list[dict[str, object]], name: str) -> None:
         raise SchemaMismatch(f"{name} was trained on other features: " + "; ".join(diffs))
 
 
-def _read_net(path: Path) -> FraudNet:
+def read_net(path: Path) -> FraudNet:
+    """The FraudNet saved at `path` (model.pt)."""
     saved = torch.load(path, weights_only=True)
     state = saved["state_dict"]
     net = FraudNet(int(saved["n_inputs"]), state["mean"], state["std"])

@@ -169,18 +169,14 @@ async def test_the_lag_monitor_stops_with_the_lifespan() -> None:
 class Counting:
     """A middleware that counts the requests it sees: BentoML's own stand in front."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, seen: list[str]) -> None:
         self.app = app
-        self.seen: list[str] = []
-        COUNTING.append(self)
+        self.seen = seen
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http":
             self.seen.append(scope["path"])
         await self.app(scope, receive, send)
-
-
-COUNTING: list[Counting] = []
 
 
 async def test_admission_decides_in_front_of_the_whole_stack_once_the_lifespan_starts() -> None:
@@ -196,10 +192,10 @@ async def test_admission_decides_in_front_of_the_whole_stack_once_the_lifespan_s
         return JSONResponse({})
 
     one = AdmissionConfig(initial_limit=1, min_limit=1, max_limit=1)
-    COUNTING.clear()
+    seen: list[str] = []
     app: Any = Starlette(  # called with the stand-in ASGI callables above
         routes=[Route("/predict", slow, methods=["POST"])],
-        middleware=[Middleware(Counting), Middleware(Admission, config=one)],
+        middleware=[Middleware(Counting, seen=seen), Middleware(Admission, config=one)],
     )
     started, stop = asyncio.Event(), asyncio.Event()
 
@@ -213,20 +209,19 @@ async def test_admission_decides_in_front_of_the_whole_stack_once_the_lifespan_s
     lifespan = asyncio.create_task(app({"type": "lifespan"}, lifespan_receive, Recorder()))
     await started.wait()
     await asyncio.sleep(0.01)
-    (counting,) = COUNTING
     held = Recorder()
     first = asyncio.create_task(app(http_scope(), nothing, held))
     await asyncio.sleep(0.01)
     refused = Recorder()
     await app(http_scope(), nothing, refused)
     assert refused.status == 503
-    assert counting.seen == ["/predict"]  # the refusal never reached the middleware ahead
+    assert seen == ["/predict"]  # the refusal never reached the middleware ahead
     release.set()
     await first
     assert held.status == 200
     ok = Recorder()
     await app(http_scope(), nothing, ok)
-    assert ok.status == 200 and counting.seen == ["/predict", "/predict"]
+    assert ok.status == 200 and seen == ["/predict", "/predict"]
     stop.set()
     await lifespan
 

@@ -242,6 +242,17 @@ def test_server_timing_duration(head: bytes, metric: str, expected: float | None
     assert httpload.server_timing_ms(head, metric) == expected
 
 
+async def read_request(reader: asyncio.StreamReader) -> bool:
+    """Read one request (head and Content-Length body); False once the client has gone."""
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.IncompleteReadError:
+        return False
+    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+    await reader.readexactly(length)
+    return True
+
+
 async def test_open_loop_traces_each_response_from_its_schedule() -> None:
     body = b'{"ok": true}'
     answer = (
@@ -250,13 +261,7 @@ async def test_open_loop_traces_each_response_from_its_schedule() -> None:
     )
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while True:
-            try:
-                head = await reader.readuntil(b"\r\n\r\n")
-            except asyncio.IncompleteReadError:
-                break
-            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
-            await reader.readexactly(length)
+        while await read_request(reader):
             writer.write(answer)
         writer.close()
 
@@ -284,12 +289,8 @@ async def test_a_connection_the_server_ends_is_opened_again_for_the_next_request
         nonlocal connects
         connects += 1
         for n in range(1, 4):
-            try:
-                head = await reader.readuntil(b"\r\n\r\n")
-            except asyncio.IncompleteReadError:
+            if not await read_request(reader):
                 break
-            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
-            await reader.readexactly(length)
             close = b"Connection: close\r\n" if n == 3 else b""
             writer.write(b"HTTP/1.1 200 OK\r\n%bContent-Length: 2\r\n\r\n%b" % (close, body))
             await writer.drain()

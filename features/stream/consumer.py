@@ -320,18 +320,15 @@ class VelocityConsumer:
             by_id = dict(valid)
             for entry_id in done:
                 event = by_id[entry_id]
-                key = (
-                    USER_FEATURES.key(event.user_id)
-                    if event.user_id in bad_users
-                    else MERCHANT_VELOCITY.key(event.merchant_id)
-                    if event.merchant_id in bad_merchants
-                    else None
-                )
-                if key is None:
-                    kept.append(entry_id)
+                if event.user_id in bad_users:
+                    key = USER_FEATURES.key(event.user_id)
+                elif event.merchant_id in bad_merchants:
+                    key = MERCHANT_VELOCITY.key(event.merchant_id)
                 else:
-                    reason = f"write: {key} holds another type (WRONGTYPE)"
-                    dead.append((entry_id, event.fields(), reason, "wrong_type"))
+                    kept.append(entry_id)
+                    continue
+                reason = f"write: {key} holds another type (WRONGTYPE)"
+                dead.append((entry_id, event.fields(), reason, "wrong_type"))
             done = kept
         return done, failed
 
