@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+from collections.abc import Awaitable, Callable
 
 import pytest
 
@@ -253,6 +254,18 @@ async def read_request(reader: asyncio.StreamReader) -> bool:
     return True
 
 
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def traced_open_loop(handle: Handler, rate: float, concurrency: int) -> httpload.Run:
+    """0.1 s of open-loop /predict requests against a stand-in server answering with `handle`."""
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    requests = httpload.encode_requests(port, "/predict", [{"a": 1}])
+    async with server:
+        return await httpload.open_loop(port, requests, rate, 0.1, concurrency, trace=True)
+
+
 async def test_open_loop_traces_each_response_from_its_schedule() -> None:
     body = b'{"ok": true}'
     answer = (
@@ -265,11 +278,7 @@ async def test_open_loop_traces_each_response_from_its_schedule() -> None:
             writer.write(answer)
         writer.close()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    requests = httpload.encode_requests(port, "/predict", [{"a": 1}])
-    async with server:
-        run = await httpload.open_loop(port, requests, 200.0, 0.1, concurrency=2, trace=True)
+    run = await traced_open_loop(handle, 200.0, concurrency=2)
     assert run.trace is not None and len(run.trace) == 20 == len(run.latencies)
     scheduled = sorted(r.scheduled for r in run.trace)
     assert scheduled[1] - scheduled[0] == pytest.approx(1 / 200.0, rel=1e-6)
@@ -296,11 +305,7 @@ async def test_a_connection_the_server_ends_is_opened_again_for_the_next_request
             await writer.drain()
         writer.close()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    requests = httpload.encode_requests(port, "/predict", [{"a": 1}])
-    async with server:
-        run = await httpload.open_loop(port, requests, 300.0, 0.1, concurrency=1, trace=True)
+    run = await traced_open_loop(handle, 300.0, concurrency=1)
     assert run.trace is not None and len(run.trace) == 30
     assert all(r.status == 200 for r in run.trace) and run.failures == 0
     assert connects == 10  # the first, then one after every third response
