@@ -491,8 +491,19 @@ async def test_a_store_read_on_the_multiplexed_connection_needs_no_task(
         assert rows.values[0, 0] == 4.0 and rows.reads[0]["user:features"].source is Source.REDIS
         assert store._started == 0 and not store._reads
         # Keys Redis cannot answer go on to the next tier in a task (tests/test_backing,
-        # test_invalidation's held backing store); with none, they get their defaults.
+        # test_invalidation's held backing store); with none, they get their defaults
+        # in the same callback: no task, no loop iteration more.
+        spawned: list[object] = []
+        spawn = store._spawn
+
+        def counted(fetch: Any) -> None:
+            spawned.append(fetch)
+            spawn(fetch)
+
+        store._spawn = counted  # type: ignore[method-assign]
         unknown = await store.read([{"user": "nobody", "merchant": "nowhere"}])
         assert unknown.reads[0]["user:features"].reason is Reason.MISSING
+        assert unknown.reads[0]["merchant:risk"].source is Source.DEFAULT
+        assert not spawned and store._started == 0
     finally:
         await store.aclose()

@@ -406,10 +406,11 @@ class FeatureStore:
                 logger.error("feature read failed unexpectedly", exc_info=exc)
                 self._land(keys, flight, {}, fill=False)
                 return
-            if left:  # the next tiers, or their defaults, in a task as any read
+            if left and self._asks_later(left):  # the next tiers, in a task as any read
                 self._spawn(self._fetch(keys, flight, deadline, 1, result, left, reasons))
-            else:
-                self._land(keys, flight, result, fill=True)
+                return
+            self._default(left, reasons, result)  # here: a task would cost an iteration
+            self._land(keys, flight, result, fill=True)
 
         if not first.start(keys, deadline, answered):
             return False
@@ -459,15 +460,26 @@ class FeatureStore:
                 pending, reasons = left, kept
                 if not pending:
                     break
-            codecs = self._codecs
-            for key, reason in zip(pending, reasons, strict=True):
-                result[key.id] = codecs[key.group.qualified_name].defaults[reason]
+            self._default(pending, reasons, result)
         except BaseException:
             # On cancellation and errors too (result then lacks keys: readers get
             # unavailable), so readers never wait forever.
             self._land(keys, flight, result, fill=False)
             raise
         self._land(keys, flight, result, fill=True)
+
+    def _asks_later(self, keys: list[Key]) -> bool:
+        """Whether a tier after the first carries the group of any of `keys`."""
+        for carried in self._carried[1:]:
+            if carried is None or any(key.group.qualified_name in carried for key in keys):
+                return True
+        return False
+
+    def _default(self, keys: list[Key], reasons: list[Reason], result: dict[str, Entry]) -> None:
+        """The defaults of each key no tier answered, with the reason the last one gave."""
+        codecs = self._codecs
+        for key, reason in zip(keys, reasons, strict=True):
+            result[key.id] = codecs[key.group.qualified_name].defaults[reason]
 
     def _land(
         self, keys: list[Key], flight: _Flight, result: dict[str, Entry], *, fill: bool
