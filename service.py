@@ -62,7 +62,7 @@ from serving.schemas import (
     transaction_model,
 )
 from serving.trace_gate import TraceGate
-from serving.tracing import exporting_provider, head_sampler, otel_provider
+from serving.tracing import exporting_provider, otel_provider
 
 logger = logging.getLogger("fraud")
 
@@ -242,7 +242,6 @@ if TRACING_MODE is TracingMode.OTEL:  # the request span, for sampled requests o
     FraudService.add_asgi_middleware(  # type: ignore[attr-defined]
         TraceGate,
         paths=[api.route for api in FraudService.apis.values()],  # type: ignore[attr-defined]
-        sampler=head_sampler(),
         provider=functools.partial(otel_provider, SERVICE_NAME),  # built in the worker
     )
 ADMISSION = admission_config()

@@ -1,17 +1,20 @@
-"""The head-sampling decision before any span, and the request span of a sampled request:
-an ASGI middleware, the outermost of the service's but admission control (which decides
-in front of the whole stack: a refused request gets no span).
+"""The request span of a sampled request, and nothing for the others: an ASGI
+middleware, the outermost of the service's but admission control (which decides in front
+of the whole stack: a refused request gets no span).
 
-An unsampled request costs one look through its headers and one sampler call, and goes
-straight on. A sampled one gets the server span `POST /predict`, made here rather than by
-OpenTelemetry's ASGI middleware (the one BentoML uses): that one cost ~130 us of CPU a
-sampled request here, this ~20 us (it reads every header twice, builds its attributes
-twice and feeds meters nothing reads; README.md, "Tracing", has the profile). The span
-carries OpenTelemetry's HTTP server attributes under their default (pre-1.0 semantic
-conventions) names, as that middleware writes them, less the three that repeat others
-(http.url, http.server_name) or change on every connection (net.peer.port); it continues
-the caller's W3C `traceparent`. No receive or send spans: one body each way says nothing
-a request span does not.
+The provider's sampler decides, when the span starts, on the trace id the span gets (the
+caller's, from its W3C `traceparent`, or a new one), so a ratio sampler here agrees with
+every other service sampling the same trace. An unsampled request costs one look through
+its headers and one non-recording span, and goes straight on. A sampled one gets the
+server span `POST /predict`, made here rather than by OpenTelemetry's ASGI middleware (the
+one BentoML uses): that one cost ~130 us of CPU a sampled request here, this ~20 us (it
+reads every header twice, builds its attributes twice and feeds meters nothing reads;
+README.md, "Tracing", has the profile). The span carries OpenTelemetry's HTTP server
+attributes under their default (pre-1.0 semantic conventions) names, as that middleware
+writes them, less the three that repeat others (http.url, http.server_name) or change on
+every connection (net.peer.port); they are set once the span is sampled, so the sampler
+sees none of them. No receive or send spans: one body each way says nothing a request
+span does not.
 """
 
 from __future__ import annotations
@@ -21,9 +24,14 @@ from typing import Any
 
 from opentelemetry import context
 from opentelemetry.propagate import extract
-from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
-from opentelemetry.sdk.trace.sampling import Decision, Sampler
-from opentelemetry.trace import SpanKind, Status, StatusCode, TracerProvider, set_span_in_context
+from opentelemetry.trace import (
+    Span,
+    SpanKind,
+    Status,
+    StatusCode,
+    TracerProvider,
+    set_span_in_context,
+)
 from opentelemetry.util.types import AttributeValue
 
 Scope = dict[str, Any]
@@ -35,22 +43,14 @@ _READ = {*_PARENT, _USER_AGENT}
 
 
 class TraceGate:
-    """Traces the requests to `paths` that `sampler` samples, through the provider that
-    `provider` returns (built when the middleware is, in the worker). That provider should
-    sample everything it is given: the decision was made here."""
+    """Traces the requests to `paths` that the sampler of the provider `provider` returns
+    (built when the middleware is, in the worker) samples."""
 
     def __init__(
-        self,
-        app: Any,
-        *,
-        paths: Collection[str],
-        sampler: Sampler,
-        provider: Callable[[], TracerProvider],
+        self, app: Any, *, paths: Collection[str], provider: Callable[[], TracerProvider]
     ) -> None:
         self._app = app
         self._paths = frozenset(paths)
-        self._sampler = sampler
-        self._ids = RandomIdGenerator()
         self._tracer = provider().get_tracer(SCOPE_NAME)
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
@@ -62,34 +62,18 @@ class TraceGate:
             key: headers[name].decode("latin-1") for name, key in _PARENT.items() if name in headers
         }
         parent = extract(carrier) if carrier else None
-        if self._sampled(parent):
-            await self._traced(scope, receive, send, parent, headers)
-        else:
+        span = self._tracer.start_span(
+            f"{scope['method']} {scope['path']}", context=parent, kind=SpanKind.SERVER
+        )
+        if span.is_recording():
+            span.set_attributes(_request_attributes(scope, headers))
+            await self._traced(scope, receive, send, span)
+        else:  # unsampled: nothing to end, nothing exported
             await self._app(scope, receive, send)
 
-    def _sampled(self, parent: context.Context | None) -> bool:
-        """The sampler's decision for a new span under the caller's trace context, if the
-        request carries one, else for a root span."""
-        trace_id = self._ids.generate_trace_id()
-        decision = self._sampler.should_sample(parent, trace_id, "request").decision
-        return decision is Decision.RECORD_AND_SAMPLE
-
-    async def _traced(
-        self,
-        scope: Scope,
-        receive: Any,
-        send: Any,
-        parent: context.Context | None,
-        headers: dict[bytes, bytes],
-    ) -> None:
+    async def _traced(self, scope: Scope, receive: Any, send: Any, span: Span) -> None:
         """The app under the request span, current for the spans it makes. The span ends
         when the app returns: its status code set, an error status for a 5xx or a raise."""
-        span = self._tracer.start_span(
-            f"{scope['method']} {scope['path']}",
-            context=parent,
-            kind=SpanKind.SERVER,
-            attributes=_request_attributes(scope, headers),
-        )
         status = 0
 
         async def traced_send(message: dict[str, Any]) -> None:

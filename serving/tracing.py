@@ -1,9 +1,9 @@
 """The tracer provider behind the request span and the service's own spans.
 
 OTEL (runtime.TracingMode): the SDK's own provider, built once per worker from the OTEL_*
-variables (resource, batch processor, OTLP/HTTP exporter read theirs, as the
-specification says); the sampler named by OTEL_TRACES_SAMPLER decides once per request
-in serving/trace_gate.py, so the provider samples whatever reaches it. BENTOML
+variables (resource, sampler, batch processor, OTLP/HTTP exporter read theirs, as the
+specification says); the request span of serving/trace_gate.py asks its sampler once per
+request, on the span's own trace id. BENTOML
 (FRAUD_TRACING=1 alone): BentoML's provider, from its own tracing configuration; its
 sampler records every request it does not export (to learn trace ids)."""
 
@@ -67,15 +67,17 @@ def head_sampler(env: Mapping[str, str] = os.environ) -> Sampler:
 
 
 def sdk_provider(service_name: str) -> SdkTracerProvider:
-    """The SDK's provider: OTEL_BSP_* and OTEL_EXPORTER_OTLP_* are read by the SDK;
+    """The SDK's provider: OTEL_TRACES_SAMPLER(_ARG) pick its sampler (head_sampler),
+    OTEL_BSP_* and OTEL_EXPORTER_OTLP_* are read by the SDK;
     OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES win over the
     service name and worker index given here, as they do in BentoML's provider."""
     ours: dict[str, str | int] = {SERVICE_NAME: service_name}
     if server_context.worker_index is not None:
         ours[SERVICE_INSTANCE_ID] = server_context.worker_index
     resource = Resource.create(ours).merge(OTELResourceDetector().detect())
-    # Everything given to it is sampled: the request's decision was made before (trace_gate.py).
-    provider = SdkTracerProvider(sampler=ALWAYS_ON, resource=resource)
+    # The request span (trace_gate.py) is the root of our spans: the sampler decides there,
+    # and for its children on the same trace id (a ratio sampler answers the same again).
+    provider = SdkTracerProvider(sampler=head_sampler(), resource=resource)
     # Its queue is bounded (OTEL_BSP_MAX_QUEUE_SIZE, 2048): when full, spans are dropped,
     # never waited for; the export runs on the processor's own thread.
     provider.add_span_processor(BatchSpanProcessor(CountedExporter(OtlpExporter())))

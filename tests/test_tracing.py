@@ -19,7 +19,7 @@ from bentoml._internal.configuration.containers import BentoMLConfiguration
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, TraceIdRatioBased
 from opentelemetry.trace import SpanKind, StatusCode
 from prometheus_client import REGISTRY
 
@@ -166,10 +166,18 @@ def test_the_sdks_provider_reads_the_standard_variables(monkeypatch: pytest.Monk
 @dataclass
 class Gated:
     exporter: InMemorySpanExporter
-    provider: TracerProvider
+    providers: list[TracerProvider]
 
-    def gate(self, sampler: Any) -> TraceGate:
-        return TraceGate(_ok, paths=["/predict"], sampler=sampler, provider=lambda: self.provider)
+    def gate(self, sampler: Any, app: Any = None) -> TraceGate:
+        """A gate in front of `app` (by default one that answers 200) whose provider
+        samples with `sampler`; `provider()` is that provider after this call."""
+        provider = TracerProvider(sampler=sampler)
+        provider.add_span_processor(SimpleSpanProcessor(self.exporter))
+        self.providers.append(provider)
+        return TraceGate(app or _ok, paths=["/predict"], provider=lambda: provider)
+
+    def provider(self) -> TracerProvider:
+        return self.providers[-1]
 
     def names(self) -> list[str]:
         return [s.name for s in self.exporter.get_finished_spans()]
@@ -177,11 +185,10 @@ class Gated:
 
 @pytest.fixture
 def gated() -> Iterator[Gated]:
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    yield Gated(exporter, provider)
-    provider.shutdown()
+    providers: list[TracerProvider] = []
+    yield Gated(InMemorySpanExporter(), providers)
+    for provider in providers:
+        provider.shutdown()
 
 
 async def _ok(scope: Any, receive: Any, send: Any) -> None:
@@ -241,11 +248,10 @@ async def test_the_request_span_carries_the_http_server_attributes(gated: Gated)
 
 async def test_the_apps_spans_are_the_request_spans_children(gated: Gated) -> None:
     async def app(scope: Any, receive: Any, send: Any) -> None:
-        with gated.provider.get_tracer("features").start_as_current_span("features.read"):
+        with gated.provider().get_tracer("features").start_as_current_span("features.read"):
             await _ok(scope, receive, send)
 
-    gate = TraceGate(app, paths=["/predict"], sampler=ALWAYS_ON, provider=lambda: gated.provider)
-    await _call(gate)
+    await _call(gated.gate(ALWAYS_ON, app))
     read, request = gated.exporter.get_finished_spans()  # no http send or receive spans
     assert (read.name, request.name) == ("features.read", "POST /predict")
     assert read.parent is not None and read.parent.span_id == request.context.span_id
@@ -260,13 +266,9 @@ async def test_a_failed_request_is_an_error_span(gated: Gated) -> None:
     async def broken(scope: Any, receive: Any, send: Any) -> None:
         raise RuntimeError("no model")
 
-    gate = TraceGate(
-        unavailable, paths=["/predict"], sampler=ALWAYS_ON, provider=lambda: gated.provider
-    )
-    await _call(gate)
-    gate = TraceGate(broken, paths=["/predict"], sampler=ALWAYS_ON, provider=lambda: gated.provider)
+    await _call(gated.gate(ALWAYS_ON, unavailable))
     with pytest.raises(RuntimeError):
-        await _call(gate)
+        await _call(gated.gate(ALWAYS_ON, broken))
     failed, raised = gated.exporter.get_finished_spans()
     assert failed.status.status_code is StatusCode.ERROR
     assert failed.attributes is not None and failed.attributes["http.status_code"] == 503
@@ -286,6 +288,28 @@ async def test_the_gate_follows_the_callers_decision(gated: Gated) -> None:
     assert format(request.context.trace_id, "032x") == sampled.trace_id
     assert request.parent is not None
     assert format(request.parent.span_id, "016x") == sampled.span_id
+
+
+async def test_a_ratio_decides_on_the_trace_id_the_request_span_gets(gated: Gated) -> None:
+    # TraceIdRatioBased samples a trace iff its id's low 64 bits are below ratio * 2^64:
+    # every service sampling at that ratio then keeps the same traces. So the decision
+    # must be on the id the span is given, the caller's or a new root's.
+    ratio = head_sampler({"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.5"})
+    gate = gated.gate(ratio)
+    for _ in range(200):
+        await _call(gate)
+    roots = gated.exporter.get_finished_spans()
+    assert 50 < len(roots) < 150  # about half of 200
+    bound = TraceIdRatioBased.get_bound_for_rate(0.5)
+    assert all(s.context.trace_id & TraceIdRatioBased.TRACE_ID_LIMIT < bound for s in roots)
+    gated.exporter.clear()
+    low = Caller(trace_id=f"{1:016x}{bound - 1:016x}")  # sampled at 0.5
+    high = Caller(trace_id=f"{1:016x}{bound:016x}")  # not
+    # Not parent-based: the caller's sampled flag is not asked, its trace id is.
+    await _call(gate, traceparent=low.header(sampled=False))
+    await _call(gate, traceparent=high.header())
+    (child,) = gated.exporter.get_finished_spans()
+    assert format(child.context.trace_id, "032x") == low.trace_id
 
 
 def test_exported_spans_are_counted(monkeypatch: pytest.MonkeyPatch) -> None:
