@@ -30,6 +30,7 @@ from features.connection import Client
 from features.online.structures import pack_embedding
 from tools.bento_server import BentoServer
 from tools.emulators import BigtableEmulator, Dynalite, EmulatorMissing
+from tools.redis_cluster import LocalSentinel
 from tools.redis_server import RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -164,6 +165,16 @@ async def write_structures(
         for command in structure_commands(users, merchants, now):
             pipe.execute_command(*command)
         await pipe.execute()
+
+
+def sentinel_settings(sentinel: LocalSentinel) -> Settings:
+    """Settings that find `sentinel`'s master through its sentinels."""
+    return Settings(
+        redis_mode="sentinel",
+        redis_nodes=sentinel.nodes,
+        redis_sentinel_service=sentinel.service,
+        redis_socket_timeout_s=1.0,
+    )
 
 
 def command_calls(client: redis.Redis, command: str) -> int:

@@ -42,7 +42,7 @@ from features import (
 from features.backing import restore_to_redis
 from features.connection import SLOT_MAP_REFRESH_INTERVAL_S, Client
 from features.online.structures import pack_embedding
-from tests.conftest import EMBEDDING, FakeClock, Service, command_calls
+from tests.conftest import EMBEDDING, FakeClock, Service, command_calls, sentinel_settings
 from tools.redis_cluster import LocalCluster, LocalSentinel
 from tools.redis_server import RedisServer, free_port
 
@@ -495,13 +495,7 @@ def test_cluster_failover_under_traffic_no_5xx(bentoml_home: Path) -> None:
 
 
 async def write_through_sentinel(sentinel: LocalSentinel) -> None:
-    settings = Settings(
-        redis_mode="sentinel",
-        redis_nodes=sentinel.nodes,
-        redis_sentinel_service=sentinel.service,
-        redis_socket_timeout_s=1.0,
-    )
-    client = open_redis(settings)
+    client = open_redis(sentinel_settings(sentinel))
     try:
         await FeatureWriter(client).write(USER_FEATURES, [("s1", {"tx_count_1h": 5})])
         rows = await FeatureStore(client).read([{"user": "s1", "merchant": "m"}])

@@ -36,7 +36,7 @@ from features.online.keys import key_of
 from features.online.structures import pack_embedding
 from features.online.tracking import LIVE, LOST, OFF
 from features.spec import FeatureGroup
-from tests.conftest import FakeClock, command_calls
+from tests.conftest import FakeClock, command_calls, sentinel_settings
 from tests.test_security import PASSWORD, READER, READER_PASSWORD, TLSRedis, tls_redis
 from tools.delay_proxy import DelayProxy
 from tools.redis_server import RedisServer
@@ -355,13 +355,7 @@ async def test_sentinel_mode_tracks_the_master(clock: FakeClock) -> None:
         assert sentinel.master is not None
         master = redis.Redis(port=sentinel.master.port)
         master.hset(U1, "tx_count_1h", 1)
-        settings = Settings(
-            redis_mode="sentinel",
-            redis_nodes=sentinel.nodes,
-            redis_sentinel_service=sentinel.service,
-            redis_socket_timeout_s=1.0,
-        )
-        client = open_redis(settings)
+        client = open_redis(sentinel_settings(sentinel))
         store = tracked_store(client, clock)
         try:
             await store.open()

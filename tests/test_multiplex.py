@@ -29,7 +29,16 @@ from features import (
     open_store,
 )
 from features.online.multiplex import Multiplexed, hmget_packer, pack
-from tests.test_security import PASSWORD, READER, READER_PASSWORD, TLSRedis, tls_redis
+from tests.conftest import sentinel_settings
+from tests.test_security import (
+    PASSWORD,
+    READER,
+    READER_PASSWORD,
+    REFUSALS,
+    SECRETS,
+    TLSRedis,
+    tls_redis,
+)
 from tools.delay_proxy import DelayProxy
 from tools.redis_server import RedisServer
 
@@ -322,24 +331,11 @@ async def test_tls_with_client_certificate_and_password(tls_redis: TLSRedis) -> 
         assert (read.source, read.reason, rows.values[0, 0]) == (Source.REDIS, Reason.INVALID, 7.0)
 
 
-@pytest.mark.parametrize(
-    ("change", "cause"),
-    [
-        ({"redis_password": "wrong-password-1f2e"}, "AuthenticationError"),
-        ({"redis_password": PASSWORD, "redis_tls_ca_file": "OTHER"}, "CERTIFICATE_VERIFY_FAILED"),
-        (
-            {"redis_password": PASSWORD, "redis_tls_cert_file": "", "redis_tls_key_file": ""},
-            "CERTIFICATE_REQUIRED|Connection reset",
-        ),
-    ],
-    ids=["wrong-password", "wrong-ca", "no-client-cert"],
-)
+@pytest.mark.parametrize("refusal", REFUSALS)
 async def test_refused_tls_connections_serve_defaults_and_leak_no_secret(
-    tls_redis: TLSRedis, change: dict[str, str], cause: str, caplog: pytest.LogCaptureFixture
+    tls_redis: TLSRedis, refusal: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    if change.get("redis_tls_ca_file") == "OTHER":
-        change = change | {"redis_tls_ca_file": str(tls_redis.other_ca.cert)}
-    client = open_redis(tls_redis.settings(**change))
+    client = open_redis(tls_redis.refused(refusal))
     store = FeatureStore(client, multiplex=True)
     try:
         with caplog.at_level(logging.WARNING, logger="features.online.redis_tier"):
@@ -350,8 +346,8 @@ async def test_refused_tls_connections_serve_defaults_and_leak_no_secret(
     read = rows.reads[0]["user:features"]
     assert (read.source, read.reason) == (Source.DEFAULT, Reason.UNAVAILABLE)
     assert "Redis read failed" in caplog.text
-    assert re.search(cause, caplog.text), caplog.text
-    for secret in (PASSWORD, "wrong-password-1f2e"):
+    assert re.search(REFUSALS[refusal][1], caplog.text), caplog.text
+    for secret in SECRETS:
         assert secret not in caplog.text
 
 
@@ -361,13 +357,7 @@ async def test_sentinel_master_is_resolved_at_connect() -> None:
     with LocalSentinel() as sentinel:
         assert sentinel.master is not None
         redis.Redis(port=sentinel.master.port).hset(MERCHANT_RISK.key("s1"), "mcc_risk_score", 1)
-        settings = Settings(
-            redis_mode="sentinel",
-            redis_nodes=sentinel.nodes,
-            redis_sentinel_service=sentinel.service,
-            redis_socket_timeout_s=1.0,
-        )
-        client = open_redis(settings)
+        client = open_redis(sentinel_settings(sentinel))
         store = FeatureStore(client, multiplex=True)
         try:
             rows = await store.read([{"user": "s1", "merchant": "s1"}])

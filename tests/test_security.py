@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +27,7 @@ from tests.certs import CertFiles, TestCA
 from tools.redis_server import RedisServer, find_tls_binary, free_port
 
 PASSWORD = "pw-Default-7d1e"
+WRONG_PASSWORD = "wrong-password-1f2e"
 READER, READER_PASSWORD = "scorer", "pw-Reader-93af"
 
 
@@ -52,6 +53,41 @@ class TLSRedis:
             "redis_connect_timeout_s": 1.0,
         }
         return Settings(**(options | overrides))  # type: ignore[arg-type]
+
+    def refused(self, refusal: str) -> Settings:
+        """Settings the server refuses, in the way REFUSALS names."""
+        return self.settings(None, **REFUSALS[refusal][0](self))
+
+
+def _plaintext(tls: TLSRedis) -> dict[str, object]:
+    no_tls: dict[str, object] = {
+        "redis_tls_ca_file": "",
+        "redis_tls_cert_file": "",
+        "redis_tls_key_file": "",
+    }
+    return {"redis_password": PASSWORD, "redis_url": f"redis://127.0.0.1:{tls.tls_port}/0"} | no_tls
+
+
+REFUSALS: dict[str, tuple[Callable[[TLSRedis], dict[str, object]], str]] = {
+    # What each refusal changes in TLSRedis.settings, and the pattern of its logged cause.
+    "wrong-password": (lambda tls: {"redis_password": WRONG_PASSWORD}, "AuthenticationError"),
+    "wrong-ca": (
+        lambda tls: {"redis_password": PASSWORD, "redis_tls_ca_file": str(tls.other_ca.cert)},
+        "CERTIFICATE_VERIFY_FAILED",
+    ),
+    "no-client-cert": (
+        lambda tls: {
+            "redis_password": PASSWORD,
+            "redis_tls_cert_file": "",
+            "redis_tls_key_file": "",
+        },
+        # TLS 1.3: the server checks the client after the handshake, so the client sees
+        # its alert or, if the close wins the race, a reset.
+        "CERTIFICATE_REQUIRED|Connection reset",
+    ),
+    "plaintext-to-tls-port": (_plaintext, "ConnectionError"),
+}
+SECRETS = (PASSWORD, WRONG_PASSWORD)  # never in a log line or a repr
 
 
 @pytest.fixture(scope="module")
@@ -125,39 +161,16 @@ async def test_acl_user_from_settings(tls_redis: TLSRedis) -> None:
         assert rows.reads[0][group].reason is Reason.MISSING, group
 
 
-@pytest.mark.parametrize(
-    ("change", "cause"),
-    [
-        ({"redis_password": "wrong-password-1f2e"}, "AuthenticationError"),
-        ({"redis_password": PASSWORD, "redis_tls_ca_file": "OTHER"}, "CERTIFICATE_VERIFY_FAILED"),
-        (
-            {"redis_password": PASSWORD, "redis_tls_cert_file": "", "redis_tls_key_file": ""},
-            # TLS 1.3: the server checks the client after the handshake, so the
-            # client sees its alert or, if the close wins the race, a reset.
-            "CERTIFICATE_REQUIRED|Connection reset",
-        ),
-        ({"redis_password": PASSWORD, "redis_url": "PLAIN"}, "ConnectionError"),
-    ],
-    ids=["wrong-password", "wrong-ca", "no-client-cert", "plaintext-to-tls-port"],
-)
+@pytest.mark.parametrize("refusal", REFUSALS)
 async def test_refused_connections_serve_defaults_and_leak_no_secret(
-    tls_redis: TLSRedis, change: dict[str, str], cause: str, caplog: pytest.LogCaptureFixture
+    tls_redis: TLSRedis, refusal: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    if change.get("redis_tls_ca_file") == "OTHER":
-        change = change | {"redis_tls_ca_file": str(tls_redis.other_ca.cert)}
-    if change.get("redis_url") == "PLAIN":
-        change = change | {
-            "redis_url": f"redis://127.0.0.1:{tls_redis.tls_port}/0",
-            "redis_tls_ca_file": "",
-            "redis_tls_cert_file": "",
-            "redis_tls_key_file": "",
-        }
-    settings = tls_redis.settings(**change)
+    settings = tls_redis.refused(refusal)
     with caplog.at_level(logging.WARNING, logger="features.online.redis_tier"):
         source, reason, _ = await read_user(settings)
     assert (source, reason) == (Source.DEFAULT, Reason.UNAVAILABLE)
-    assert "Redis read failed" in caplog.text and re.search(cause, caplog.text)
-    for secret in (PASSWORD, "wrong-password-1f2e"):
+    assert "Redis read failed" in caplog.text and re.search(REFUSALS[refusal][1], caplog.text)
+    for secret in SECRETS:
         assert secret not in caplog.text
         assert secret not in repr(settings)
 
