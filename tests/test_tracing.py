@@ -4,10 +4,13 @@ exporting them to a real OTLP/HTTP receiver, parented under BentoML's request sp
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Iterator
+from contextvars import Context
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,12 +19,14 @@ import httpx
 import pytest
 import redis
 from bentoml._internal.configuration.containers import BentoMLConfiguration
+from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, TraceIdRatioBased
 from opentelemetry.trace import SpanKind, StatusCode
 from prometheus_client import REGISTRY
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from features import (
     GROUPS,
@@ -29,6 +34,7 @@ from features import (
     USER_FEATURES,
     FeatureRows,
     FeatureStore,
+    Reason,
     Settings,
     open_redis,
 )
@@ -454,6 +460,38 @@ async def test_a_failed_round_trip_carries_its_error_kind(
     assert trip.attributes is not None
     assert trip.attributes["error.type"] == "ConnectionError"
     assert not trip.status.is_ok
+
+
+async def test_a_read_failed_in_another_callback_logs_under_its_request(
+    exported: Exported, slow_redis: Slow
+) -> None:
+    # A connection found lost by the callback that reads it (not by the request's own
+    # write) fails the reads in flight there: their log lines must still carry their
+    # request's trace, as BentoML's log filter takes it from the current span.
+    traced: list[int] = []
+
+    class CurrentTrace(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "Redis read failed" in record.getMessage():
+                traced.append(trace.get_current_span().get_span_context().trace_id)
+
+    handler = CurrentTrace()
+    logging.getLogger("features.online.redis_tier").addHandler(handler)
+    try:
+        async for store in _store(slow_redis.url, 1.0):
+            await exported.read(store, [{"user": "warm", "merchant": "warm"}])  # connected
+            slow_redis.proxy.set_delay(0.5)
+            read = asyncio.ensure_future(exported.read(store, [{"user": "u", "merchant": "m"}]))
+            await asyncio.sleep(0.05)  # written; its replies held by the proxy
+            mux = store._tiers[0]._mux  # type: ignore[attr-defined]
+            lost = RedisConnectionError("Connection closed by server.")
+            asyncio.get_running_loop().call_soon(mux._conn.close, lost, context=Context())
+            rows = await read
+            assert rows.reads[0]["user:features"].reason is Reason.UNAVAILABLE
+    finally:
+        logging.getLogger("features.online.redis_tier").removeHandler(handler)
+    _, request = exported.spans()["request"]
+    assert traced == [request.context.trace_id]
 
 
 async def test_no_span_at_all_while_tracing_is_off(redis_url: str, sync_redis: redis.Redis) -> None:

@@ -13,6 +13,7 @@ With `tracking`, the multiplexed connection is also the cache's invalidation ses
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -145,7 +146,14 @@ class RedisTier:
                 answers = [Reason.UNAVAILABLE] * len(keys)
             then(answers)
 
-        mux.request_then(payload, n_replies, landed)
+        if span is None:
+            mux.request_then(payload, n_replies, landed)
+        else:
+            # The replies, or the connection's failure, may be parsed in any callback (a
+            # connection lost before the request's write lands fails it there): run this
+            # read's end in the request's context, so its log lines carry its trace.
+            request = contextvars.copy_context()
+            mux.request_then(payload, n_replies, lambda flat: request.run(landed, flat))
         return True
 
     def _begin(self, n_keys: int) -> tuple[float, float, Span | None]:
