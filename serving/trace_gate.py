@@ -43,8 +43,8 @@ _READ = {*_PARENT, _USER_AGENT}
 
 
 class TraceGate:
-    """Traces the requests to `paths` that the sampler of the provider `provider` returns
-    (built when the middleware is, in the worker) samples."""
+    """Traces the requests to `paths` that the sampler of `provider()` samples (the
+    provider is built when the middleware is, in the worker)."""
 
     def __init__(
         self, app: Any, *, paths: Collection[str], provider: Callable[[], TracerProvider]

@@ -475,8 +475,8 @@ async def test_a_read_failed_in_another_callback_logs_under_its_request(
             if "Redis read failed" in record.getMessage():
                 traced.append(trace.get_current_span().get_span_context().trace_id)
 
-    handler = CurrentTrace()
-    logging.getLogger("features.online.redis_tier").addHandler(handler)
+    handler, tier_log = CurrentTrace(), logging.getLogger("features.online.redis_tier")
+    tier_log.addHandler(handler)
     try:
         async for store in _store(slow_redis.url, 1.0):
             await exported.read(store, [{"user": "warm", "merchant": "warm"}])  # connected
@@ -489,7 +489,7 @@ async def test_a_read_failed_in_another_callback_logs_under_its_request(
             rows = await read
             assert rows.reads[0]["user:features"].reason is Reason.UNAVAILABLE
     finally:
-        logging.getLogger("features.online.redis_tier").removeHandler(handler)
+        tier_log.removeHandler(handler)
     _, request = exported.spans()["request"]
     assert traced == [request.context.trace_id]
 
