@@ -79,6 +79,15 @@ def find_cbtemulator(install: bool = True) -> str:
     )
 
 
+def _stopped(task: Path) -> bool:
+    """Whether a /proc task is in the stopped state (its thread may exit meanwhile)."""
+    try:
+        stat = (task / "stat").read_text()
+    except OSError:
+        return True
+    return stat[stat.rindex(")") + 2] in "Tt"
+
+
 class _Process(Started):
     """A server process on a free loopback port that answers TCP connects when ready."""
 
@@ -109,10 +118,21 @@ class _Process(Started):
                     raise TimeoutError(f"{self._args()[0]} not listening") from None
                 time.sleep(0.02)
 
-    def pause(self) -> None:
-        """SIGSTOP: connections are accepted by the kernel, never answered."""
+    def pause(self, timeout_s: float = 5.0) -> None:
+        """SIGSTOP: connections are accepted by the kernel, never answered.
+
+        Returns once every thread shows stopped: the signal is only queued when kill()
+        returns, and a thread on the other core can answer one more request before it
+        stops (a failed test on CI was that race).
+        """
         assert self.process is not None
         self.process.send_signal(signal.SIGSTOP)
+        tasks = Path(f"/proc/{self.process.pid}/task")
+        deadline = time.monotonic() + timeout_s
+        while not all(_stopped(task) for task in tasks.iterdir()):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self._args()[0]} did not stop")
+            time.sleep(0.001)
 
     def resume(self) -> None:
         """SIGCONT after pause()."""
