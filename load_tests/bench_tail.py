@@ -5,7 +5,10 @@ server that falls behind shows in it; ids are skewed as in (e).
 (f) tail: `bentoml serve` from cold (start, wait for /readyz), then straight away an open
     loop on /predict; the trivial endpoint first, started cold and run the same way, as
     the baseline. Client p50/p99/p99.9/max, the Server-Timing feature time of every
-    response, and the worker's GC pauses from /metrics.
+    response, and the worker's GC pauses from /metrics. After both, the baseline of the
+    feature time: the service's FeatureStore alone in a process of its own (built from the
+    same settings, cold, no HTTP; the heap frozen as the worker freezes its own), reading
+    the same ids at the same rate, each read timed as Server-Timing times the step.
 (g) slow Redis: one worker reading Redis through a proxy that holds every reply: after a
     2 s warm-up, fast, 30 ms slow (below the socket timeout), fast again, in one open
     loop. Per phase the Server-Timing feature time; when the breaker opened and the
@@ -18,13 +21,16 @@ import asyncio
 import gc
 import json
 import os
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from features import Settings
+from features import Settings, open_redis
+from features.online.from_settings import open_store
 from load_tests import httpload
 from load_tests._stack import RESULTS, one_worker_env, scrape
 from load_tests.httpload import Response, Run
@@ -157,8 +163,59 @@ async def _open_loop(port: int, bodies: list[dict[str, Any]], rate: float, dur_s
     return await httpload.open_loop(port, requests, rate, dur_s, trace=True)
 
 
+async def _store_alone(
+    settings: Settings, rows: list[dict[str, str]], rate: float, dur_s: float
+) -> list[float]:
+    """The service's read of each row, one at a time at `rate` (open loop): ms from each
+    read's start to its end, as Server-Timing times the feature step. (Not from the
+    scheduled start: uvloop's timers fire on whole milliseconds.)"""
+    client = open_redis(settings)
+    store = open_store(settings, client)
+    out: list[float] = []
+    try:
+        await store.open()
+        # time.monotonic, not loop.time: uvloop's clock is cached per loop iteration.
+        start = time.monotonic() + 0.05
+        for i in range(int(rate * dur_s)):
+            due = start + i / rate
+            if (wait := due - time.monotonic()) > 0:
+                await asyncio.sleep(wait)
+            started = time.perf_counter()
+            await store.read([rows[i % len(rows)]])
+            out.append((time.perf_counter() - started) * 1e3)
+    finally:
+        await store.aclose()
+        await client.aclose()
+    return out
+
+
+def _store_alone_process(env: dict[str, str], rate: float, dur_s: float) -> dict[str, Any]:
+    """`_store_alone` in a fresh process, as a worker is one: this one's heap (the
+    loaded population, the traces) would give its reads GC pauses a worker has not."""
+    done = subprocess.run(
+        [sys.executable, "-m", "load_tests.bench_tail", "store-alone", str(rate), str(dur_s)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=dur_s + 120,
+        check=True,
+    )
+    summary: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return summary
+
+
+def _store_alone_main(rate: float, dur_s: float) -> None:
+    bodies = transactions(20_000)
+    rows = [{"user": b["user_id"], "merchant": b["merchant_id"]} for b in bodies]
+    gc.collect()
+    gc.freeze()  # as the worker does once it is set up
+    samples = httpload.run(_store_alone(Settings.from_env(os.environ), rows, rate, dur_s))
+    print(json.dumps(tail_summary(samples)))
+
+
 def tail(redis_url: str, rate: float, dur_s: float) -> dict[str, Any]:
-    """(f): each endpoint started cold and run alone, the trivial one first."""
+    """(f): each endpoint started cold and run alone, the trivial one first, then the
+    store alone."""
     env, cpus = one_worker_env(redis_url), os.sched_getaffinity(0)
     bodies = transactions(20_000)
     out: dict[str, Any] = {"rate": rate, "seconds": dur_s}
@@ -183,6 +240,9 @@ def tail(redis_url: str, rate: float, dur_s: float) -> dict[str, Any]:
             "gc": gc_pauses(before, after),
             "client_gc_max_ms": max(client_gc, default=0.0) * 1e3,
         }
+    # Last: right after the population's load, redis-server is still busy growing its
+    # tables, and the services' runs from cold stay as they were before this baseline.
+    out["store_alone_ms"] = _store_alone_process(env, rate, dur_s)
     return out
 
 
@@ -285,12 +345,25 @@ def _tail_lines(f: dict[str, Any]) -> list[str]:
         f"| Server-Timing features p50 / p99 / max (ms; n={pf['n']}) | "
         f"| {_f(pf['p50'], 3)} / {_f(pf['p99'], 3)} / {_f(pf['max'])} "
         f"| p99 <= {TAIL_FEATURE_P99_MS:g} ms | {_ok(_within(pf['p99'], TAIL_FEATURE_P99_MS))} |",
+        *_alone_line(f.get("store_alone_ms")),
         f"| GC collections in the run, gen {gens} | | {per_gen('count', 1.0, 0)} | | |",
         f"| longest GC pause in the run, gen {gens} (ms; its histogram bucket's bound) "
         f"| | {per_gen('window_max_s')} | | |",
         f"| longest GC pause since start-up, gen {gens} (ms; gauge; worst at /readyz: "
         f"{_f(worst('max_at_start_s'))}) | | {per_gen('max_s')} "
         f"| all <= {GC_PAUSE_MS:g} ms | {_ok(_within(gauge, GC_PAUSE_MS))} |",
+    ]
+
+
+def _alone_line(a: dict[str, Any] | None) -> list[str]:
+    """The feature time's baseline: the same reads without the service (absent in older
+    results)."""
+    if a is None:
+        return []
+    return [
+        f"| baseline: the store alone in its own process, same ids and rate, no HTTP: p50 / p99 "
+        f"/ max (ms; n={a['n']}) | "
+        f"| {_f(a['p50'], 3)} / {_f(a['p99'], 3)} / {_f(a['max'])} | | |"
     ]
 
 
@@ -341,3 +414,9 @@ def table_lines(results: dict[str, Any]) -> list[str]:
     if "slow_redis" in results:
         lines += _slow_lines(results["slow_redis"])
     return lines
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 4 or sys.argv[1] != "store-alone":
+        sys.exit("usage: python -m load_tests.bench_tail store-alone RATE SECONDS")
+    _store_alone_main(float(sys.argv[2]), float(sys.argv[3]))
