@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -92,6 +93,30 @@ def test_cache_drops_a_key_with_its_member_entries() -> None:
     cache.put("k5", entry, now=2.0)  # evicts k2#a, least recently used
     assert "k2#a" not in cache and cache.drop("k2") == 0
     assert cache._members == {}  # the index forgets what the LRU evicted
+
+
+def test_stored_entries_leave_the_collector_nothing_to_walk() -> None:
+    # On a cold cache nearly every request stores entries: a tracked object per entry
+    # would set young collections off and be what each of them walks.
+    cache = EntryCache(maxsize=300, ttl_s=5.0, keep_s=60.0)
+    entry = codec_for(USER_FEATURES).missing
+
+    def put(batch: str) -> None:
+        for i in range(1000):  # evicting from the 301st on
+            cache.put(f"{batch}{i}", entry, now=1.0, member_of=f"r{i % 7}" if i % 2 else "")
+        cache.drop("r1")
+
+    put("a")  # once: what the maps themselves come to hold
+    gc.collect()
+    gc.disable()
+    try:
+        before = len(gc.get_objects(0))
+        put("b")
+        young = len(gc.get_objects(0)) - before
+    finally:
+        gc.enable()
+    assert young == 0
+    assert "b998" in cache and cache.last("b999", 2.0) == entry
 
 
 async def test_redis_tier_answers_values_missing_and_wrong_types(

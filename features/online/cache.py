@@ -10,11 +10,6 @@ import numpy.typing as npt
 
 from features.online.entry import Entry
 
-Cached = tuple[npt.NDArray[np.float64], int, float, float, int, str]
-"""An Entry (values, read index, event time), the timer reading when it was stored, the
-tracking session it was read under, and for a member's entry the Redis key it is a member
-of ("" for others); plain tuples, untracked by the GC."""
-
 UNTRACKED = 0
 """The session of an entry read while no invalidation session was live."""
 
@@ -35,6 +30,12 @@ class EntryCache:
     group caches each (key, member) pair under its own id: the cache indexes them by
     their Redis key); a flushed server empties the cache (`clear`).
 
+    No entry is a container the collector tracks: each of its parts (values, read index,
+    event time, store time, session) sits in a map of its own, and the maps of strings,
+    numbers and arrays stay untracked. A stored tuple would be tracked until the next
+    young pass: on a cold cache nearly every request stores a few, so they were what set
+    the young collections off (~7 survivors a request) and what each pass walked.
+
     One event loop owns it, so it needs no lock. Times come from the caller (`now`, one
     timer reading per request), not from a clock read per key. The LRU order is an
     OrderedDict's (C calls only: cachetools' LRUCache spent ~1 us of Python per lookup).
@@ -46,80 +47,105 @@ class EntryCache:
         tracked_ttl_s = ttl_s if tracked_ttl_s is None else tracked_ttl_s
         if maxsize < 1 or ttl_s <= 0 or tracked_ttl_s < ttl_s or keep_s < tracked_ttl_s:
             raise ValueError("need maxsize >= 1, ttl_s > 0 and ttl_s <= tracked_ttl_s <= keep_s")
-        self._entries: OrderedDict[str, Cached] = OrderedDict()
-        self._members: dict[str, set[str]] = {}  # Redis key -> ids of its member entries
+        self._values: OrderedDict[str, npt.NDArray[np.float64]] = OrderedDict()  # LRU order
+        self._reads: dict[str, int] = {}
+        self._event_ts: dict[str, float] = {}
+        self._stored: dict[str, float] = {}  # the timer reading when it was stored
+        self._sessions: dict[str, int] = {}  # the tracking session it was read under
+        self._member_of: dict[str, str] = {}  # a member's entry: the Redis key it is of
+        # Redis key -> ids of its member entries (dicts of None: sets are always tracked).
+        self._members: dict[str, dict[str, None]] = {}
         self._maxsize = maxsize
         self.ttl_s = ttl_s
         self.tracked_ttl_s = tracked_ttl_s
         self.keep_s = keep_s
         self.session = NO_SESSION  # set by the invalidation session, if any
 
-    def fresh(self, key_id: str, now: float) -> Cached | None:
+    def fresh(self, key_id: str, now: float) -> Entry | None:
         """The entry under `key_id` stored less than `ttl_s` ago, or less than
         `tracked_ttl_s` ago under the live session; else None."""
-        cached = self._touch(key_id)
-        if cached is None:
+        values = self._values.get(key_id)
+        if values is None:
             return None
-        age = now - cached[3]
-        if age < self.ttl_s or (age < self.tracked_ttl_s and cached[4] == self.session):
-            return cached
+        self._values.move_to_end(key_id)
+        age = now - self._stored[key_id]
+        if age < self.ttl_s or (
+            age < self.tracked_ttl_s and self._sessions[key_id] == self.session
+        ):
+            return values, self._reads[key_id], self._event_ts[key_id]
         return None
 
-    def last(self, key_id: str, now: float) -> Cached | None:
+    def last(self, key_id: str, now: float) -> Entry | None:
         """The entry stored under `key_id` less than `keep_s` ago, fresh or not."""
-        cached = self._touch(key_id)
-        return cached if cached is not None and now - cached[3] < self.keep_s else None
+        values = self._values.get(key_id)
+        if values is None:
+            return None
+        self._values.move_to_end(key_id)
+        if now - self._stored[key_id] < self.keep_s:
+            return values, self._reads[key_id], self._event_ts[key_id]
+        return None
 
     def put(
         self, key_id: str, entry: Entry, now: float, session: int = UNTRACKED, member_of: str = ""
     ) -> None:
         """Store `entry` as read at `now` under `session` (the session live when its read
         was sent); `member_of` is the Redis key of a member's entry."""
-        entries = self._entries
-        entries[key_id] = (entry[0], entry[1], entry[2], now, session, member_of)
-        entries.move_to_end(key_id)
+        values = self._values
+        values[key_id] = entry[0]
+        values.move_to_end(key_id)
+        self._reads[key_id] = entry[1]
+        self._event_ts[key_id] = entry[2]
+        self._stored[key_id] = now
+        self._sessions[key_id] = session
         if member_of:
+            self._member_of[key_id] = member_of
             members = self._members.get(member_of)
             if members is None:
-                members = self._members[member_of] = set()
-            members.add(key_id)
-        if len(entries) > self._maxsize:
-            old_id, old = entries.popitem(last=False)
-            if old[5]:
-                self._forget_member(old[5], old_id)
+                members = self._members[member_of] = {}
+            members[key_id] = None
+        if len(values) > self._maxsize:
+            old_id, _ = values.popitem(last=False)
+            self._forget(old_id)
 
     def drop(self, redis_key: str) -> int:
         """Forget the entry of `redis_key` and every member entry of it; how many were held."""
-        entries = self._entries
-        dropped = entries.pop(redis_key, None) is not None
+        dropped = self._pop(redis_key)
         members = self._members.pop(redis_key, None)
         if members is None:
             return int(dropped)
         for key_id in members:
-            entries.pop(key_id, None)
+            self._pop(key_id)
         return int(dropped) + len(members)
 
     def clear(self) -> None:
         """Forget every entry."""
-        self._entries.clear()
+        for part in (self._values, self._reads, self._event_ts, self._stored, self._sessions):
+            part.clear()
+        self._member_of.clear()
         self._members.clear()
 
-    def _forget_member(self, redis_key: str, key_id: str) -> None:
-        members = self._members.get(redis_key)
-        if members is not None:
-            members.discard(key_id)
-            if not members:
-                del self._members[redis_key]
+    def _pop(self, key_id: str) -> bool:
+        """Forget one entry (not its member index: `drop` pops that whole)."""
+        if self._values.pop(key_id, None) is None:
+            return False
+        self._forget(key_id, index=False)
+        return True
+
+    def _forget(self, key_id: str, *, index: bool = True) -> None:
+        """Forget the parts of an entry whose values are gone; and, with `index`, its
+        place in its Redis key's member index."""
+        del self._reads[key_id], self._event_ts[key_id], self._stored[key_id]
+        del self._sessions[key_id]
+        member_of = self._member_of.pop(key_id, "")
+        if member_of and index:
+            members = self._members.get(member_of)
+            if members is not None:
+                members.pop(key_id, None)
+                if not members:
+                    del self._members[member_of]
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._values)
 
     def __contains__(self, key_id: object) -> bool:
-        return key_id in self._entries
-
-    def _touch(self, key_id: str) -> Cached | None:
-        """The entry under `key_id`, now the most recently used; None if absent."""
-        cached = self._entries.get(key_id)
-        if cached is not None:
-            self._entries.move_to_end(key_id)
-        return cached
+        return key_id in self._values
