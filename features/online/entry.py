@@ -52,8 +52,8 @@ Entry = tuple[npt.NDArray[np.float64], int, float]
 """One group of one entity as a tier answers it: its values (read-only), the index of its
 GroupRead pair in the group's codec, and its event time (unix s; NaN when unknown, as for
 defaults), from which the store observes the age of what it serves. A plain tuple of
-untracked objects, so the collector stops tracking it (and the cache that holds it) after
-its first young pass."""
+untracked objects, short-lived: the cache keeps its parts, not the tuple
+(features/online/cache.py)."""
 
 
 @dataclass(frozen=True, slots=True)
