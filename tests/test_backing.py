@@ -45,6 +45,10 @@ MERCHANT = {"mcc_risk_score": 0.25, "chargeback_rate_90d": 0.01}
 PERSISTED = {g.qualified_name: g.persisted for g in GROUPS}
 CREDENTIALS = ("test", "test")  # dynalite checks that requests are signed, not by whom
 SLOW_OK_S = 2.0  # the emulators' latency on a busy 2-core VM: not the production deadline
+# Event times of the tests that read them back: an hour ago, whole seconds. Not a fixed
+# date: the Bigtable emulator applies each family's max-age rule (7 days) about once a
+# second, and took a years-old cell away between two writes of a test on CI.
+T0 = float(int(time.time()) - 3600)
 
 
 def dynamo_store(url: str, **kwargs: float) -> DynamoStore:
@@ -116,10 +120,10 @@ def tx(user: str, merchant: str) -> dict[str, str]:
 
 async def test_write_through_then_read_back(backing, client, sync_redis) -> None:
     writer = FeatureWriter(client, backing)
-    await writer.write(USER_FEATURES, [("u1", USER), ("u2", USER)], event_ts=1.7e9)
+    await writer.write(USER_FEATURES, [("u1", USER), ("u2", USER)], event_ts=T0)
     # Two partial writes of one group: the second keeps what the first set.
-    await writer.write(MERCHANT_RISK, [("m1", {"mcc_risk_score": 0.5})], event_ts=1.7e9)
-    await writer.write(MERCHANT_RISK, [("m1", MERCHANT)], event_ts=1.7e9 + 5)
+    await writer.write(MERCHANT_RISK, [("m1", {"mcc_risk_score": 0.5})], event_ts=T0)
+    await writer.write(MERCHANT_RISK, [("m1", MERCHANT)], event_ts=T0 + 5)
     records = await backing.read(
         [(USER_FEATURES, "u1"), (MERCHANT_RISK, "m1"), (USER_FEATURES, "nobody")]
     )
@@ -127,13 +131,13 @@ async def test_write_through_then_read_back(backing, client, sync_redis) -> None
     assert nobody is None
     assert user is not None and merchant is not None
     assert [float(v) for v in user.fields if v is not None] == list(USER.values())
-    assert user.event_ts == 1.7e9
+    assert user.event_ts == T0
     by_name = dict(zip(MERCHANT_RISK.field_names, merchant.fields, strict=True))
     assert float(by_name["mcc_risk_score"] or b"nan") == 0.25
     assert float(by_name["chargeback_rate_90d"] or b"nan") == 0.01
     assert by_name["avg_ticket_30d"] is None
-    assert merchant.event_ts == 1.7e9 + 5
-    assert float(sync_redis.hget("user:{u1}:features", "_ts")) == 1.7e9
+    assert merchant.event_ts == T0 + 5
+    assert float(sync_redis.hget("user:{u1}:features", "_ts")) == T0
 
 
 async def test_a_versioned_write_never_puts_older_values_back(backing, client) -> None:
@@ -153,19 +157,19 @@ async def test_a_versioned_write_never_puts_older_values_back(backing, client) -
 
     newer = {f: float(i + 10) for i, f in enumerate(USER_FEATURES.field_names)}
     older = {f: float(i) for i, f in enumerate(USER_FEATURES.field_names)}
-    assert await write(USER_FEATURES, newer, 1.7e9 + 5, 300) == 0
-    assert await write(USER_FEATURES, older, 1.7e9, 299) == 1  # skipped, no error
-    assert await write(USER_FEATURES, older, 1.7e9 + 5, 300) == 1  # equal: skipped too
+    assert await write(USER_FEATURES, newer, T0 + 5, 300) == 0
+    assert await write(USER_FEATURES, older, T0, 299) == 1  # skipped, no error
+    assert await write(USER_FEATURES, older, T0 + 5, 300) == 1  # equal: skipped too
     fields, ts = await stored(USER_FEATURES)
-    assert [float(f or b"nan") for f in fields] == list(newer.values()) and ts == 1.7e9 + 5
+    assert [float(f or b"nan") for f in fields] == list(newer.values()) and ts == T0 + 5
     # 256 > 255 in any byte order: versions are compared as numbers.
-    assert await write(velocity, {"merchant_tx_count_24h": 1}, 1.7e9, 255) == 0
-    assert await write(velocity, {"merchant_tx_count_24h": 2}, 1.7e9, 256) == 0
-    assert await write(velocity, {"merchant_tx_count_24h": 1}, 1.7e9, 255) == 1
+    assert await write(velocity, {"merchant_tx_count_24h": 1}, T0, 255) == 0
+    assert await write(velocity, {"merchant_tx_count_24h": 2}, T0, 256) == 0
+    assert await write(velocity, {"merchant_tx_count_24h": 1}, T0, 255) == 1
     assert (await stored(velocity))[0] == (b"2",)
     # The stream's counter expired (31 quiet days) and began again at 1: the stored
     # version is older than VERSION_LIFETIME_S, so the write goes through.
-    later = 1.7e9 + VERSION_LIFETIME_S + 1
+    later = T0 + VERSION_LIFETIME_S + 1
     assert await write(velocity, {"merchant_tx_count_24h": 3}, later, 1) == 0
     assert await stored(velocity) == ((b"3",), later)
     # Unversioned writes (bulk loads) are taken as before.
