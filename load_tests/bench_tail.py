@@ -240,8 +240,8 @@ def tail(redis_url: str, rate: float, dur_s: float) -> dict[str, Any]:
             "gc": gc_pauses(before, after),
             "client_gc_max_ms": max(client_gc, default=0.0) * 1e3,
         }
-    # Last: right after the population's load, redis-server is still busy growing its
-    # tables, and the services' runs from cold stay as they were before this baseline.
+    # Last: reads right after the population's load were slower in every probe (Redis
+    # still growing its tables, most likely), and the services' cold runs stay as before.
     out["store_alone_ms"] = _store_alone_process(env, rate, dur_s)
     return out
 
