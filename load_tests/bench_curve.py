@@ -33,10 +33,16 @@ PNG = Path(__file__).resolve().parent.parent / "docs" / "latency-vs-throughput.p
 T = TypeVar("T")
 
 
+async def _warmed(port: int, bodies: list[dict[str, Any]]) -> list[bytes]:
+    """The requests of `bodies`, after a warm-up of the fresh service with them."""
+    requests = httpload.encode_requests(port, "/predict", bodies)
+    await httpload.closed_loop(port, requests, 16, 3.0)
+    return requests
+
+
 async def _max_rate(port: int, bodies: list[dict[str, Any]], step_s: float) -> float:
     """Requests answered with 200 a second by a closed loop of 32, after a warm-up."""
-    requests = httpload.encode_requests(port, "/predict", bodies)
-    await httpload.closed_loop(port, requests, 16, 3.0)  # warm-up
+    requests = await _warmed(port, bodies)
     peak = await httpload.closed_loop(port, requests, 32, 2 * step_s)
     return len(peak.latencies) / peak.elapsed_s
 
@@ -44,8 +50,7 @@ async def _max_rate(port: int, bodies: list[dict[str, Any]], step_s: float) -> f
 async def _sweep(
     port: int, bodies: list[dict[str, Any]], max_rps: float, step_s: float
 ) -> dict[str, Any]:
-    requests = httpload.encode_requests(port, "/predict", bodies)
-    await httpload.closed_loop(port, requests, 16, 3.0)  # warm-up
+    requests = await _warmed(port, bodies)
     steps = []
     for fraction in FRACTIONS:
         rate = fraction * max_rps
@@ -97,16 +102,11 @@ def _one(target: str, redis_url: str, redis_pid: int, step_s: float) -> dict[str
     with it (as deployed)."""
     env = one_worker_env(redis_url)
     bodies = transactions(20_000)
-
-    async def peak(port: int) -> float:
-        return await _max_rate(port, bodies, step_s)
-
-    max_rps = _served(target, {**env, "FRAUD_ADMISSION": "0"}, redis_pid, "max", peak)
-
-    async def sweep(port: int) -> dict[str, Any]:
-        return await _sweep(port, bodies, max_rps, step_s)
-
-    result: dict[str, Any] = _served(target, env, redis_pid, "sweep", sweep)
+    off = {**env, "FRAUD_ADMISSION": "0"}
+    max_rps = _served(target, off, redis_pid, "max", lambda port: _max_rate(port, bodies, step_s))
+    result = _served(
+        target, env, redis_pid, "sweep", lambda port: _sweep(port, bodies, max_rps, step_s)
+    )
     result["max_rps"] = max_rps
     result["step_s"] = step_s
     result["knee"] = knee(result)

@@ -125,24 +125,23 @@ class EntryCache:
         self._members.clear()
 
     def _pop(self, key_id: str) -> bool:
-        """Forget one entry (not its member index: `drop` pops that whole)."""
+        """Forget one entry; False if it was not held."""
         if self._values.pop(key_id, None) is None:
             return False
-        self._forget(key_id, index=False)
+        self._forget(key_id)
         return True
 
-    def _forget(self, key_id: str, *, index: bool = True) -> None:
-        """Forget the parts of an entry whose values are gone; and, with `index`, its
-        place in its Redis key's member index."""
+    def _forget(self, key_id: str) -> None:
+        """Forget the parts of an entry whose values are gone, and its place in its Redis
+        key's member index (if `drop` has not taken that index away whole)."""
         del self._reads[key_id], self._event_ts[key_id], self._stored[key_id]
         del self._sessions[key_id]
         member_of = self._member_of.pop(key_id, "")
-        if member_of and index:
-            members = self._members.get(member_of)
-            if members is not None:
-                members.pop(key_id, None)
-                if not members:
-                    del self._members[member_of]
+        members = self._members.get(member_of) if member_of else None
+        if members is not None:
+            members.pop(key_id, None)
+            if not members:
+                del self._members[member_of]
 
     def __len__(self) -> int:
         return len(self._values)
