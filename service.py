@@ -23,7 +23,6 @@ from features import (
     GROUPS,
     TRACING,
     FeatureRows,
-    GroupRead,
     InvalidEntityId,
     Settings,
     collector,
@@ -52,13 +51,14 @@ from serving.runtime import (
 )
 from serving.schemas import (
     BatchPrediction,
-    GroupSource,
     InvalidRequest,
     Prediction,
     Score,
     Timings,
     batch_model,
+    built,
     entity_field,
+    group_source,
     transaction_model,
 )
 from serving.trace_gate import TraceGate
@@ -176,8 +176,13 @@ class FraudService:
         """Fraud probability of one transaction."""
         scores, timings = await self._score([tx], ctx)
         score = scores[0]
-        return Prediction.model_construct(
-            fraud_probability=score.fraud_probability, sources=score.sources, timings=timings
+        return built(
+            Prediction,
+            {
+                "fraud_probability": score.fraud_probability,
+                "sources": score.sources,
+                "timings": timings,
+            },
         )
 
     @bentoml.api(input_spec=TransactionBatch)
@@ -185,7 +190,7 @@ class FraudService:
         """Fraud probabilities of many transactions: one Redis round trip, one forward pass."""
         txs = [t.__dict__ for t in transactions]  # BentoML has validated them already
         scores, timings = await self._score(txs, ctx)
-        return BatchPrediction(predictions=scores, timings=timings)
+        return built(BatchPrediction, {"predictions": scores, "timings": timings})
 
     async def _score(
         self, txs: list[dict[str, Any]], ctx: bentoml.Context
@@ -212,10 +217,13 @@ class FraudService:
                 probabilities = self.scorer.predict(x)
         done = time.perf_counter()
         INFERENCE_SECONDS.observe(done - fetched)
-        timings = Timings.model_construct(
-            features_ms=round((fetched - started) * 1e3, 3),
-            inference_ms=round((done - fetched) * 1e3, 3),
-            total_ms=round((done - started) * 1e3, 3),
+        timings = built(
+            Timings,
+            {
+                "features_ms": round((fetched - started) * 1e3, 3),
+                "inference_ms": round((done - fetched) * 1e3, 3),
+                "total_ms": round((done - started) * 1e3, 3),
+            },
         )
         ctx.response.headers["Server-Timing"] = (
             f"features;dur={timings.features_ms}, inference;dur={timings.inference_ms}, "
@@ -255,10 +263,11 @@ FraudService.add_asgi_middleware(RequestLimits, max_bytes=SETTINGS.max_body_byte
 
 
 def _scores(rows: FeatureRows, probabilities: list[float]) -> list[Score]:
-    # Built from values of known types: construct without validating them again.
+    # Built from values of known types: no second validation (serving/schemas.built).
     return [
-        Score.model_construct(
-            fraud_probability=p, sources={g: _source(r) for g, r in reads.items()}
+        built(
+            Score,
+            {"fraud_probability": p, "sources": {g: group_source(r) for g, r in reads.items()}},
         )
         for p, reads in zip(probabilities, rows.reads, strict=True)
     ]
@@ -269,11 +278,3 @@ def _request_id(ctx: bentoml.Context) -> str | None:
     when tracing is off (FRAUD_TRACING), as BentoML then makes none."""
     request_id = ctx.request.scope.get("request_id")
     return None if request_id is None else format(request_id, "016x")
-
-
-@functools.lru_cache(maxsize=4096)
-def _source(read: GroupRead) -> GroupSource:
-    # GroupReads repeat (a handful per group): build each response part once.
-    return GroupSource(
-        source=read.source, defaulted=list(read.defaulted), reason=read.reason, stale=read.stale
-    )

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from http import HTTPStatus
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from bentoml.exceptions import BentoMLException
 from pydantic import BaseModel, Field, create_model
 
-from features import ENTITY_ID_MAX_LEN, ENTITY_ID_PATTERN, ENTITY_TYPES, Settings
+from features import ENTITY_ID_MAX_LEN, ENTITY_ID_PATTERN, ENTITY_TYPES, GroupRead, Settings
 
 MIN_TIMESTAMP_S = 946_684_800.0  # 2000-01-01
 MAX_TIMESTAMP_S = 4_102_444_800.0  # 2100-01-01
@@ -102,6 +102,51 @@ class BatchPrediction(BaseModel):
 
     predictions: list[Score]
     timings: Timings
+
+
+_M = TypeVar("_M", bound=BaseModel)
+_new = object.__new__
+_set = object.__setattr__
+
+
+def built(model: type[_M], values: dict[str, Any]) -> _M:
+    """A response model of values the service made itself (every field given, each of its
+    type), without validating them: what `model_construct` makes, for ~0.3 us instead of
+    its ~2 us of Python (defaults, aliases, extras). Only for models without private
+    attributes or extras, as these are (tests/test_hot_paths.py compares the two)."""
+    instance = _new(model)
+    _set(instance, "__dict__", values)
+    _set(instance, "__pydantic_fields_set__", set(values))
+    _set(instance, "__pydantic_extra__", None)
+    _set(instance, "__pydantic_private__", None)
+    return instance
+
+
+_SOURCES: dict[int, tuple[GroupRead, GroupSource]] = {}
+"""Response parts by the identity of their GroupRead, which the value keeps alive (so its
+id is not reused while cached). GroupReads repeat (a handful per group, built once by the
+codecs): a lookup by id is ~0.2 us, one by value hashes the dataclass in Python (~1 us)."""
+_SOURCES_MAX = 4096
+
+
+def group_source(read: GroupRead) -> GroupSource:
+    """The response part of a group's read, built once per GroupRead."""
+    cached = _SOURCES.get(id(read))
+    if cached is not None and cached[0] is read:
+        return cached[1]
+    part = built(
+        GroupSource,
+        {
+            "source": read.source.value,
+            "defaulted": list(read.defaulted),
+            "reason": None if read.reason is None else read.reason.value,
+            "stale": read.stale,
+        },
+    )
+    if len(_SOURCES) >= _SOURCES_MAX:  # a bound, should a caller pass reads it made itself
+        _SOURCES.clear()
+    _SOURCES[id(read)] = (read, part)
+    return part
 
 
 class InvalidRequest(BentoMLException):

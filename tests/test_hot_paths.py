@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
+from pydantic import BaseModel
 
-from features import GROUPS, STORED_FEATURES, FeatureStore, Reason, Source
+from features import GROUPS, STORED_FEATURES, FeatureStore, GroupRead, Reason, Source
 from features.ondemand import model_inputs
+from serving.schemas import GroupSource, Prediction, Score, Timings, built, group_source
 
 COLUMN = {f.name: i for i, f in enumerate(STORED_FEATURES)}
 
@@ -77,3 +81,40 @@ async def test_batch_decoding_equals_one_by_one(client, sync_redis) -> None:
             assert batch.reads[i][name] == read, (i, name)
     assert batch.reads[3]["user:features"].defaulted == ("tx_count_1h",)
     assert batch.reads[8]["merchant:risk"].reason is Reason.MISSING
+
+
+def test_built_response_models_equal_validated_ones() -> None:
+    reads = [
+        GroupRead(Source.REDIS),
+        GroupRead(Source.CACHE, ("tx_count_1h",), Reason.DEADLINE, stale=True),
+        GroupRead(Source.DEFAULT, ("a", "b"), Reason.UNAVAILABLE),
+    ]
+    timings = {"features_ms": 0.5, "inference_ms": 0.125, "total_ms": 0.625}
+    sources = {f"g{i}": group_source(read) for i, read in enumerate(reads)}
+    for read, part in zip(reads, sources.values(), strict=True):
+        validated = GroupSource(
+            source=read.source, defaulted=list(read.defaulted), reason=read.reason, stale=read.stale
+        )
+        assert part == validated and part.model_dump_json() == validated.model_dump_json()
+    score = {"fraud_probability": 0.25, "sources": sources}
+    cases: list[tuple[type[BaseModel], dict[str, Any]]] = [
+        (Timings, timings),
+        (Score, score),
+        (Prediction, {**score, "timings": built(Timings, timings)}),
+    ]
+    for model, values in cases:
+        fast, slow = built(model, dict(values)), model.model_validate(values)
+        assert fast == slow
+        assert fast.model_dump_json() == slow.model_dump_json()
+        assert fast.model_fields_set == slow.model_fields_set
+
+
+def test_group_source_is_built_once_per_read_and_never_for_another() -> None:
+    read = GroupRead(Source.BACKING, ("x",), Reason.MISSING)
+    assert group_source(read) is group_source(read)
+    twin = GroupRead(Source.BACKING, ("x",), Reason.MISSING)  # equal, not the same object
+    assert group_source(twin) == group_source(read)
+    # Reads that come and go (ids may be reused) each get their own part.
+    for i in range(5000):
+        fleeting = GroupRead(Source.DEFAULT, (f"f{i}",), Reason.INVALID)
+        assert group_source(fleeting).defaulted == [f"f{i}"]
