@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import time
 from collections.abc import Sequence
 
 import pytest
@@ -25,7 +24,7 @@ from features.online.keys import Key
 from features.online.tier import Answer
 from features.spec import FeatureGroup
 from tests.conftest import FakeClock
-from tests.test_backing import backing, emulator  # noqa: F401 (the emulators' fixtures)
+from tests.test_backing import T0, backing, emulator  # noqa: F401 (the emulators' fixtures)
 
 USER = {f.name: 1.0 for f in USER_PROFILE.features}
 MERCHANT = {"mcc_risk_score": 0.25, "chargeback_rate_90d": 0.01, "refund_rate_30d": 0.02}
@@ -218,9 +217,7 @@ async def test_values_from_the_backing_store_are_counted_and_aged(
     sync_redis: redis.Redis,
     clock: FakeClock,
 ) -> None:
-    # Bigtable stamps a cell with its event time and its emulator sweeps cells past the
-    # family's max age about once a second: the fake clock's 1970 would be swept away.
-    clock.now = float(int(time.time()))
+    clock.now = T0  # not the fake clock's 1970: the Bigtable emulator sweeps such cells
     writer = FeatureWriter(client, backing)
     await writer.write(USER_PROFILE, [("u1", USER)], event_ts=clock.now - 40)
     sync_redis.flushall()  # Redis lost it: the store of record still has it
