@@ -95,11 +95,14 @@ class FeatureGroup:
     qualified_name: str = field(init=False)
     """`entity:group`, the group's name in metrics and responses."""
     defaults: npt.NDArray[np.float64] = field(init=False, repr=False, compare=False)
+    key_parts: tuple[str, str] = field(init=False, repr=False, compare=False)
+    """The Redis key's text before and after the entity id."""
 
     def __post_init__(self) -> None:
         _check_kind(self)
         object.__setattr__(self, "field_names", tuple(f.name for f in self.features))
         object.__setattr__(self, "qualified_name", f"{self.entity}:{self.name}")
+        object.__setattr__(self, "key_parts", (f"{self.entity}:{{", f"}}:{self.name}"))
         defaults = np.array([f.default for f in self.features], dtype=np.float64)
         defaults.flags.writeable = False
         object.__setattr__(self, "defaults", defaults)
@@ -123,7 +126,8 @@ class FeatureGroup:
 
     def key(self, entity_id: str) -> str:
         """Redis key of this group for an already validated entity id."""
-        return f"{self.entity}:{{{entity_id}}}:{self.name}"
+        before, after = self.key_parts
+        return before + entity_id + after
 
 
 def _check_kind(group: FeatureGroup) -> None:

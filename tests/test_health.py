@@ -53,6 +53,7 @@ class Metrics:
             "features_served_age_seconds_sum",
             "features_defaults_total",
             "features_stale_total",
+            "features_cache_lookups_total",
         }
         return {
             (s.name, tuple(sorted(s.labels.items()))): s.value
@@ -175,10 +176,15 @@ async def test_tallies_are_written_once_an_interval_and_on_close(
     assert seen.grown("features_served_total", group=U, source="redis") == 1
     assert seen.grown("features_served_total", group=U, source="cache") == 1
     assert seen.grown("features_served_age_seconds_sum", group=U) == 10 + 11
+    # The cache's lookups go with them: two keys missed, then found (an absent one too).
+    assert seen.grown("features_cache_lookups_total", result="miss") == 2
+    assert seen.grown("features_cache_lookups_total", result="hit") == 2
     await store.read([tx("u1", "m1")])
     assert seen.grown("features_served_total", group=U, source="cache") == 1
+    assert seen.grown("features_cache_lookups_total", result="hit") == 2
     await store.aclose()
     assert seen.grown("features_served_total", group=U, source="cache") == 2
+    assert seen.grown("features_cache_lookups_total", result="hit") == 4
     assert seen.grown("features_served_total", group=M, source="default") == 3
 
 

@@ -9,7 +9,9 @@ import pytest
 from pydantic import BaseModel
 
 from features import GROUPS, STORED_FEATURES, FeatureStore, GroupRead, Reason, Source
+from features.errors import InvalidEntityId
 from features.ondemand import model_inputs
+from features.online.keys import RowKeys, key_of
 from serving.schemas import GroupSource, Prediction, Score, Timings, built, group_source
 
 COLUMN = {f.name: i for i, f in enumerate(STORED_FEATURES)}
@@ -118,3 +120,33 @@ def test_group_source_is_built_once_per_read_and_never_for_another() -> None:
     for i in range(5000):
         fleeting = GroupRead(Source.DEFAULT, (f"f{i}",), Reason.INVALID)
         assert group_source(fleeting).defaulted == [f"f{i}"]
+
+
+@pytest.mark.parametrize("user, merchant", [("u1", "m1"), ("A.b-c_9", "0"), ("u" * 64, "m.x")])
+def test_row_key_ids_are_the_ids_of_their_keys(user: str, merchant: str) -> None:
+    row_keys = RowKeys(GROUPS)
+    ids = row_keys.ids({"user": user, "merchant": merchant, "extra": "ignored"})
+    assert ids == {"user": user, "merchant": merchant}
+    key_ids = row_keys.key_ids(ids)
+    keys = [row_keys.key(column, ids) for column in range(len(GROUPS))]
+    assert key_ids == [key.id for key in keys]
+    for group, key in zip(GROUPS, keys, strict=True):
+        member = ids[group.member] if group.member else ""
+        assert key == key_of(group, ids[group.entity], member)
+        assert key.id.startswith(group.key(ids[group.entity]))
+    assert len(set(key_ids)) == len(GROUPS)
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"merchant": "m1"}, "user_id: is required"),
+        ({"user": "u1"}, "merchant_id: is required"),
+        ({"user": "u1#m", "merchant": "m1"}, "user_id"),
+        ({"user": "u1", "merchant": ""}, "merchant_id: must not be empty"),
+        ({"user": 7, "merchant": "m1"}, "user_id: must be a string"),
+    ],
+)
+def test_row_keys_name_the_field_of_an_unfit_id(row: dict[str, Any], message: str) -> None:
+    with pytest.raises(InvalidEntityId, match=message):
+        RowKeys(GROUPS).ids(row)

@@ -19,18 +19,17 @@ from features._log import RateLimitedLog
 from features.backing import BackingStore
 from features.breaker import CircuitBreaker
 from features.connection import Client
-from features.errors import InvalidEntityId
 from features.online.backing_tier import BackingTier
 from features.online.cache import UNTRACKED, EntryCache
 from features.online.codec import codec_for
 from features.online.entry import NOT_CACHED, Entry, FeatureRows, GroupRead, Reason, Source
 from features.online.health import MAX_PENDING, HealthTally
-from features.online.keys import Key, key_of
+from features.online.keys import Key, RowKeys
 from features.online.reads import Codec
 from features.online.redis_tier import RedisTier
 from features.online.tier import Answer, Tier
 from features.online.tracking import Tracking
-from features.spec import GROUPS, FeatureGroup, validate_entity_id
+from features.spec import GROUPS, FeatureGroup
 from features.tracing import TRACING
 
 logger = logging.getLogger(__name__)
@@ -54,9 +53,10 @@ class FeatureStore:
     backing tiers (tests run the chain on in-memory ones).
 
     Feature health (features/online/health.py: groups served by source, features served as
-    defaults, the age of served values from their event time on `clock`) is logged per
-    read and written to its metrics once `health_flush_s` has passed on `clock`, when the
-    log holds MAX_PENDING groups, and when the store closes.
+    defaults, the age of served values from their event time on `clock`) and the cache's
+    hits and misses are logged per read and written to their metrics once `health_flush_s`
+    has passed on `clock`, when the log holds MAX_PENDING groups, and when the store
+    closes.
 
     `invalidation` (with `multiplex`, outside cluster mode) has Redis track the keys the
     connection reads and push an invalidation when one changes (features/online/
@@ -91,11 +91,8 @@ class FeatureStore:
         if deadline_s is not None and not deadline_s > 0:
             raise ValueError("deadline_s must be positive")
         self._groups = [codec_for(group) for group in groups]
-        # Every entity type a key needs (a member-score group's member too), with its
-        # request field name, and per group: its codec, its entity type and its member's.
-        needed = [e for g in groups for e in (g.entity, g.member) if e]
-        self._entities = [(e, f"{e}_id") for e in dict.fromkeys(needed)]
-        self._keyed = [(c, c.spec.entity, c.spec.member) for c in self._groups]
+        self._row_keys = RowKeys(groups)
+        self._names = [codec.name for codec in self._groups]
         self._codecs = {codec.name: codec for codec in self._groups}
         self._width = sum(len(group.features) for group in groups)
         self._deadline_s = deadline_s
@@ -155,6 +152,7 @@ class FeatureStore:
         # Label children bound once: .labels() costs about a microsecond per call.
         self._hits = metrics.CACHE_LOOKUPS.labels("hit")
         self._misses = metrics.CACHE_LOOKUPS.labels("miss")
+        self._lookups = [0, 0]  # hits and misses since the last flush_health
         self._retrieval = {s: metrics.RETRIEVAL_SECONDS.labels(s) for s in Source}
         self._invalidated = {
             r: metrics.INVALIDATED_KEYS.labels(r) for r in ("dropped", "absent", "in_flight")
@@ -223,40 +221,44 @@ class FeatureStore:
 
     async def _read(self, rows: Sequence[Mapping[str, str]], span: Span | None) -> FeatureRows:
         started = time.perf_counter()
-        keyed = [pair for row in rows for pair in self._keys(row)]
+        row_keys = self._row_keys
+        row_ids = [row_keys.ids(row) for row in rows]
+        key_ids = [key_id for ids in row_ids for key_id in row_keys.key_ids(ids)]
         now = self._timer()
-        cache = self._cache
+        fresh = self._cache.fresh
+        codecs = self._groups
+        per_row = len(codecs)
         served: dict[str, _Served] = {}
         misses: dict[str, tuple[Key, Codec]] = {}
-        for key, codec in keyed:
-            key_id = key.id
+        for i, key_id in enumerate(key_ids):
             if key_id in served or key_id in misses:
                 continue
-            cached = cache.fresh(key_id, now)
-            if cached is None:
-                misses[key_id] = key, codec
+            cached = fresh(key_id, now)
+            codec = codecs[i % per_row]
+            if cached is None:  # a Key only now: a hit needs its id alone
+                misses[key_id] = row_keys.key(i % per_row, row_ids[i // per_row]), codec
             else:
                 read_id = cached[1]
                 served[key_id] = cached[0], codec.reads[read_id][1], 2 * read_id + 1, cached[2]
         hits = len(served)
-        if hits:
-            self._hits.inc(hits)
+        lookups = self._lookups
+        lookups[0] += hits
         source = Source.CACHE
         late: list[str] | None = None if span is None else []
         if misses:
-            self._misses.inc(len(misses))
+            lookups[1] += len(misses)
             source = await self._read_misses(misses, served, now, late, span)
         parts: list[npt.NDArray[np.float64]] = []
         reads: list[dict[str, GroupRead]] = []
         row_reads: dict[str, GroupRead] = {}
-        per_row = len(self._groups)
+        names = self._names
         log_slot, log_age = self._health.slots.append, self._health.ages.append
         wall = self._clock()
-        for i, (key, codec) in enumerate(keyed):
-            values, read, read_slot, event_ts = served[key.id]
+        for i, key_id in enumerate(key_ids):
+            values, read, read_slot, event_ts = served[key_id]
             parts.append(values)
-            row_reads[codec.name] = read
             column = i % per_row
+            row_reads[names[column]] = read
             log_slot(read_slot * per_row + column)
             log_age(wall - event_ts)  # NaN without an event time
             if column == per_row - 1:
@@ -287,30 +289,19 @@ class FeatureStore:
         return FeatureRows(values, reads, source)
 
     def flush_health(self, now: float | None = None) -> None:
-        """Write the health tallies to their metrics (`now`: the wall clock, if read)."""
+        """Write the health tallies and the cache lookups to their metrics (`now`: the
+        wall clock, if read)."""
         self._health_flushed = self._clock() if now is None else now
+        hits, misses = self._lookups
+        self._lookups = [0, 0]
         try:
+            if hits:
+                self._hits.inc(hits)
+            if misses:
+                self._misses.inc(misses)
             self._health.flush()
         except Exception as exc:  # a metrics write must never fail a read
             self._health_log.failed("feature health metrics write", exc)
-
-    def _keys(self, row: Mapping[str, str]) -> list[tuple[Key, Codec]]:
-        ids: dict[str, str] = {}
-        for entity, field in self._entities:
-            try:
-                entity_id = row[entity]
-            except KeyError:
-                raise InvalidEntityId(field, "is required") from None
-            ids[entity] = validate_entity_id(field, entity_id)
-        keys = []
-        for codec, entity, member in self._keyed:
-            group = codec.spec
-            if member:
-                keys.append((key_of(group, ids[entity], ids[member]), codec))
-            else:
-                entity_id = ids[entity]
-                keys.append((Key(group, entity_id, group.key(entity_id)), codec))
-        return keys
 
     async def _read_misses(
         self,
