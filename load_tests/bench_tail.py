@@ -8,7 +8,9 @@ server that falls behind shows in it; ids are skewed as in (e).
     response, and the worker's GC pauses from /metrics. After both, the baseline of the
     feature time: the service's FeatureStore alone in a process of its own (built from the
     same settings, cold, no HTTP; the heap frozen as the worker freezes its own), reading
-    the same ids at the same rate, each read timed as Server-Timing times the step.
+    the same ids at the same rate, each read timed as Server-Timing times the step; and
+    the floor of those reads: load_tests/floor.py's client alone, the same way, sending
+    every group's commands (nothing cached, nothing decoded).
 (g) slow Redis: one worker reading Redis through a proxy that holds every reply: after a
     2 s warm-up, fast, 30 ms slow (below the socket timeout), fast again, in one open
     loop. Per phase the Server-Timing feature time; when the breaker opened and the
@@ -28,11 +30,15 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
+from urllib.parse import urlsplit
 
-from features import Settings, open_redis
+from features import GROUPS, Settings, open_redis
+from features.online.codec import codec_for
 from features.online.from_settings import open_store
+from features.online.keys import RowKeys
 from load_tests import httpload
 from load_tests._stack import RESULTS, one_worker_env, scrape
+from load_tests.floor import FloorClient
 from load_tests.httpload import Response, Run
 from load_tests.report import gc_pauses
 from load_tests.skew import transactions
@@ -189,11 +195,48 @@ async def _store_alone(
     return out
 
 
-def _store_alone_process(env: dict[str, str], rate: float, dur_s: float) -> dict[str, Any]:
-    """`_store_alone` in a fresh process, as a worker is one: this one's heap (the
-    loaded population, the traces) would give its reads GC pauses a worker has not."""
+async def _floor_alone(
+    settings: Settings, rows: list[dict[str, str]], rate: float, dur_s: float
+) -> list[float]:
+    """The floor of the same reads, timed the same way: load_tests/floor.py's client
+    sending each row's commands for every group in one write (what the store sends when
+    nothing is cached: the HMGETs, the GET, the sorted sets' pairs; built beforehand),
+    with no cache, no decoding and no deadline."""
+    url = urlsplit(settings.redis_url)
+    floor = await FloorClient.connect(url.hostname or "127.0.0.1", url.port or 6379)
+    row_keys, codecs = RowKeys(GROUPS), [codec_for(group) for group in GROUPS]
+    now, n = time.time(), int(rate * dur_s)
+    commands = []
+    for row in rows[:n]:
+        ids = row_keys.ids(row)
+        keys = [row_keys.key(column, ids) for column in range(len(codecs))]
+        commands.append(
+            [c for key, codec in zip(keys, codecs, strict=True) for c in codec.commands(key, now)]
+        )
+    out: list[float] = []
+    try:
+        start = time.monotonic() + 0.05
+        for i in range(n):
+            due = start + i / rate
+            if (wait := due - time.monotonic()) > 0:
+                await asyncio.sleep(wait)
+            started = time.perf_counter()
+            await floor.execute(commands[i % len(commands)])
+            out.append((time.perf_counter() - started) * 1e3)
+    finally:
+        floor.close()
+    return out
+
+
+ALONE = {"store-alone": _store_alone, "floor-alone": _floor_alone}
+
+
+def _alone_process(mode: str, env: dict[str, str], rate: float, dur_s: float) -> dict[str, Any]:
+    """`_store_alone` or `_floor_alone` (`mode`, a key of ALONE) in a fresh process, as a
+    worker is one: this one's heap (the loaded population, the traces) would give its reads
+    GC pauses a worker has not."""
     done = subprocess.run(
-        [sys.executable, "-m", "load_tests.bench_tail", "store-alone", str(rate), str(dur_s)],
+        [sys.executable, "-m", "load_tests.bench_tail", mode, str(rate), str(dur_s)],
         env=env,
         capture_output=True,
         text=True,
@@ -204,12 +247,12 @@ def _store_alone_process(env: dict[str, str], rate: float, dur_s: float) -> dict
     return summary
 
 
-def _store_alone_main(rate: float, dur_s: float) -> None:
+def _alone_main(mode: str, rate: float, dur_s: float) -> None:
     bodies = transactions(20_000)
     rows = [{"user": b["user_id"], "merchant": b["merchant_id"]} for b in bodies]
     gc.collect()
     gc.freeze()  # as the worker does once it is set up
-    samples = httpload.run(_store_alone(Settings.from_env(os.environ), rows, rate, dur_s))
+    samples = httpload.run(ALONE[mode](Settings.from_env(os.environ), rows, rate, dur_s))
     print(json.dumps(tail_summary(samples)))
 
 
@@ -242,7 +285,8 @@ def tail(redis_url: str, rate: float, dur_s: float) -> dict[str, Any]:
         }
     # Last: reads right after the population's load were slower in every probe (Redis
     # still growing its tables, most likely), and the services' cold runs stay as before.
-    out["store_alone_ms"] = _store_alone_process(env, rate, dur_s)
+    out["store_alone_ms"] = _alone_process("store-alone", env, rate, dur_s)
+    out["floor_alone_ms"] = _alone_process("floor-alone", env, rate, dur_s)
     return out
 
 
@@ -345,7 +389,15 @@ def _tail_lines(f: dict[str, Any]) -> list[str]:
         f"| Server-Timing features p50 / p99 / max (ms; n={pf['n']}) | "
         f"| {_f(pf['p50'], 3)} / {_f(pf['p99'], 3)} / {_f(pf['max'])} "
         f"| p99 <= {TAIL_FEATURE_P99_MS:g} ms | {_ok(_within(pf['p99'], TAIL_FEATURE_P99_MS))} |",
-        *_alone_line(f.get("store_alone_ms")),
+        *_alone_line(
+            "baseline: the store alone in its own process, same ids and rate, no HTTP",
+            f.get("store_alone_ms"),
+        ),
+        *_alone_line(
+            "floor: load_tests/floor.py's client alone, every group's commands for the same "
+            "ids in one write, nothing cached or decoded",
+            f.get("floor_alone_ms"),
+        ),
         f"| GC collections in the run, gen {gens} | | {per_gen('count', 1.0, 0)} | | |",
         f"| longest GC pause in the run, gen {gens} (ms; its histogram bucket's bound) "
         f"| | {per_gen('window_max_s')} | | |",
@@ -355,14 +407,13 @@ def _tail_lines(f: dict[str, Any]) -> list[str]:
     ]
 
 
-def _alone_line(a: dict[str, Any] | None) -> list[str]:
-    """The feature time's baseline: the same reads without the service (absent in older
-    results)."""
+def _alone_line(what: str, a: dict[str, Any] | None) -> list[str]:
+    """A baseline of the feature time: the same reads without the service (absent in
+    older results)."""
     if a is None:
         return []
     return [
-        f"| baseline: the store alone in its own process, same ids and rate, no HTTP: p50 / p99 "
-        f"/ max (ms; n={a['n']}) | "
+        f"| {what}: p50 / p99 / max (ms; n={a['n']}) | "
         f"| {_f(a['p50'], 3)} / {_f(a['p99'], 3)} / {_f(a['max'])} | | |"
     ]
 
@@ -417,6 +468,6 @@ def table_lines(results: dict[str, Any]) -> list[str]:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 4 or sys.argv[1] != "store-alone":
-        sys.exit("usage: python -m load_tests.bench_tail store-alone RATE SECONDS")
-    _store_alone_main(float(sys.argv[2]), float(sys.argv[3]))
+    if len(sys.argv) != 4 or sys.argv[1] not in ALONE:
+        sys.exit("usage: python -m load_tests.bench_tail store-alone|floor-alone RATE SECONDS")
+    _alone_main(sys.argv[1], float(sys.argv[2]), float(sys.argv[3]))

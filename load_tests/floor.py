@@ -49,12 +49,21 @@ class FloorClient(asyncio.Protocol):
 
     async def hmget(self, commands: Sequence[tuple[str, Sequence[str]]]) -> list[Any]:
         """One HMGET per (key, fields), packed and written at once; their replies."""
-        assert self._transport is not None
         payload = b"".join(
             [hiredis.pack_command(("HMGET", key, *fields)) for key, fields in commands]  # type: ignore[arg-type]
         )
+        return await self._send(payload, len(commands))
+
+    async def execute(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+        """Any `commands`, packed and written at once; their replies."""
+        return await self._send(
+            b"".join([hiredis.pack_command(c) for c in commands]), len(commands)
+        )
+
+    async def _send(self, payload: bytes, replies: int) -> list[Any]:
+        assert self._transport is not None
         self._replies = []
-        self._expected = len(commands)
+        self._expected = replies
         self._waiter = asyncio.get_running_loop().create_future()
         self._transport.write(payload)
         return await self._waiter
