@@ -7,11 +7,22 @@ from typing import Any
 import numpy as np
 import pytest
 from pydantic import BaseModel
+from redis.exceptions import ResponseError
 
-from features import GROUPS, STORED_FEATURES, FeatureStore, GroupRead, Reason, Source
+from features import (
+    GROUPS,
+    STORED_FEATURES,
+    USER_PROFILE,
+    FeatureStore,
+    GroupRead,
+    Reason,
+    Source,
+)
 from features.errors import InvalidEntityId
 from features.ondemand import model_inputs
+from features.online.codec import GroupCodec, codec_for
 from features.online.keys import RowKeys, key_of
+from features.online.multiplex import pack
 from serving.schemas import GroupSource, Prediction, Score, Timings, built, group_source
 
 COLUMN = {f.name: i for i, f in enumerate(STORED_FEATURES)}
@@ -150,3 +161,39 @@ def test_row_key_ids_are_the_ids_of_their_keys(user: str, merchant: str) -> None
 def test_row_keys_name_the_field_of_an_unfit_id(row: dict[str, Any], message: str) -> None:
     with pytest.raises(InvalidEntityId, match=message):
         RowKeys(GROUPS).ids(row)
+
+
+@pytest.mark.parametrize("user, merchant", [("u1", "m1"), ("A.b-c_9", "0")])
+def test_each_group_packs_its_commands_as_hiredis_does(user: str, merchant: str) -> None:
+    row_keys, now = RowKeys(GROUPS), 1_790_000_000.125
+    ids = row_keys.ids({"user": user, "merchant": merchant})
+    for column, group in enumerate(GROUPS):
+        codec, key = codec_for(group), row_keys.key(column, ids)
+        commands = codec.commands(key, now)
+        assert codec.pack(key, now) == b"".join(pack(*c) for c in commands), group.name
+        assert len(commands) == codec.n_replies
+
+
+def test_one_reply_answers_as_in_a_batch() -> None:
+    codec, now = GroupCodec(USER_PROFILE), 1_700_000_100.0
+    width = len(USER_PROFILE.features)  # the fields, then the event time
+    good = [b"1"] * width + [b"1700000000.5"]
+    replies: list[Any] = [
+        good,
+        [None] * (width + 1),  # absent
+        [b"x", *good[1:]],  # unparsable: that field's default
+        [*good[:-1], None],  # no event time
+        [*good[:-1], b"1000.0"],  # stale
+        ResponseError("WRONGTYPE"),
+    ]
+    # Twice over: past the size from which found replies are parsed as one array.
+    batch = codec.answer(replies * 2, now)
+    for reply, in_batch in zip(replies * 2, batch, strict=True):
+        (alone,) = codec.answer([reply], now)
+        if isinstance(in_batch, tuple):
+            assert isinstance(alone, tuple)
+            assert alone[0].tolist() == in_batch[0].tolist()
+            assert codec.reads[alone[1]] == codec.reads[in_batch[1]]
+            assert alone[2] == in_batch[2] or (np.isnan(alone[2]) and np.isnan(in_batch[2]))
+        else:
+            assert alone == in_batch

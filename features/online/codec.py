@@ -64,6 +64,13 @@ class GroupCodec(Codec):
 
     def answer(self, replies: Sequence[Any], now: float) -> list[Answer]:
         """Found replies are decoded all at once; a wrong-type key gets the defaults."""
+        if len(replies) == 1:  # one row's read, the common case: nothing to gather
+            reply = replies[0]
+            if isinstance(reply, Exception):
+                return [self.wrongtype]
+            if reply.count(None) == len(reply):
+                return [Reason.MISSING]
+            return [self.decode_values(reply[:-1], _event_ts(reply[-1]), now, Source.REDIS)]
         answers: list[Answer] = [Reason.MISSING] * len(replies)  # the backing store may have it
         found: list[int] = []
         for i, reply in enumerate(replies):

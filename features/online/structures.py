@@ -29,7 +29,6 @@ import numpy.typing as npt
 from features import metrics
 from features.online.entry import NO_EVENT_TS, Entry, GroupRead, Reason, Source
 from features.online.keys import Key
-from features.online.multiplex import pack
 from features.online.reads import Codec
 from features.online.tier import Answer
 from features.spec import FeatureGroup
@@ -55,9 +54,6 @@ class _SetCodec(Codec):
         }
         self._feature = group.field_names[0]
         self._default = float(group.features[0].default)
-
-    def pack(self, key: Key, now: float) -> bytes:
-        return b"".join([pack(*args) for args in self.commands(key, now)])
 
     def answer(self, replies: Sequence[Any], now: float) -> list[Answer]:
         answers: list[Answer] = []
@@ -94,8 +90,19 @@ class RecentCountCodec(_SetCodec):
     tracked = False  # events leave the window without a write: no invalidation says so
 
     def commands(self, key: Key, now: float) -> Sequence[tuple[Any, ...]]:
-        since = f"({now - self.spec.window_s!r}"  # exclusive: later than now - window
-        return (("ZCARD", key.id), ("ZCOUNT", key.id, since, "+inf"))
+        return (("ZCARD", key.id), ("ZCOUNT", key.id, self._since(now), "+inf"))
+
+    def pack(self, key: Key, now: float) -> bytes:
+        """`commands` in RESP, formatted in one step (a third of hiredis' two packs)."""
+        raw, since = key.id.encode(), self._since(now).encode()
+        return (
+            b"*2\r\n$5\r\nZCARD\r\n$%d\r\n%b\r\n"
+            b"*4\r\n$6\r\nZCOUNT\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n$4\r\n+inf\r\n"
+            % (len(raw), raw, len(raw), raw, len(since), since)
+        )
+
+    def _since(self, now: float) -> str:
+        return f"({now - self.spec.window_s!r}"  # exclusive: later than now - window
 
     def _value(self, raw: Any) -> float | None:
         return float(raw) if isinstance(raw, int) and raw >= 0 else None
@@ -107,6 +114,15 @@ class MemberScoreCodec(_SetCodec):
     def commands(self, key: Key, now: float) -> Sequence[tuple[Any, ...]]:
         redis_key = self.spec.key(key.entity_id)
         return (("ZCARD", redis_key), ("ZSCORE", redis_key, key.member))
+
+    def pack(self, key: Key, now: float) -> bytes:
+        """`commands` in RESP, formatted in one step (a third of hiredis' two packs)."""
+        raw, member = self.spec.key(key.entity_id).encode(), key.member.encode()
+        return (
+            b"*2\r\n$5\r\nZCARD\r\n$%d\r\n%b\r\n"
+            b"*3\r\n$6\r\nZSCORE\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n"
+            % (len(raw), raw, len(raw), raw, len(member), member)
+        )
 
     def _value(self, raw: Any) -> float | None:
         if raw is None:
